@@ -1,0 +1,34 @@
+# mlkit: two commands do everything on a fresh machine (`make demo`, `make test`); each bootstraps .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in first, pinned, so that a CPU machine does not resolve a multi-GB CUDA build through the project's range.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.mlkit-installed
+
+.PHONY: install demo test lab bench nbdev-check clean-state
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: $(STAMP)  ## train -> register -> promote -> build -> serve -> predict, on the embedded default
+	$(BIN)/mlkit demo
+
+test: $(STAMP)  ## nbdev discipline, nbdev-test, ruff, pytest
+	bash .ci/test
+
+lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1
+	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir .
+
+bench: $(STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
+	$(BIN)/python bench/run.py
+
+clean-state:  ## remove the embedded state folder (.mlkit/)
+	rm -rf .mlkit

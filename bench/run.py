@@ -1,0 +1,110 @@
+"""mlkit benchmark harness: each bench_*.py runs in its own subprocess and reports figures with a same-run baseline.
+
+    python bench/run.py [NAME ...]      # default: every bench/bench_*.py
+
+A benchmark prints nothing required; it writes a JSON list of figures to the path given by --out:
+    {"name", "unit", "value", "baseline", "baseline_label", "target": {"of": "value"|"ratio", "op": "<="|">=", "limit"}}
+The harness adds ratio = value / baseline and ok, writes bench/reports/latest.{json,md}, and exits 1 when a target is
+missed or a benchmark fails.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPORTS = HERE / "reports"
+
+
+def machine() -> dict:
+    "Cores, memory, GPU and the versions that matter, for the report."
+    from importlib.metadata import PackageNotFoundError, version
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), None) if Path("/proc/meminfo").exists() else None
+    try:
+        import torch
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError: gpu = None
+    vers = {}
+    for p in ["mlkit", "torch", "polars", "mlflow", "bentoml", "papermill", "nbdev"]:
+        try: vers[p] = version(p)
+        except PackageNotFoundError: vers[p] = None
+    return {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)), "memory_mib": mem, "gpu": gpu,
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "versions": vers}
+
+
+def check(fig: dict) -> dict:
+    "Add ratio and ok to a figure."
+    base = fig.get("baseline")
+    fig["ratio"] = fig["value"] / base if base else None
+    t = fig.get("target")
+    if t:
+        got = fig["ratio"] if t["of"] == "ratio" else fig["value"]
+        fig["ok"] = got is not None and (got <= t["limit"] if t["op"] == "<=" else got >= t["limit"])
+    else: fig["ok"] = True
+    return fig
+
+
+def run_one(path: Path, timeout: float) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "figures.json"
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, str(path), "--out", str(out)], capture_output=True, text=True, timeout=timeout)
+        secs = time.perf_counter() - t0
+        if r.returncode != 0 or not out.exists():
+            return [{"bench": path.stem, "name": f"{path.stem} FAILED (exit {r.returncode})", "unit": "", "value": float("nan"),
+                     "baseline": None, "ok": False, "error": (r.stderr or r.stdout)[-2000:], "seconds": secs}]
+        return [check({"bench": path.stem, "seconds": secs, **f}) for f in json.loads(out.read_text())]
+
+
+def fmt(x, unit=""):
+    if x is None: return "-"
+    if isinstance(x, float): return f"{x:,.3g} {unit}".strip() if abs(x) < 1000 else f"{x:,.0f} {unit}".strip()
+    return f"{x} {unit}".strip()
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# mlkit benchmark report ({report['when']})", "",
+             f"Machine: {m['cores']} cores ({m['usable_cores']} usable), {m['memory_mib']} MiB, "
+             f"GPU: {m['gpu'] or 'none'}, Python {m['python']}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v), "",
+             "| figure | value | baseline | ratio | target | ok |", "|---|---|---|---|---|---|"]
+    for f in report["figures"]:
+        t = f.get("target")
+        tgt = f"{t['of']} {t['op']} {t['limit']}" if t else "-"
+        base = f"{fmt(f.get('baseline'), f['unit'])} ({f.get('baseline_label', '')})" if f.get("baseline") is not None else "-"
+        ratio = f"{f['ratio']:.2f}x" if f.get("ratio") is not None else "-"
+        lines.append(f"| {f['name']} | {fmt(f['value'], f['unit'])} | {base} | {ratio} | {tgt} | "
+                     f"{'yes' if f['ok'] else '**MISSED**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    names = argv or sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+    figures = []
+    for n in names:
+        path = HERE / f"bench_{n}.py"
+        print(f"bench {n} ...", flush=True)
+        figures += run_one(path, timeout=float(os.environ.get("MLKIT_BENCH_TIMEOUT", 3000)))
+    report = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "figures": figures}
+    REPORTS.mkdir(exist_ok=True)
+    for suffix, text in (("json", json.dumps(report, indent=1)), ("md", markdown(report))):
+        tmp = REPORTS / f".latest.{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(REPORTS / f"latest.{suffix}")
+    print(markdown(report))
+    missed = [f["name"] for f in figures if not f["ok"]]
+    if missed: print(f"targets missed or benchmarks failed: {missed}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""Shared fixtures: a throwaway mlkit project (settings + state folder in tmp) over the repo's notebooks and services."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MLKIT = str(BIN / "mlkit")
+
+
+def write_project(root: Path) -> Path:
+    "A settings.ini in `root` whose state lives in `root/state` and whose notebooks and services are the repo's."
+    root.mkdir(parents=True, exist_ok=True)
+    ini = root / "settings.ini"
+    ini.write_text(f"# mlkit's runtime settings (test project)\n[project]\nstate_dir = state\n"
+                   f"train_dir = {REPO / 'nbs' / 'train'}\nbentos_dir = {REPO / 'bentos'}\n"
+                   f"[runs]\ncell_timeout = 600\n")
+    return ini
+
+
+def project_env(ini: Path) -> dict:
+    "The environment of a process working on the test project: only MLKIT_SETTINGS points at it."
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLKIT_", "MLFLOW_", "BENTOML_"))}
+    env.update(MLKIT_SETTINGS=str(ini), PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+               MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
+    return env
+
+
+def mlkit(*args, env: dict, cwd=None, timeout=600, check=False) -> subprocess.CompletedProcess:
+    "Run the installed `mlkit` command."
+    r = subprocess.run([MLKIT, *map(str, args)], env=env, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"mlkit {' '.join(map(str, args))} exited {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+@pytest.fixture
+def clean_environ():
+    "Restore os.environ and mlkit's configured settings after an in-process test that calls `configure`."
+    import mlkit.config
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    mlkit.config._configured = None
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    "A test project where `mlkit train penguins -f nbs/train/penguins.yaml` has run once (real papermill kernel)."
+    root = tmp_path_factory.mktemp("project")
+    ini = write_project(root)
+    env = project_env(ini)
+    r = mlkit("train", "penguins", "-f", REPO / "nbs/train/penguins.yaml", env=env, check=True)
+    run_id = r.stdout.split("run ", 1)[1].split(":", 1)[0]
+    return {"root": root, "ini": ini, "env": env, "state": root / "state", "run_id": run_id, "stdout": r.stdout}
+
+
+@pytest.fixture
+def in_project(trained, clean_environ):
+    "mlkit configured in this process against the trained test project."
+    import mlkit.config
+    os.environ.clear()
+    os.environ.update(trained["env"])
+    return mlkit.config.configure()
+
+
+def jdump(x) -> str: return json.dumps(x, indent=1, default=str)

@@ -1,0 +1,89 @@
+"""The model bundle: pickle-free files, atomic writes, hash checks, and one Predictor for every consumer."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlkit.data import PENGUINS_LABEL, encode_labels, infer_contract, load_penguins, profile_frame
+from mlkit.features import FeatureSpec
+from mlkit.models import TabularMLP, build_model, bundle_sha256, load_bundle, model_config, save_bundle
+from mlkit.serving import InvalidInput, Predictor
+from mlkit.train import fit, seed_everything
+
+FEATURES = ["island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "sex"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    df = load_penguins().drop_nulls(PENGUINS_LABEL)
+    contract = infer_contract(df, PENGUINS_LABEL, FEATURES, name="penguins")
+    spec = FeatureSpec.from_contract(contract).fit(df)
+    seed_everything(0)
+    cfg = model_config(TabularMLP, n_features=len(spec.output_names), n_classes=3, hidden=[16])
+    module = build_model(cfg)
+    fit(module, spec.transform(df), encode_labels(df, contract), epochs=3, device="cpu")
+    path = save_bundle(tmp_path_factory.mktemp("b") / "bundle", module, cfg, features=json.loads(spec.to_json()),
+                       contract=contract, profile=profile_frame(df), metrics={"accuracy": 1.0}, lineage={"run": "x"})
+    return {"path": path, "module": module, "spec": spec, "df": df}
+
+
+def test_bundle_files_are_safetensors_and_json(bundle):
+    names = sorted(p.name for p in bundle["path"].iterdir())
+    assert names == ["contract.json", "features.json", "lineage.json", "metrics.json", "model.json",
+                     "model.safetensors", "profile.json"]
+    for p in bundle["path"].glob("*.json"): json.loads(p.read_text())
+    raw = (bundle["path"] / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + header_len])["__metadata__"]["format"] == "mlkit-bundle-1"
+    assert b"\x80\x04\x95" not in raw[:16]  # not a pickle stream
+
+
+def test_predictor_matches_training_module(bundle):
+    df = bundle["df"]
+    pred = Predictor.from_bundle(bundle["path"], name="penguins", version="7", expected_sha256=bundle_sha256(bundle["path"]))
+    rows = df.select(FEATURES).to_dicts()
+    with torch.inference_mode():
+        expected = torch.softmax(bundle["module"](torch.from_numpy(bundle["spec"].transform(df))), 1).numpy()
+    np.testing.assert_allclose(pred.predict_proba(rows), expected, atol=1e-6)
+    out = pred.respond(rows[:2])
+    assert out["model"] == "penguins" and out["version"] == "7" and len(out["predictions"]) == 2
+    assert set(out["predictions"][0]["probabilities"]) == {"Adelie", "Chinstrap", "Gentoo"}
+
+
+def test_tampered_bundle_is_refused(bundle, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle["path"], copy)
+    expected = bundle_sha256(copy)
+    metrics = copy / "metrics.json"
+    metrics.write_text(metrics.read_text().replace("1.0", "0.5"))
+    with pytest.raises(ValueError, match="does not match"): load_bundle(copy, expected_sha256=expected)
+
+
+def test_model_json_cannot_name_arbitrary_code(bundle, tmp_path):
+    import shutil
+    copy = tmp_path / "evil"
+    shutil.copytree(bundle["path"], copy)
+    (copy / "model.json").write_text(json.dumps({"class": "subprocess.Popen", "kwargs": {"args": ["true"]}}))
+    with pytest.raises(ValueError, match="not under an allowed package"): load_bundle(copy)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    m = TabularMLP(3, 2, hidden=[4])
+    with pytest.raises(TypeError): save_bundle(tmp_path / "b", m, model_config(TabularMLP, n_features=3, n_classes=2), metrics=object())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("row,field", [
+    ({"bill_length_mm": "long"}, "bill_length_mm"),
+    ({"bill_length_mm": float("nan")}, "bill_length_mm"),
+    ({"island": 3}, "island"),
+    ({"colour": "blue"}, "colour"),
+    ({"island": None}, "island"),
+])
+def test_bad_records_name_the_field(bundle, row, field):
+    good = bundle["df"].select(FEATURES).row(0, named=True)
+    pred = Predictor.from_bundle(bundle["path"])
+    with pytest.raises(InvalidInput) as e: pred.predict([good, {**good, **row}])
+    assert e.value.field == field and e.value.row == 1 and field in str(e.value)

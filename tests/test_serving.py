@@ -1,0 +1,79 @@
+"""A real `bentoml serve` of the Bento built from the registry, called over HTTP on 127.0.0.1."""
+import json
+import urllib.request
+
+import pytest
+from conftest import mlkit
+
+pytestmark = pytest.mark.serve
+
+ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215,
+       "body_mass_g": 5000, "sex": "female"}
+
+
+@pytest.fixture(scope="module")
+def service(trained):
+    from mlkit.cli import post_json
+    from mlkit.config import load_settings
+    from mlkit.serving import free_port, start_service, stop_service, wait_ready
+    mlkit("promote", "penguins", env=trained["env"], check=True)
+    bento = mlkit("build", "penguins", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
+    settings = load_settings(trained["ini"], env={})
+    port = free_port()
+    log = trained["root"] / "serve.log"
+    import os
+    old = dict(os.environ)
+    os.environ.update(trained["env"])
+    try:
+        proc = start_service(bento, port=port, settings=settings, log=log)
+    finally:
+        os.environ.clear(); os.environ.update(old)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=180)
+        yield {"url": url, "bento": bento, "post": lambda body: post_json(f"{url}/predict", body), "log": log, "proc": proc}
+    finally:
+        stop_service(proc)
+
+
+def test_bento_is_recorded_on_the_registered_version(service, trained, in_project):
+    from mlkit.registry import get_version
+    mv = get_version("penguins", alias="champion")
+    assert mv.tags["mlkit.bento"] == service["bento"]
+
+
+def test_predict_returns_label_probabilities_and_version(service, in_project):
+    from mlkit.registry import download_bundle
+    from mlkit.serving import Predictor
+    status, body, headers = service["post"]({"rows": [ROW, {**ROW, "sex": None, "island": "Dream"}]})
+    assert status == 200, body
+    assert body["model"] == "penguins" and body["version"] == "1"
+    assert headers["x-mlkit-model"] == "penguins/1"
+    assert len(body["predictions"]) == 2
+    path, _ = download_bundle("penguins", alias="champion")
+    local = Predictor.from_bundle(path).predict([ROW])[0]
+    served = body["predictions"][0]
+    assert served["label"] == local["label"]
+    for k, v in local["probabilities"].items(): assert abs(served["probabilities"][k] - v) < 1e-6
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"rows": [{**ROW, "bill_length_mm": "long"}]}, "rows[0].bill_length_mm"),
+    ({"rows": [{k: v for k, v in ROW.items() if k != "island"}]}, "rows[0].island"),
+    ({"rows": [{**ROW, "wingspan": 3}]}, "rows[0].wingspan"),
+    ({"rows": []}, "rows"),
+])
+def test_bad_input_is_a_4xx_naming_the_field(service, body, needle):
+    status, out, _ = service["post"](body)
+    assert 400 <= status < 500, (status, out)
+    assert needle in json.dumps(out), out
+
+
+def test_probes_answer(service):
+    for probe in ("/readyz", "/livez", "/healthz"):
+        with urllib.request.urlopen(service["url"] + probe, timeout=5) as r: assert r.status == 200
+
+
+def test_non_loopback_host_refused_without_keys(trained):
+    r = mlkit("serve", "penguins", "--host", "0.0.0.0", env=trained["env"])
+    assert r.returncode == 2 and "refusing to serve on 0.0.0.0" in r.stderr

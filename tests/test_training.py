@@ -1,0 +1,105 @@
+"""Training notebooks through papermill (real kernel) into a real MLflow SQLite store, and the registry."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import REPO, mlkit, project_env, write_project
+
+pytestmark = pytest.mark.papermill
+
+
+def test_train_records_run_params_metrics_notebook(trained, in_project):
+    from mlkit.tracking import mlflow
+    client = mlflow().MlflowClient()
+    run = client.get_run(trained["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "3" and run.data.params["hidden"] == "[8]"
+    assert 0.5 < run.data.metrics["test_accuracy"] <= 1.0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3]
+    tags = run.data.tags
+    assert tags["mlkit.dataset_version"].startswith("sha256:") and tags["mlkit.feature_spec"].startswith("sha256:")
+    assert tags["mlkit.notebook"] == "nbs/train/penguins.ipynb" and tags["mlkit.runner"] == "papermill"
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "notebook")}
+    assert arts == {f"notebook/{trained['run_id']}.ipynb", f"notebook/{trained['run_id']}.html"}
+    executed = json.loads((trained["state"] / "runs" / "penguins" / f"{trained['run_id']}.ipynb").read_text())
+    injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert injected and "epochs = 3" in "".join(injected[0]["source"])
+    # everything landed in the state folder, nothing in the repo
+    assert (trained["state"] / "mlflow.db").is_file() and (trained["state"] / "mlartifacts" / "penguins").is_dir()
+
+
+def test_registered_challenger_carries_bundle_hash(trained, in_project):
+    from mlkit.models import bundle_sha256
+    from mlkit.registry import download_bundle, get_version
+    mv = get_version("penguins", alias="challenger")
+    assert mv.run_id == trained["run_id"]
+    path, _ = download_bundle("penguins", alias="challenger")
+    assert mv.tags["mlkit.bundle_sha256"] == bundle_sha256(path)
+    lineage = json.loads((path / "lineage.json").read_text())
+    assert lineage["mlflow_run_id"] == trained["run_id"] and lineage["dataset_version"].startswith("sha256:")
+
+
+def test_mlflow_pyfunc_and_mlkit_predict_the_same(trained, in_project):
+    import pandas as pd
+    from mlkit.data import load_penguins
+    from mlkit.registry import download_bundle
+    from mlkit.serving import Predictor
+    from mlkit.tracking import mlflow
+    cols = ["island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "sex"]
+    rows = load_penguins().select(cols).to_dicts()  # includes rows with missing values
+    model = mlflow().pyfunc.load_model("models:/penguins@challenger")
+    frame = pd.DataFrame(rows, columns=cols).astype({c: "float64" for c in cols[1:5]})
+    via_mlflow = model.predict(frame)
+    path, mv = download_bundle("penguins", alias="challenger")
+    via_mlkit = Predictor.from_bundle(path).predict_proba(rows)
+    np.testing.assert_allclose(via_mlflow[[f"p_{c}" for c in ["Adelie", "Chinstrap", "Gentoo"]]].to_numpy(), via_mlkit, atol=1e-6)
+    assert list(via_mlflow["label"]) == [["Adelie", "Chinstrap", "Gentoo"][i] for i in via_mlkit.argmax(1)]
+    # the logged model holds no pickle: the python model is source code
+    local = mlflow().artifacts.download_artifacts(f"models:/penguins/{mv.version}")
+    from pathlib import Path
+    files = [p.name for p in Path(local).rglob("*") if p.is_file()]
+    assert "pyfunc_model.py" in files and not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))]
+
+
+def test_unknown_parameter_is_one_line_listing_valid_names(trained):
+    r = mlkit("train", "penguins", "-p", "epocs=2", env=trained["env"])
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0
+    assert "unknown parameter epocs" in r.stderr and "valid: model_name, epochs, lr" in r.stderr
+
+
+def test_failing_notebook_marks_run_failed_and_registers_nothing(trained, in_project):
+    from mlkit.tracking import mlflow
+    client = mlflow().MlflowClient()
+    before = {v.version for v in client.search_model_versions("name='penguins'")}
+    r = mlkit("train", "penguins", "-p", "epochs=0", env=trained["env"])
+    assert r.returncode == 1
+    assert "epochs=0: must be >= 1" in r.stderr
+    run_id = r.stdout.split("run ", 1)[1].split(":", 1)[0]
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert (trained["state"] / "runs" / "penguins" / f"{run_id}.ipynb").is_file()
+    assert {a.path for a in client.list_artifacts(run_id, "notebook")} == {f"notebook/{run_id}.ipynb", f"notebook/{run_id}.html"}
+    assert {v.version for v in client.search_model_versions("name='penguins'")} == before
+
+
+def test_plain_papermill_from_a_shell(tmp_path):
+    "`papermill nbs/train/penguins.ipynb out.ipynb -p epochs 1` works with the venv's python3 kernel."
+    ini = write_project(tmp_path / "proj")
+    env = project_env(ini)
+    out = tmp_path / "out.ipynb"
+    r = subprocess.run(["bash", "-c", f"papermill nbs/train/penguins.ipynb {out} -p epochs 1 -y 'hidden: [4]'"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(out.read_text())["metadata"]["kernelspec"]["name"] == "python3"
+    assert "registered penguins version 1 as challenger" in out.read_text()
+    assert (tmp_path / "proj" / "state" / "mlflow.db").is_file()
+    assert not (REPO / "nbs" / "train" / "mlflow.db").exists()
+
+
+def test_promote_moves_champion(trained):
+    r = mlkit("promote", "penguins", env=trained["env"], check=True)
+    assert "is now champion" in r.stdout
+    r = mlkit("promote", "penguins", "--version", "99", env=trained["env"])
+    assert r.returncode == 2 and "99" in r.stderr and "Traceback" not in r.stderr
