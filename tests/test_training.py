@@ -4,7 +4,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import REPO, mlkit, project_env, write_project
+from conftest import BIN, REPO, mlkit, project_env, write_project
 
 pytestmark = pytest.mark.papermill
 
@@ -103,3 +103,28 @@ def test_promote_moves_champion(trained):
     assert "is now champion" in r.stdout
     r = mlkit("promote", "penguins", "--version", "99", env=trained["env"])
     assert r.returncode == 2 and "99" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ui_serves_the_embedded_store_on_loopback(trained):
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from mlkit.serving import free_port
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlkit"), "ui", "--port", str(port)], env=trained["env"], cwd=trained["root"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, body = time.monotonic() + 120, None
+        while time.monotonic() < deadline and body is None:
+            assert proc.poll() is None, "mlkit ui exited"
+            try:
+                url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
+                with urllib.request.urlopen(url, timeout=3) as r: body = json.loads(r.read())
+            except OSError: time.sleep(0.5)
+        assert body is not None, "MLflow UI did not answer"
+        assert "penguins" in [e["name"] for e in body["experiments"]]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
