@@ -5,15 +5,10 @@
 # %% auto #0
 __all__ = ['BundleModel']
 
-# %% ../nbs/71_pyfunc_model.ipynb #2d5cb983
+# %% ../nbs/71_pyfunc_model.ipynb #8e69b6a2
 # MLflow models-from-code entry point: `mlflow.pyfunc.log_model(python_model=<this file>, artifacts={"bundle": ...})`.
-import warnings
-
 import mlflow
 from mlflow.pyfunc import PythonModel
-
-# The schema comes from the signature logged with the model (built from the contract), not from type hints.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class BundleModel(PythonModel):

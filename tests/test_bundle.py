@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlkit.data import PENGUINS_LABEL, encode_labels, infer_contract, load_penguins, profile_frame
+from conftest import REPO
+
+from mlkit.data import Contract, encode_labels, load_penguins, profile_frame
 from mlkit.features import FeatureSpec
 from mlkit.models import TabularMLP, build_model, bundle_sha256, load_bundle, model_config, save_bundle
 from mlkit.serving import InvalidInput, Predictor
@@ -16,15 +18,15 @@ FEATURES = ["island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "b
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    df = load_penguins().drop_nulls(PENGUINS_LABEL)
-    contract = infer_contract(df, PENGUINS_LABEL, FEATURES, name="penguins")
+    df = load_penguins()
+    contract = Contract.load(REPO / "nbs/train/penguins.contract.yaml").subset(FEATURES)
     spec = FeatureSpec.from_contract(contract).fit(df)
     seed_everything(0)
     cfg = model_config(TabularMLP, n_features=len(spec.output_names), n_classes=3, hidden=[16])
     module = build_model(cfg)
     fit(module, spec.transform(df), encode_labels(df, contract), epochs=3, device="cpu")
-    path = save_bundle(tmp_path_factory.mktemp("b") / "bundle", module, cfg, features=json.loads(spec.to_json()),
-                       contract=contract, profile=profile_frame(df), metrics={"accuracy": 1.0}, lineage={"run": "x"})
+    path = save_bundle(tmp_path_factory.mktemp("b") / "bundle", module, cfg, features=spec.to_dict(),
+                       contract=contract.to_dict(), profile=profile_frame(df), metrics={"accuracy": 1.0}, lineage={"run": "x"})
     return {"path": path, "module": module, "spec": spec, "df": df}
 
 
