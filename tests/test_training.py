@@ -26,6 +26,15 @@ def test_train_records_run_params_metrics_notebook(trained, in_project):
     executed = json.loads((trained["state"] / "runs" / "penguins" / f"{trained['run_id']}.ipynb").read_text())
     injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and "epochs = 3" in "".join(injected[0]["source"])
+    # the data: checked contract, dataset version as an MLflow input, profile and feature spec as artifacts
+    assert tags["mlkit.contract_passed"] == "true" and tags["mlkit.dataset_rows"] == "344"
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == f"penguins@{tags['mlkit.dataset_version'].split(':')[1][:12]}"
+    assert {i.key: i.value for i in inp.tags}["mlflow.data.context"] == "training"
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "data")} | {a.path for a in client.list_artifacts(run.info.run_id, "features")}
+    assert names == {"data/contract.json", "data/contract_report.json", "data/profile.json", "features/spec.json"}
+    snap = trained["state"] / "snapshots" / (tags["mlkit.dataset_version"].split(":")[1] + ".parquet")
+    assert snap.is_file() and tags["mlkit.snapshot"] == str(snap)
     # everything landed in the state folder, nothing in the repo
     assert (trained["state"] / "mlflow.db").is_file() and (trained["state"] / "mlartifacts" / "penguins").is_dir()
 
