@@ -13,7 +13,7 @@ def test_demo_end_to_end(tmp_path):
     r = mlkit("demo", env=project_env(ini), timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
-    for line in ["registered model  penguins version 1 (challenger)", "promoted          penguins version 1 -> champion",
+    for line in ["registered model  penguins version 1 (challenger)", "promoted          penguins version 1 -> champion (gate: not_retired, contract",
                  "POST /predict     200", "server stopped"]:
         assert line in out, out
     body = json.loads(re.search(r"^POST /predict     200\n(\{.*?^\})", out, re.S | re.M).group(1))

@@ -16,7 +16,7 @@ def service(trained):
     from mlkit.cli import post_json
     from mlkit.config import load_settings
     from mlkit.serving import free_port, start_service, stop_service, wait_ready
-    mlkit("promote", "penguins", env=trained["env"], check=True)
+    mlkit("models", "promote", "penguins", env=trained["env"], check=True)
     bento = mlkit("build", "penguins", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
     settings = load_settings(trained["ini"], env={})
     port = free_port()
