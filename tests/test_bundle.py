@@ -89,3 +89,18 @@ def test_bad_records_name_the_field(bundle, row, field):
     pred = Predictor.from_bundle(bundle["path"])
     with pytest.raises(InvalidInput) as e: pred.predict([good, {**good, **row}])
     assert e.value.field == field and e.value.row == 1 and field in str(e.value)
+
+
+def test_pickled_weights_are_refused(bundle, tmp_path):
+    "A bundle whose weights file was replaced by a pickle (torch.save) is refused, never unpickled."
+    import shutil
+    copy = tmp_path / "pickled"
+    shutil.copytree(bundle["path"], copy)
+    marker = tmp_path / "executed"
+
+    class Evil:
+        def __reduce__(self): return (open, (str(marker), "w"))
+    torch.save({"net.0.weight": Evil()}, copy / "model.safetensors")
+    with pytest.raises(ValueError, match="not a safetensors file"): load_bundle(copy)
+    with pytest.raises(ValueError, match="not a safetensors file"): Predictor.from_bundle(copy)
+    assert not marker.exists()
