@@ -59,3 +59,15 @@ def test_models_and_train_import_with_torch_alone(tmp_path):
             "import mlkit.models, mlkit.train\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_gpu_check_script_runs_with_torch_alone(tmp_path):
+    "scripts/gpu_check.py needs only torch (a GPU box may lack polars and MLflow); here it runs its CPU side."
+    import json as _json
+    code = ("import sys, runpy\nfor m in ['polars', 'mlflow', 'bentoml', 'papermill', 'pandas']: sys.modules[m] = None\n"
+            f"sys.argv = ['gpu_check.py', '--cpu-only', '--rows', '4000', '--width', '32', '--epochs', '1']\n"
+            f"runpy.run_path({str(REPO / 'scripts' / 'gpu_check.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = _json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["cpu"]["samples_per_s"] > 0 and 0 <= out["cpu"]["test_accuracy"] <= 1
