@@ -7,6 +7,8 @@ from conftest import mlkit
 
 pytestmark = pytest.mark.serve
 
+KEY, OTHER_KEY = "test-key-0123456789", "another-key-abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215,
        "body_mass_g": 5000, "sex": "female"}
 
@@ -25,13 +27,13 @@ def service(trained):
     old = dict(os.environ)
     os.environ.update(trained["env"])
     try:
-        proc = start_service(bento, port=port, settings=settings, log=log)
+        proc = start_service(bento, port=port, settings=settings, log=log, extra_env={"MLKIT_API_KEYS": f"{OTHER_KEY},{KEY}"})
     finally:
         os.environ.clear(); os.environ.update(old)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, timeout=180)
-        yield {"url": url, "bento": bento, "post": lambda body: post_json(f"{url}/predict", body), "log": log, "proc": proc}
+        yield {"url": url, "bento": bento, "post": lambda body: post_json(f"{url}/predict", body, AUTH), "log": log, "proc": proc}
     finally:
         stop_service(proc)
 
@@ -69,11 +71,63 @@ def test_bad_input_is_a_4xx_naming_the_field(service, body, needle):
     assert needle in json.dumps(out), out
 
 
-def test_probes_answer(service):
-    for probe in ("/readyz", "/livez", "/healthz"):
-        with urllib.request.urlopen(service["url"] + probe, timeout=5) as r: assert r.status == 200
-
-
 def test_non_loopback_host_refused_without_keys(trained):
     r = mlkit("serve", "penguins", "--host", "0.0.0.0", env=trained["env"])
     assert r.returncode == 2 and "refusing to serve on 0.0.0.0" in r.stderr
+
+
+def _raw(url, path, body: bytes, headers: dict, method="POST"):
+    req = urllib.request.Request(url + path, body, headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r: return r.status, r.read()
+    except urllib.error.HTTPError as e: return e.code, e.read()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {KEY}"}])
+def test_api_routes_need_a_key(service, headers):
+    status, body = _raw(service["url"], "/predict", json.dumps({"rows": [ROW]}).encode(), {"Content-Type": "application/json", **headers})
+    assert status == 401 and json.loads(body)["error"] == "unauthorized"
+
+
+def test_probes_metrics_and_docs_stay_open(service):
+    for path in ("/readyz", "/livez", "/healthz", "/metrics", "/docs.json"):
+        with urllib.request.urlopen(service["url"] + path, timeout=5) as r: assert r.status == 200, path
+
+
+def test_both_configured_keys_work_and_bentoml_client_sends_the_token(service):
+    status, _ = _raw(service["url"], "/predict", json.dumps({"rows": [ROW]}).encode(),
+                     {"Content-Type": "application/json", "Authorization": f"Bearer {OTHER_KEY}"})
+    assert status == 200
+    import bentoml
+    with bentoml.SyncHTTPClient(service["url"], token=KEY) as client:
+        out = client.predict(rows=[ROW])
+    assert out["model"] == "penguins" and len(out["predictions"]) == 1
+
+
+def test_oversized_body_is_413_before_reading(service):
+    big = json.dumps({"rows": [ROW] * 12_000}).encode()  # > 1 MiB
+    assert len(big) > 1_048_576
+    status, body = _raw(service["url"], "/predict", big, {"Content-Type": "application/json", **AUTH})
+    assert status == 413 and "exceeds the limit" in json.loads(body)["detail"]
+
+
+def test_oversized_chunked_body_is_413(service):
+    import http.client
+    from urllib.parse import urlparse
+    u = urlparse(service["url"])
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    chunks = (b"x" * 65536 for _ in range(20))
+    conn.request("POST", "/predict", body=chunks, headers={"Content-Type": "application/json", **AUTH}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"] == "payload_too_large"
+
+
+@pytest.mark.parametrize("ctype", ["application/python-pickle", "application/octet-stream", "text/plain"])
+def test_non_json_bodies_are_415(service, ctype):
+    status, body = _raw(service["url"], "/predict", b"\x80\x04\x95", {"Content-Type": ctype, **AUTH})
+    assert status == 415 and ctype in json.loads(body)["detail"]
+
+
+def test_too_many_rows_is_a_4xx_naming_rows(service):
+    status, out, _ = service["post"]({"rows": [ROW] * 1001})
+    assert 400 <= status < 500 and "at most 1000" in json.dumps(out)

@@ -26,3 +26,6 @@ class Penguins:
             raise InvalidArgument(str(e)) from None
         ctx.response.headers["x-mlkit-model"] = f"{res['model']}/{res['version']}"
         return res
+
+
+serving.guard_service(Penguins)  # API keys, body size limit, JSON-only bodies (see mlkit.serving.ServiceGuard)
