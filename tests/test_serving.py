@@ -131,3 +131,26 @@ def test_non_json_bodies_are_415(service, ctype):
 def test_too_many_rows_is_a_4xx_naming_rows(service):
     status, out, _ = service["post"]({"rows": [ROW] * 1001})
     assert 400 <= status < 500 and "at most 1000" in json.dumps(out)
+
+
+def test_every_served_row_reaches_the_prediction_log(service, trained):
+    from mlkit.serving import read_prediction_log
+    rid = "log-check-123"
+    rows = [ROW, {**ROW, "island": "Dream", "sex": None}, {**ROW, "body_mass_g": 3000}]
+    status, body = _raw(service["url"], "/predict", json.dumps({"rows": rows}).encode(),
+                        {"Content-Type": "application/json", "x-request-id": rid, **AUTH})
+    assert status == 200
+    folder = trained["state"] / "predictions" / "penguins"
+    import time
+    deadline, logged = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        df = read_prediction_log(folder) if folder.exists() else None
+        if df is not None and len(df) and (df["request_id"] == rid).sum() == 3:
+            logged = df.filter(df["request_id"] == rid).sort("row")
+            break
+        time.sleep(0.5)
+    assert logged is not None, "rows not in the prediction log"
+    served = json.loads(body)["predictions"]
+    assert logged["prediction"].to_list() == [p["label"] for p in served]
+    assert logged["island"].to_list() == ["Biscoe", "Dream", "Biscoe"] and logged["version"].to_list() == ["1"] * 3
+    assert logged["answered_by"].to_list() == ["champion"] * 3

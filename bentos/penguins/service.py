@@ -15,7 +15,8 @@ class Penguins:
     bento_model = bentoml.models.BentoModel(serving.bento_model_tag("penguins"))
 
     def __init__(self):
-        self.predictor = serving.predictor_from_bento(self.bento_model)
+        self.predictor = serving.predictor_from_bento(self.bento_model)  # hash-checked: a corrupt bundle never serves
+        self.log = serving.prediction_log(self.predictor)
 
     @bentoml.api
     def predict(self, rows: list[dict[str, Any]] = EXAMPLE, ctx: bentoml.Context = None) -> dict:
@@ -24,8 +25,15 @@ class Penguins:
             res = self.predictor.respond(rows)
         except serving.InvalidInput as e:
             raise InvalidArgument(str(e)) from None
+        rid = serving.request_id(ctx.request.headers)
+        self.log.log(rows, res, rid)
         ctx.response.headers["x-mlkit-model"] = f"{res['model']}/{res['version']}"
+        ctx.response.headers["x-request-id"] = rid
         return res
+
+    @bentoml.on_shutdown
+    def close(self):
+        self.log.close()  # write what is still queued
 
 
 serving.guard_service(Penguins)  # API keys, body size limit, JSON-only bodies (see mlkit.serving.ServiceGuard)
