@@ -154,3 +154,22 @@ def test_every_served_row_reaches_the_prediction_log(service, trained):
     assert logged["prediction"].to_list() == [p["label"] for p in served]
     assert logged["island"].to_list() == ["Biscoe", "Dream", "Biscoe"] and logged["version"].to_list() == ["1"] * 3
     assert logged["answered_by"].to_list() == ["champion"] * 3
+
+
+def test_offline_predict_matches_the_service(service, trained, tmp_path):
+    from mlkit.data import load_penguins
+    src = tmp_path / "in.parquet"
+    load_penguins().drop("species").write_parquet(src)
+    out = tmp_path / "out.parquet"
+    r = mlkit("predict", "penguins@champion", src, out, "--batch-rows", "100", env=trained["env"], check=True)
+    assert "344 rows scored by penguins version 1" in r.stdout
+    import polars as pl
+    scored = pl.read_parquet(out)
+    assert scored.height == 344 and {"label", "p_Adelie", "model_version"} <= set(scored.columns)
+    status, body, _ = service["post"]({"rows": [ROW]})
+    one = pl.DataFrame([ROW]).with_columns(pl.col("flipper_length_mm").cast(pl.Int64))
+    one.write_parquet(tmp_path / "one.parquet")
+    mlkit("predict", "penguins@champion", tmp_path / "one.parquet", tmp_path / "one_out.parquet", env=trained["env"], check=True)
+    p = pl.read_parquet(tmp_path / "one_out.parquet").row(0, named=True)
+    assert p["label"] == body["predictions"][0]["label"]
+    assert abs(p["p_Gentoo"] - body["predictions"][0]["probabilities"]["Gentoo"]) < 1e-6
