@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 # torch goes in first, pinned, so that a CPU machine does not resolve a multi-GB CUDA build through the project's range.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.mlkit-installed
+LAB_PORT ?= 8888
 
 .PHONY: install demo test lab bench nbdev-check clean-state
 
@@ -24,8 +25,8 @@ demo: $(STAMP)  ## train -> register -> promote -> build -> serve -> predict, on
 test: $(STAMP)  ## nbdev discipline, nbdev-test, ruff, pytest
 	bash .ci/test
 
-lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1
-	$(BIN)/jupyter lab --ip 127.0.0.1 --notebook-dir .
+lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1 (root, as in containers and CI, needs --allow-root)
+	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --notebook-dir . $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: $(STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
 	$(BIN)/python bench/run.py

@@ -234,7 +234,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlkit.tracking.log_confusion_matrix': ('tracking.html#log_confusion_matrix', 'mlkit/tracking.py'),
                                 'mlkit.tracking.log_dataset': ('tracking.html#log_dataset', 'mlkit/tracking.py'),
                                 'mlkit.tracking.log_learning_curves': ('tracking.html#log_learning_curves', 'mlkit/tracking.py'),
-                                'mlkit.tracking.log_metrics_history': ('tracking.html#log_metrics_history', 'mlkit/tracking.py'),
                                 'mlkit.tracking.log_slice_metrics': ('tracking.html#log_slice_metrics', 'mlkit/tracking.py'),
                                 'mlkit.tracking.mlflow': ('tracking.html#mlflow', 'mlkit/tracking.py'),
                                 'mlkit.tracking.pyfunc_code': ('tracking.html#pyfunc_code', 'mlkit/tracking.py'),

@@ -1,4 +1,5 @@
 """The installed package: version, console script, layout, and the security rules the code must keep."""
+import json
 import re
 import subprocess
 import sys
@@ -71,3 +72,31 @@ def test_gpu_check_script_runs_with_torch_alone(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = _json.loads(r.stdout.strip().splitlines()[-1])
     assert out["cpu"]["samples_per_s"] > 0 and 0 <= out["cpu"]["test_accuracy"] <= 1
+
+
+def test_make_lab_serves_jupyterlab_with_the_venv_kernel(tmp_path):
+    "`make lab` starts JupyterLab on 127.0.0.1 (as root too) with the project's python3 kernel."
+    import os
+    import re as _re
+    import signal
+    import time
+    import urllib.request
+
+    from mlkit.serving import free_port
+    port = free_port()
+    log = tmp_path / "lab.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["make", "-s", "lab", f"LAB_PORT={port}"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        url, deadline = None, time.monotonic() + 90
+        while url is None and time.monotonic() < deadline:
+            m = _re.search(rf"http://127\.0\.0\.1:{port}/lab\?token=(\w+)", log.read_text())
+            url = m and f"http://127.0.0.1:{port}/api/kernelspecs?token={m.group(1)}"
+            time.sleep(0.5)
+        assert url, log.read_text()[-2000:]
+        with urllib.request.urlopen(url, timeout=10) as r: specs = json.loads(r.read())
+        assert specs["default"] == "python3" and "python3" in specs["kernelspecs"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
