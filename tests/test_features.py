@@ -1,6 +1,7 @@
 """Feature spec parity: the batch path and the record path give identical outputs for every row, and a spec loaded
 from JSON gives what the fitted object gives (property-based, 500 generated cases)."""
 import json
+import statistics
 
 import numpy as np
 import polars as pl
@@ -78,3 +79,32 @@ def test_duplicate_outputs_are_refused():
     train = pl.DataFrame({"x": [1.0, 2.0], "n": [1, 2], "cat": ["a", "b"], "flag": [True, False]})
     with pytest.raises(ValueError, match="output 'cat=a' is produced twice"):
         FeatureSpec([{"op": "one_hot", "column": "cat"}, {"op": "one_hot", "column": "cat"}], INPUTS).fit(train)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.just(float("nan")), st.just(-0.0), st.just(float("inf")), st.just(float("-inf")),
+                          st.floats(-1e100, 1e100).filter(lambda v: v == 0 or abs(v) > 1e-100)), min_size=0, max_size=60))
+def test_fit_statistics_match_polars(values):
+    "The fast paths of `fit` (O(n) float median, impute+standardize fused into one pass) agree with polars' own answers."
+    df = pl.DataFrame({"x": values}, schema={"x": pl.Float64})
+    spec = FeatureSpec([{"op": "impute", "column": "x", "strategy": "median"}, {"op": "standardize", "column": "x"}],
+                       [{"name": "x", "kind": "number"}]).fit(df)
+    median = df.select(pl.col("x").fill_nan(None).median()).item()
+    assert spec.steps[0]["value"] == pytest.approx(median if median is not None and np.isfinite(median) else 0.0, rel=1e-15)
+    imputed = df.select(pl.col("x").fill_nan(None).fill_null(spec.steps[0]["value"])).to_series().to_list()
+    if not imputed or not all(np.isfinite(imputed)): return  # no finite statistic to compare
+    mean = statistics.fmean(imputed)  # exact references (Fraction arithmetic), not another float formula
+    std = statistics.stdev(imputed) if len(imputed) > 1 else 0.0
+    scale = max(abs(v) for v in imputed)
+    assert spec.steps[1]["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-12 * scale)
+    assert spec.steps[1]["std"] == pytest.approx(std if std > 1e-12 * scale else 1.0, rel=1e-6)
+
+
+def test_median_of_large_skewed_column():
+    "Many values in one radix bucket, nulls and NaN: still the exact median."
+    rng = np.random.default_rng(7)
+    a = np.concatenate([rng.uniform(1.0, 1.0001, 300_001), rng.standard_cauchy(50_000) * 1e9])
+    a[rng.random(len(a)) < 0.1] = np.nan
+    df = pl.DataFrame({"x": a}).with_columns(pl.when(pl.int_range(pl.len()) % 97 == 0).then(None).otherwise(pl.col("x")).alias("x"))
+    spec = FeatureSpec([{"op": "impute", "column": "x"}], [{"name": "x", "kind": "number"}]).fit(df)
+    assert spec.steps[0]["value"] == pytest.approx(df.select(pl.col("x").fill_nan(None).median()).item(), rel=1e-15)
