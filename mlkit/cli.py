@@ -154,7 +154,7 @@ def cmd_models_lineage(args) -> int:
 
 def cmd_build(args) -> int:
     "Import a registered bundle into BentoML and build the Bento of `bentos/NAME/`."
-    tag = build(args.name, alias=args.alias, version=args.version)
+    tag = build(args.name, alias=args.alias, version=args.version, with_challenger=args.with_challenger)
     _out(tag)
     return 0
 
@@ -208,17 +208,25 @@ def _check_host(host: str, insecure: bool):
     if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("MLKIT_API_KEYS") and not insecure:
         raise SettingsError(f"refusing to serve on {host} without API keys (set MLKIT_API_KEYS or pass --insecure)")
 
-def build(name: str, alias: str | None = "champion", version: str | None = None) -> str:
-    "Bundle of `name@alias` (or `version`) from the registry -> BentoML model store -> Bento; returns the Bento tag."
+def build(name: str, alias: str | None = "champion", version: str | None = None, with_challenger: bool = False) -> str:
+    "Bundle of `name@alias` (or `version`), and the `challenger`'s with `with_challenger`, from the registry -> BentoML -> a Bento; returns its tag."
     from mlkit.registry import fetched_bundle
     from mlkit.serving import build_bento, import_bundle
     s = configure()
-    with fetched_bundle(name, alias=None if version else alias, version=version) as (bundle, mv):
-        labels = {"mlkit.run_id": mv.run_id, "mlkit.dataset_version": mv.tags.get("mlkit.dataset_version", "")}
-        model_tag = import_bundle(bundle, name, mv.version, labels=labels, settings=s)
-    bento = build_bento(name, model_tag, settings=s)
+    picks = [("champion", None if version else alias, version)] + ([("challenger", "challenger", None)] if with_challenger else [])
+    models, versions = {}, []
+    for role, a, v in picks:
+        with fetched_bundle(name, alias=a, version=v) as (bundle, mv):
+            labels = {"mlkit.run_id": mv.run_id, "mlkit.dataset_version": mv.tags.get("mlkit.dataset_version", ""),
+                      "mlkit.git_commit": mv.tags.get("mlflow.source.git.commit", "")}
+            models[role] = import_bundle(bundle, name, mv.version, labels=labels, settings=s)
+            versions.append(mv.version)
+    if with_challenger and versions[0] == versions[1]:
+        raise ValueError(f"model {name!r}: the challenger is version {versions[1]}, the version being built as champion")
+    bento = build_bento(name, models, settings=s)
     from mlkit.tracking import mlflow
-    mlflow(s).MlflowClient().set_model_version_tag(name, mv.version, "mlkit.bento", bento)
+    client = mlflow(s).MlflowClient()
+    for v in versions: client.set_model_version_tag(name, v, "mlkit.bento", bento)
     return bento
 
 # %% ../nbs/90_cli.ipynb #8850123c
@@ -312,6 +320,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_models_lineage); sp.add_argument("ref"); sp.add_argument("--json", action="store_true")
     sp = add("build", cmd_build, "build the Bento of a registered model version")
     sp.add_argument("name"); sp.add_argument("--alias", default="champion"); sp.add_argument("--version")
+    sp.add_argument("--with-challenger", action="store_true", help="also pack the `challenger` version, for canary and shadow")
     sp = add("serve", cmd_serve, "serve a model with bentoml (127.0.0.1 unless told otherwise)")
     sp.add_argument("name"); sp.add_argument("--alias", default="champion"); sp.add_argument("--bento", help="Bento tag to serve")
     sp.add_argument("--host"); sp.add_argument("--port", type=int)

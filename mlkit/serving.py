@@ -5,16 +5,19 @@
 # %% ../nbs/70_serving.ipynb #96e915cd
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import json as _json
+import json
 import math
 import os
 import queue
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -29,10 +32,11 @@ from .features import FeatureSpec
 from .models import Bundle, bundle_sha256, load_bundle
 
 # %% auto #0
-__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'BENTO_MODEL_ENV', 'InvalidInput', 'validate_records',
-           'Predictor', 'PredictionLog', 'prediction_log', 'request_id', 'read_prediction_log', 'api_key_hashes',
-           'ServiceGuard', 'guard_service', 'bento_model_tag', 'import_bundle', 'predictor_from_bento', 'build_bento',
-           'free_port', 'start_service', 'wait_ready', 'stop_service']
+__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'InvalidInput',
+           'validate_records', 'Predictor', 'PredictionLog', 'prediction_log', 'request_id', 'read_prediction_log',
+           'api_key_hashes', 'ServiceGuard', 'guard_service', 'bento_models', 'import_bundle', 'predictor_from_bento',
+           'Overloaded', 'ModelServer', 'model_server', 'build_bento', 'free_port', 'start_service', 'wait_ready',
+           'stop_service']
 
 # %% ../nbs/70_serving.ipynb #5b35395d
 class InvalidInput(ValueError):
@@ -79,15 +83,21 @@ class Predictor:
         "A predictor for the bundle at `path` (hash-checked when `expected_sha256` is given)."
         return cls(load_bundle(path, expected_sha256=expected_sha256), name, version)
 
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        "Class probabilities for a feature matrix (the part of a request that adaptive batching merges across requests)."
+        with torch.inference_mode(): return torch.softmax(self.bundle.module(torch.from_numpy(X)), dim=1).numpy()
+
     def predict_proba(self, rows: list[dict]) -> np.ndarray:
         "Class probabilities `(len(rows), len(classes))` for valid raw records."
-        X = torch.from_numpy(self.spec.transform_records(rows))
-        with torch.inference_mode(): return torch.softmax(self.bundle.module(X), dim=1).numpy()
+        return self.scores(self.spec.transform_records(rows))
+
+    def format(self, proba: np.ndarray) -> list[dict]:
+        "One `{label, probabilities}` per row of class probabilities."
+        return [{"label": self.classes[int(p.argmax())], "probabilities": dict(zip(self.classes, map(float, p)))} for p in proba]
 
     def predict(self, rows: list[dict], max_rows: int | None = None) -> list[dict]:
         "Validate `rows` and return one `{label, probabilities}` per row."
-        proba = self.predict_proba(validate_records(self.contract, rows, max_rows))
-        return [{"label": self.classes[int(p.argmax())], "probabilities": dict(zip(self.classes, map(float, p)))} for p in proba]
+        return self.format(self.predict_proba(validate_records(self.contract, rows, max_rows)))
 
     max_rows: int | None = None  # the most rows one request may hold (set from `[serve] max_rows` in services)
 
@@ -220,7 +230,7 @@ def api_key_hashes(settings: Settings | None = None, env: dict | None = None) ->
     return out
 
 async def _reply(send, status: int, error: str, detail: str, headers: list | None = None):
-    body = _json.dumps({"error": error, "detail": detail}).encode()
+    body = json.dumps({"error": error, "detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
@@ -286,11 +296,14 @@ def guard_service(service, settings: Settings | None = None):
     return service
 
 # %% ../nbs/70_serving.ipynb #e51cd377
-BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # set by `mlkit build`: the exact BentoML model tag a service packs
+BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # development: the model tag `bentoml serve bentos/<name>` packs (else `<name>:latest`)
+MODELS_FILE = "mlkit-models.json"  # written into a Bento's build context by `build_bento`
 
-def bento_model_tag(name: str) -> str:
-    "The BentoML model tag a service for `name` should pack: `$MLKIT_BENTO_MODEL`, else `<name>:latest`."
-    return os.environ.get(BENTO_MODEL_ENV) or f"{name}:latest"
+def bento_models(name: str, folder: Path | str | None = None) -> dict:
+    "The BentoML model tags a service packs, `{'champion': tag, 'challenger': tag}` (challenger optional)."
+    f = Path(folder) / MODELS_FILE if folder else None
+    if f is not None and f.is_file(): return json.loads(f.read_text())
+    return {"champion": os.environ.get(BENTO_MODEL_ENV) or f"{name}:latest"}
 
 def import_bundle(bundle: Path | str, name: str, version: str | int, labels: dict | None = None,
                   settings: Settings | None = None) -> str:
@@ -315,7 +328,116 @@ def predictor_from_bento(stored) -> Predictor:
     p.max_rows = current_settings().serve.max_rows
     return p
 
-# %% ../nbs/70_serving.ipynb #6c39548e
+# %% ../nbs/70_serving.ipynb #73bb6298
+_METRICS: dict = {}
+
+def _metrics() -> dict:
+    "The service's Prometheus metrics (created once per process, after BentoML set up its multiprocess collector)."
+    if not _METRICS:
+        from prometheus_client import Counter, Histogram
+        lab = ["model", "version", "answered_by"]
+        _METRICS.update(
+            requests=Counter("mlkit_requests", "Prediction requests by outcome", [*lab, "status"]),
+            rows=Counter("mlkit_rows", "Rows scored", lab),
+            classes=Counter("mlkit_predicted_class", "Predicted classes", [*lab, "label"]),
+            latency=Histogram("mlkit_request_seconds", "Time to answer a prediction request", lab,
+                              buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5)),
+            batch=Histogram("mlkit_batch_rows", "Rows per forward pass (adaptive batching merges requests)", ["model", "version"],
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)),
+            shadow=Counter("mlkit_shadow_disagreements", "Rows where the shadow challenger's label differs from the champion's", ["model", "version"]))
+    return _METRICS
+
+class Overloaded(RuntimeError):
+    "A queued request passed the batching deadline (`[serve] max_latency_ms`): answer 503 and let the client retry."
+
+class ModelServer:
+    "Champion (and challenger) predictors with canary/shadow routing, adaptive batching, metrics and the prediction log."
+    def __init__(self, champion: Predictor, challenger: Predictor | None = None, settings: Settings | None = None,
+                 log: bool = True):
+        s = (settings or current_settings()).serve
+        self.models = {"champion": champion, **({"challenger": challenger} if challenger is not None else {})}
+        self.canary = s.canary_share if challenger is not None else 0.0
+        self.shadow = bool(s.shadow and challenger is not None)
+        self.max_rows = s.max_rows
+        torch.set_num_threads(s.threads)
+        self.metrics = _metrics()
+        self.log = prediction_log(champion, settings) if log else None
+        self._batch = {role: self._batcher(p, s) for role, p in self.models.items()} if s.batching else {}
+        self._pending: set = set()
+        self._rng = random.Random()
+
+    def _batcher(self, p: Predictor, s):
+        from bentoml._internal.marshal.dispatcher import CorkDispatcher
+        hist = self.metrics["batch"].labels(p.name, p.version)
+        def infer(parts):  # one forward pass for every queued request's rows, split back per request
+            X = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            hist.observe(len(X))
+            P = p.scores(X)
+            return np.split(P, np.cumsum([len(x) for x in parts])[:-1])
+        def overloaded(): raise Overloaded("the model is overloaded: retry later")
+        d = CorkDispatcher(s.max_latency_ms, s.max_batch_size, fallback=overloaded, get_batch_size=len, batch_dim=(0, 0))
+        return d(infer)
+
+    async def _scores(self, role: str, X: np.ndarray) -> np.ndarray:
+        if role in self._batch: return await self._batch[role](X)
+        p = self.models[role]
+        self.metrics["batch"].labels(p.name, p.version).observe(len(X))
+        return p.scores(X)
+
+    def route(self) -> str:
+        "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
+        return "challenger" if self.canary and self._rng.random() < self.canary else "champion"
+
+    async def respond(self, rows: list, request_id: str) -> dict:
+        "Validate, score (batched) and log one request; raises `InvalidInput` (a 4xx) or `Overloaded` (a 503)."
+        role = self.route()
+        p = self.models[role]
+        lab = (p.name, p.version, role)
+        t0 = time.perf_counter()
+        try:
+            X = p.spec.transform_records(validate_records(p.contract, rows, self.max_rows))
+        except (InvalidInput, ValueError) as e:
+            self.metrics["requests"].labels(*lab, "invalid").inc()
+            raise e if isinstance(e, InvalidInput) else InvalidInput(str(e)) from None
+        try: proba = await self._scores(role, X)
+        except Overloaded:
+            self.metrics["requests"].labels(*lab, "overloaded").inc()
+            raise
+        res = {"model": p.name, "version": p.version, "answered_by": role, "predictions": p.format(proba)}
+        self.metrics["requests"].labels(*lab, "ok").inc()
+        self.metrics["rows"].labels(*lab).inc(len(rows))
+        for r in res["predictions"]: self.metrics["classes"].labels(*lab, r["label"]).inc()
+        self.metrics["latency"].labels(*lab).observe(time.perf_counter() - t0)
+        if self.log: self.log.log(rows, res, request_id, role)
+        if self.shadow and role == "champion":  # scored after the answer, off the request's path
+            task = asyncio.get_running_loop().create_task(self._shadow(rows, X, res, request_id))
+            self._pending.add(task); task.add_done_callback(self._pending.discard)
+        return res
+
+    async def _shadow(self, rows: list, X: np.ndarray, champion_res: dict, request_id: str):
+        c = self.models["challenger"]
+        try:
+            Xc = X if c.spec.to_dict() == self.models["champion"].spec.to_dict() else c.spec.transform_records(rows)
+            res = {"model": c.name, "version": c.version, "answered_by": "shadow", "predictions": c.format(await self._scores("challenger", Xc))}
+        except Exception:  # a shadow never affects serving; it is counted
+            self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc(); return
+        self.metrics["requests"].labels(c.name, c.version, "shadow", "ok").inc()
+        differ = sum(a["label"] != b["label"] for a, b in zip(res["predictions"], champion_res["predictions"]))
+        if differ: self.metrics["shadow"].labels(c.name, c.version).inc(differ)
+        if self.log: self.log.log(rows, res, request_id, "shadow")
+
+    async def aclose(self):
+        "Finish shadow scoring still in flight, then write everything the prediction log holds."
+        if self._pending: await asyncio.gather(*self._pending, return_exceptions=True)
+        if self.log: self.log.close()
+
+def model_server(service, settings: Settings | None = None) -> ModelServer:
+    "The ModelServer of a BentoML service instance whose class declares `champion` (and maybe `challenger`) BentoModels."
+    challenger = getattr(service, "challenger", None)
+    return ModelServer(predictor_from_bento(service.champion),
+                       predictor_from_bento(challenger) if challenger is not None else None, settings)
+
+# %% ../nbs/70_serving.ipynb #8e0d2cab
 def _run_bentoml(args: list[str], settings: Settings, extra_env: dict | None = None, cwd: Path | None = None) -> str:
     bentoml = Path(sys.executable).parent / "bentoml"
     env = {**os.environ, **tool_env(settings), **(extra_env or {})}
@@ -324,15 +446,50 @@ def _run_bentoml(args: list[str], settings: Settings, extra_env: dict | None = N
         raise RuntimeError(f"bentoml {' '.join(args)} failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-3000:]}")
     return r.stdout
 
-def build_bento(name: str, model_tag: str, settings: Settings | None = None) -> str:
-    "Run `bentoml build` for `bentos/<name>/` packing `model_tag`; returns the Bento tag."
+def _project_root() -> Path | None:
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "nbs").is_dir() else None
+
+def _source_commit(root: Path | None) -> str:
+    if root is None: return ""
+    r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if r.returncode: return ""
+    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("-dirty" if dirty else "")
+
+def build_bento(name: str, models: dict | str, settings: Settings | None = None, labels: dict | None = None) -> str:
+    "Run `bentoml build` for `bentos/<name>/` packing `models` (`{'champion': tag, 'challenger': tag}`); returns the Bento tag."
+    import yaml
     settings = settings or current_settings()
+    models = {"champion": models} if isinstance(models, str) else dict(models)
     src = settings.project.bentos_dir / name
     if not (src / "service.py").is_file(): raise FileNotFoundError(f"{src}/service.py: no service for model {name!r}")
-    out = _run_bentoml(["build", str(src), "--output", "tag"], settings, {BENTO_MODEL_ENV: model_tag}, cwd=src)
+    with tempfile.TemporaryDirectory(prefix=f"mlkit-bento-{name}-") as tmp:
+        ctx = Path(tmp) / name
+        shutil.copytree(src, ctx, ignore=shutil.ignore_patterns("__pycache__", MODELS_FILE))
+        (ctx / MODELS_FILE).write_text(json.dumps(models, indent=1))
+        cfg = yaml.safe_load((ctx / "bentofile.yaml").read_text()) or {}
+        cfg["include"] = [*cfg.get("include", ["service.py"]), MODELS_FILE]
+        root, py = _project_root(), cfg.setdefault("python", {})
+        commit = _source_commit(root)
+        if root is not None:  # mlkit itself as a wheel built from this checkout: the Bento pins the code it was built with
+            r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(ctx / "wheels"), str(root)],
+                               capture_output=True, text=True)
+            if r.returncode: raise RuntimeError(f"building the mlkit wheel for the Bento failed:\n{r.stderr[-2000:]}")
+            py["packages"] = [p for p in py.get("packages", []) if p.split("=")[0].strip() != "mlkit"]
+            py["wheels"] = [f"wheels/{w.name}" for w in (ctx / "wheels").glob("*.whl")]
+        else: py["packages"] = [p if p.split("=")[0].strip() != "mlkit" else f"mlkit=={_mlkit_version()}" for p in py.get("packages", [])]
+        cfg["labels"] = {**cfg.get("labels", {}), "mlkit_version": _mlkit_version(), "mlkit_commit": commit or "unknown",
+                         **{f"{role}_model": tag.replace(":", "_") for role, tag in models.items()}, **(labels or {})}
+        (ctx / "bentofile.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        out = _run_bentoml(["build", str(ctx), "--output", "tag"], settings, cwd=ctx)
     tags = [ln.split("__tag__:", 1)[1].strip() for ln in out.splitlines() if "__tag__:" in ln]
     if not tags: raise RuntimeError(f"bentoml build printed no tag:\n{out[-2000:]}")
     return tags[-1]
+
+def _mlkit_version() -> str:
+    from mlkit import __version__
+    return __version__
 
 def free_port(host: str = "127.0.0.1") -> int:
     "A TCP port that is free on `host` right now."

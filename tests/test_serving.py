@@ -173,3 +173,72 @@ def test_offline_predict_matches_the_service(service, trained, tmp_path):
     p = pl.read_parquet(tmp_path / "one_out.parquet").row(0, named=True)
     assert p["label"] == body["predictions"][0]["label"]
     assert abs(p["p_Gentoo"] - body["predictions"][0]["probabilities"]["Gentoo"]) < 1e-6
+
+
+def _metrics(url) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r: return r.read().decode()
+
+
+def _sample(text: str, name: str, **labels) -> float:
+    "Sum of the Prometheus samples `name` whose labels include `labels`."
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"): continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()): total += float(value)
+    return total
+
+
+def test_bento_is_self_contained(service, trained):
+    "The Bento carries the packed model tags, a wheel of this checkout's mlkit and the commit; no MLflow at serving."
+    import subprocess
+
+    import yaml
+    home = trained["state"] / "bentoml" / "bentos" / "penguins"
+    bento_dir = home / service["bento"].split(":")[1]
+    models = json.loads((bento_dir / "src" / "mlkit-models.json").read_text())
+    assert set(models) == {"champion"} and models["champion"].startswith("penguins:v1-")
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    assert [m["tag"] for m in info["services"][0]["models"]] == [models["champion"]]  # containerize copies it into the image
+    wheels = list((bento_dir / "env" / "python" / "wheels").glob("mlkit-*.whl"))
+    assert len(wheels) == 1
+    import mlkit as pkg
+    from pathlib import Path
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(pkg.__file__).parent).stdout.strip()
+    assert info["labels"]["mlkit_commit"].split("-")[0] == head
+    assert info["labels"]["champion_model"] == models["champion"].replace(":", "_")
+    assert "mlflow" not in (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    assert "WHEELS_DIR" in (bento_dir / "env" / "python" / "install.sh").read_text()  # the image installs the packed wheel
+
+
+def test_metrics_are_labelled_with_the_model_version(service):
+    before = _metrics(service["url"])
+    status, body, _ = service["post"]({"rows": [ROW, ROW]})
+    assert status == 200
+    assert service["post"]({"rows": [{**ROW, "bill_length_mm": "x"}]})[0] == 400
+    after = _metrics(service["url"])
+    lab = {"model": "penguins", "version": "1", "answered_by": "champion"}
+    assert _sample(after, "mlkit_requests_total", status="ok", **lab) - _sample(before, "mlkit_requests_total", status="ok", **lab) >= 1
+    assert _sample(after, "mlkit_requests_total", status="invalid", **lab) >= 1
+    label = body["predictions"][0]["label"]
+    assert _sample(after, "mlkit_predicted_class_total", label=label, **lab) - _sample(before, "mlkit_predicted_class_total", label=label, **lab) >= 2
+    assert _sample(after, "mlkit_request_seconds_count", **lab) >= 1
+    assert _sample(after, "mlkit_batch_rows_count", model="penguins", version="1") >= 1
+
+
+def test_concurrent_requests_share_forward_passes(service):
+    "Adaptive batching: 240 concurrent one-row requests take fewer forward passes than requests, and all succeed."
+    from concurrent.futures import ThreadPoolExecutor
+    before = _metrics(service["url"])
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(lambda i: service["post"]({"rows": [{**ROW, "body_mass_g": 3000 + i}]})[0], range(240)))
+    assert statuses == [200] * 240
+    after = _metrics(service["url"])
+    passes = _sample(after, "mlkit_batch_rows_count", model="penguins", version="1") - _sample(before, "mlkit_batch_rows_count", model="penguins", version="1")
+    rows = _sample(after, "mlkit_batch_rows_sum", model="penguins", version="1") - _sample(before, "mlkit_batch_rows_sum", model="penguins", version="1")
+    assert rows == 240 and passes < 240, (passes, rows)
+
+
+def test_response_says_which_model_answered(service):
+    status, body, headers = service["post"]({"rows": [ROW]})
+    assert status == 200 and body["answered_by"] == "champion" and headers["x-mlkit-answered-by"] == "champion"

@@ -1,0 +1,88 @@
+"""Canary and shadow over HTTP: a Bento built `--with-challenger` from two registered versions, served by `bentoml serve`."""
+import json
+import time
+import urllib.request
+
+import pytest
+from conftest import REPO, mlkit, project_env, write_project
+
+pytestmark = pytest.mark.serve
+
+ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215,
+       "body_mass_g": 5000, "sex": "female"}
+
+
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory):
+    from mlkit.config import load_settings
+    from mlkit.serving import free_port, start_service, stop_service, wait_ready
+    root = tmp_path_factory.mktemp("canary")
+    ini = write_project(root)
+    env = project_env(ini)
+    params = REPO / "nbs/train/penguins.yaml"
+    mlkit("train", "penguins", "-f", params, env=env, check=True)
+    mlkit("models", "promote", "penguins", env=env, check=True)  # version 1: champion
+    mlkit("train", "penguins", "-f", params, "-p", "seed=1", env=env, check=True)  # version 2: challenger
+    bento = mlkit("build", "penguins", "--with-challenger", env=env, check=True).stdout.strip().splitlines()[-1]
+    port = free_port()
+    serve_env = {**env, "MLKIT_SERVE__CANARY_SHARE": "0.5", "MLKIT_SERVE__SHADOW": "true"}
+    import os
+    old = dict(os.environ)
+    os.environ.clear(); os.environ.update(serve_env)
+    try: proc = start_service(bento, port=port, settings=load_settings(ini, env=serve_env), log=root / "serve.log")
+    finally: os.environ.clear(); os.environ.update(old)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=180)
+        yield {"url": url, "root": root, "env": env, "bento": bento, "proc": proc}
+    finally:
+        stop_service(proc)
+
+
+def _post(url, rows, rid):
+    req = urllib.request.Request(url + "/predict", json.dumps({"rows": rows}).encode(),
+                                 {"Content-Type": "application/json", "x-request-id": rid})
+    with urllib.request.urlopen(req, timeout=30) as r: return json.loads(r.read()), dict(r.headers)
+
+
+def test_canary_share_and_shadow_are_served_and_logged(canary):
+    from mlkit.serving import read_prediction_log
+    answers = {}
+    for i in range(40):
+        body, headers = _post(canary["url"], [ROW, {**ROW, "body_mass_g": 3000 + i}], f"req-{i}")
+        assert body["answered_by"] == headers["x-mlkit-answered-by"]
+        assert (body["answered_by"], body["version"]) in {("champion", "1"), ("challenger", "2")}, body
+        assert headers["x-mlkit-model"] == f"penguins/{body['version']}"
+        answers[f"req-{i}"] = body["answered_by"]
+    assert set(answers.values()) == {"champion", "challenger"}  # a 0.5 share: all 40 the same has odds 2 in 10^12
+    champion_reqs = {r for r, who in answers.items() if who == "champion"}
+    folder = canary["root"] / "state" / "predictions" / "penguins"
+    deadline, log = time.monotonic() + 30, None
+    while time.monotonic() < deadline:  # the log writer flushes every 2 s
+        log = read_prediction_log(folder) if folder.exists() else None
+        if log is not None and len(log) >= 2 * (40 + len(champion_reqs)): break
+        time.sleep(0.5)
+    assert log is not None and len(log) == 2 * (40 + len(champion_reqs)), None if log is None else len(log)
+    by = {who: set(log.filter(log["answered_by"] == who)["request_id"]) for who in ("champion", "challenger", "shadow")}
+    assert by["champion"] == champion_reqs and by["challenger"] == set(answers) - champion_reqs
+    assert by["shadow"] == champion_reqs  # the challenger scored every request the champion answered
+    assert set(log.filter(log["answered_by"] == "shadow")["version"]) == {"2"}
+
+
+def test_both_versions_carry_the_bento_tag(canary):
+    import os
+    old = dict(os.environ)
+    os.environ.clear(); os.environ.update(canary["env"])
+    try:
+        import mlkit.config
+        mlkit.config.configure()
+        from mlkit.registry import get_version
+        assert get_version("penguins", alias="champion").tags["mlkit.bento"] == canary["bento"]
+        assert get_version("penguins", alias="challenger").tags["mlkit.bento"] == canary["bento"]
+    finally:
+        os.environ.clear(); os.environ.update(old)
+
+
+def test_shadow_metrics_by_version(canary):
+    with urllib.request.urlopen(canary["url"] + "/metrics", timeout=10) as r: text = r.read().decode()
+    assert 'answered_by="shadow"' in text and 'version="2"' in text and 'version="1"' in text
