@@ -29,6 +29,8 @@ lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1 (root, as in 
 	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --notebook-dir . $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: $(STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
+	@command -v ab >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q apache2-utils >/dev/null; } \
+	  || { echo "make bench needs ab (apt-get install apache2-utils)"; exit 2; }
 	$(BIN)/python bench/run.py
 
 clean-state:  ## remove the embedded state folder (.mlkit/)

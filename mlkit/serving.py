@@ -369,20 +369,21 @@ class ModelServer:
     def _batcher(self, p: Predictor, s):
         from bentoml._internal.marshal.dispatcher import CorkDispatcher
         hist = self.metrics["batch"].labels(p.name, p.version)
-        def infer(parts):  # one forward pass for every queued request's rows, split back per request
-            X = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            hist.observe(len(X))
-            P = p.scores(X)
+        def infer(parts):  # one feature transform and forward pass for every queued request's rows, split back per request
+            rows = [r for part in parts for r in part] if len(parts) > 1 else parts[0]
+            hist.observe(len(rows))
+            P = p.scores(p.spec.transform_records(rows))
             return np.split(P, np.cumsum([len(x) for x in parts])[:-1])
         def overloaded(): raise Overloaded("the model is overloaded: retry later")
         d = CorkDispatcher(s.max_latency_ms, s.max_batch_size, fallback=overloaded, get_batch_size=len, batch_dim=(0, 0))
         return d(infer)
 
-    async def _scores(self, role: str, X: np.ndarray) -> np.ndarray:
-        if role in self._batch: return await self._batch[role](X)
+    async def _scores(self, role: str, rows: list) -> np.ndarray:
+        "Class probabilities for validated rows: batched with other requests' rows, or alone."
+        if role in self._batch: return await self._batch[role](rows)
         p = self.models[role]
-        self.metrics["batch"].labels(p.name, p.version).observe(len(X))
-        return p.scores(X)
+        self.metrics["batch"].labels(p.name, p.version).observe(len(rows))
+        return p.scores(p.spec.transform_records(rows))
 
     def route(self) -> str:
         "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
@@ -394,12 +395,11 @@ class ModelServer:
         p = self.models[role]
         lab = (p.name, p.version, role)
         t0 = time.perf_counter()
-        try:
-            X = p.spec.transform_records(validate_records(p.contract, rows, self.max_rows))
-        except (InvalidInput, ValueError) as e:
+        try: validate_records(p.contract, rows, self.max_rows)  # per request: a bad one never fails a batch
+        except InvalidInput:
             self.metrics["requests"].labels(*lab, "invalid").inc()
-            raise e if isinstance(e, InvalidInput) else InvalidInput(str(e)) from None
-        try: proba = await self._scores(role, X)
+            raise
+        try: proba = await self._scores(role, rows)
         except Overloaded:
             self.metrics["requests"].labels(*lab, "overloaded").inc()
             raise
@@ -410,15 +410,15 @@ class ModelServer:
         self.metrics["latency"].labels(*lab).observe(time.perf_counter() - t0)
         if self.log: self.log.log(rows, res, request_id, role)
         if self.shadow and role == "champion":  # scored after the answer, off the request's path
-            task = asyncio.get_running_loop().create_task(self._shadow(rows, X, res, request_id))
+            task = asyncio.get_running_loop().create_task(self._shadow(rows, res, request_id))
             self._pending.add(task); task.add_done_callback(self._pending.discard)
         return res
 
-    async def _shadow(self, rows: list, X: np.ndarray, champion_res: dict, request_id: str):
+    async def _shadow(self, rows: list, champion_res: dict, request_id: str):
         c = self.models["challenger"]
         try:
-            Xc = X if c.spec.to_dict() == self.models["champion"].spec.to_dict() else c.spec.transform_records(rows)
-            res = {"model": c.name, "version": c.version, "answered_by": "shadow", "predictions": c.format(await self._scores("challenger", Xc))}
+            validate_records(c.contract, rows, self.max_rows)
+            res = {"model": c.name, "version": c.version, "answered_by": "shadow", "predictions": c.format(await self._scores("challenger", rows))}
         except Exception:  # a shadow never affects serving; it is counted
             self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc(); return
         self.metrics["requests"].labels(c.name, c.version, "shadow", "ok").inc()

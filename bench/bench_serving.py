@@ -1,0 +1,205 @@
+"""Serving under load: mlkit's Bento (batched and unbatched) against its peers, driven by `ab`, all in one run.
+
+One registered penguins version (trained here with the CI parameters) is served five ways, one at a time, each pinned
+to CPU 0 while `ab` runs pinned to CPU 1 (so client and server do not fight over a core):
+  - mlkit batched: `bentoml serve` of the Bento `mlkit build` made (auth off, the prediction log on, as deployed);
+  - mlkit unbatched: the same Bento with `MLKIT_SERVE__BATCHING=false`;
+  - BentoML identity: a service with the same decorator settings that echoes its rows (the framework's floor);
+  - `mlflow models serve --env-manager local` of the same registered version;
+  - raw: the same Predictor in a plain Starlette app on uvicorn (the ceiling).
+Each at 32 and 64 concurrent clients, with 1-row and 100-row requests (keep-alive). Figures: requests/s and rows/s
+with p50/p99 and non-2xx counts in the detail; mlkit's share of non-2xx answers; whether every row mlkit answered
+reached the prediction log.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215, "body_mass_g": 5000, "sex": "female"}
+CASES = [(32, 1), (64, 1), (32, 100), (64, 100)]  # (concurrency, rows per request)
+REQUESTS = {1: int(os.environ.get("MLKIT_BENCH_SERVE_N1", 6000)), 100: int(os.environ.get("MLKIT_BENCH_SERVE_N100", 1500))}
+SERVER_CPU, CLIENT_CPU = "0", "1"
+SERVER_LOG = REPO / "bench" / "reports" / "serving-servers.log"  # every server's output, for when a figure looks wrong
+
+IDENTITY = '''
+from typing import Any
+import bentoml
+
+@bentoml.service(name="identity", http={"host": "127.0.0.1"}, traffic={"timeout": 30})
+class Identity:
+    @bentoml.api
+    async def predict(self, rows: list[dict[str, Any]]) -> dict:
+        return {"model": "identity", "version": "0", "predictions": rows}
+'''
+
+RAW = '''
+import json, os
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from mlkit.serving import Predictor
+
+predictor = Predictor.from_bundle(os.environ["RAW_BUNDLE"], "penguins", "1")
+
+async def predict(request):
+    rows = json.loads(await request.body())["rows"]
+    return JSONResponse({"model": "penguins", "version": "1", "predictions": predictor.predict(rows)})
+
+app = Starlette(routes=[Route("/predict", predict, methods=["POST"])])
+'''
+
+
+def ab(url: str, body: Path, concurrency: int, n: int) -> dict:
+    "Run `ab` (keep-alive, variable-length bodies allowed) pinned to the client CPU; parse its summary."
+    out = subprocess.run(["taskset", "-c", CLIENT_CPU, "ab", "-q", "-k", "-l", "-s", "60", "-c", str(concurrency), "-n", str(n),
+                          "-p", str(body), "-T", "application/json", url], capture_output=True, text=True, timeout=600).stdout
+    num = lambda pat, default=0.0: float(m.group(1)) if (m := re.search(pat, out)) else default
+    return {"rps": num(r"Requests per second:\s+([\d.]+)"), "complete": int(num(r"Complete requests:\s+(\d+)")),
+            "failed": int(num(r"Failed requests:\s+(\d+)")), "non_2xx": int(num(r"Non-2xx responses:\s+(\d+)")),
+            "p50_ms": num(r"\n\s+50%\s+(\d+)"), "p99_ms": num(r"\n\s+99%\s+(\d+)")}
+
+
+def wait(url: str, proc, path: str, timeout: float = 180):
+    import urllib.request
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None: raise RuntimeError(f"server for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
+                if r.status == 200: return
+        except OSError: pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+def stop(proc):
+    import signal
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(60)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+
+
+def wait_port(port: int, proc, timeout: float = 120):
+    import socket
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None: raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close(); return
+        except OSError: time.sleep(0.3)
+    raise TimeoutError(port)
+
+
+def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str | None, bodies: dict, log: Path,
+            route: str = "/predict") -> dict:
+    "Start a server pinned to the server CPU, wait for its probe (or its port), warm it up, run every case, stop it."
+    proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], env=env, cwd=cwd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait(url, proc, ready) if ready else wait_port(port, proc)
+        ab(url + route, bodies[1], 8, 300)  # warm-up
+        res = {}
+        for c, rows in CASES:
+            r = ab(url + route, bodies[rows], c, REQUESTS[rows])
+            r["rows_per_s"] = r["rps"] * rows
+            res[(c, rows)] = r
+            print(f"{label:20s} c={c:<3d} rows={rows:<4d} {r['rps']:8.0f} rps {r['rows_per_s']:9.0f} rows/s "
+                  f"p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms non-2xx {r['non_2xx']} failed {r['failed']}", flush=True)
+        return res
+    finally:
+        stop(proc)
+
+
+def main(out: Path):
+    from mlkit.config import load_settings, tool_env
+    from mlkit.serving import free_port, read_prediction_log
+    if not shutil.which("ab"): raise SystemExit("ab is missing: `make bench` installs apache2-utils")
+    SERVER_LOG.parent.mkdir(exist_ok=True)
+    SERVER_LOG.write_text("")
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        ini = root / "settings.ini"
+        ini.write_text(f"[project]\nstate_dir = state\ntrain_dir = {REPO / 'nbs/train'}\nbentos_dir = {REPO / 'bentos'}\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLKIT_", "MLFLOW_", "BENTOML_"))}
+        env.update(MLKIT_SETTINGS=str(ini), PATH=f"{BIN}:{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
+        run = lambda *a: subprocess.run([str(BIN / "mlkit"), *a], env=env, cwd=root, check=True, capture_output=True, text=True).stdout
+        run("train", "penguins", "-f", str(REPO / "nbs/train/penguins.yaml"))
+        run("models", "promote", "penguins")
+        bento = run("build", "penguins").strip().splitlines()[-1]
+        settings = load_settings(ini, env={})
+        env.update(tool_env(settings))
+        bodies = {}
+        for rows in (1, 100):
+            for kind, key in (("rows", "rows"), ("mlflow", "dataframe_records")):
+                p = root / f"{kind}_{rows}.json"
+                p.write_text(json.dumps({key: [ROW] * rows}))
+                bodies.setdefault(kind, {})[rows] = p
+        (root / "identity").mkdir()
+        (root / "identity" / "service.py").write_text(IDENTITY)
+        (root / "raw_app.py").write_text(RAW)
+        bundle = root / "bundle"
+        subprocess.run([sys.executable, "-c", f"import mlkit.config as c; c.configure(); from mlkit.registry import download_bundle; "
+                        f"download_bundle('penguins', alias='champion', dst={str(bundle)!r})"], env=env, check=True)
+        logs = root / "state" / "predictions" / "penguins"
+        results, logged = {}, {}
+        servers = [
+            ("mlkit batched", lambda p: [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(p)], {"MLKIT_SERVE__BATCHING": "true"}, "/readyz", "rows"),
+            ("mlkit unbatched", lambda p: [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(p)], {"MLKIT_SERVE__BATCHING": "false"}, "/readyz", "rows"),
+            ("BentoML identity", lambda p: [str(BIN / "bentoml"), "serve", ".", "--host", "127.0.0.1", "--port", str(p)], {}, "/readyz", "rows"),
+            ("mlflow models serve", lambda p: [str(BIN / "mlflow"), "models", "serve", "-m", "models:/penguins@champion", "--env-manager", "local",
+                                               "-h", "127.0.0.1", "-p", str(p), "-w", "1"], {}, "/ping", "mlflow"),
+            ("raw Starlette", lambda p: [str(BIN / "uvicorn"), "raw_app:app", "--host", "127.0.0.1", "--port", str(p), "--workers", "1",
+                                         "--log-level", "warning", "--no-access-log"], {"RAW_BUNDLE": str(bundle)}, None, "rows"),
+        ]
+        for label, cmd, extra, ready, kind in servers:
+            port = free_port()
+            before = len(read_prediction_log(logs)) if logs.exists() else 0
+            cwd = root / "identity" if label == "BentoML identity" else root
+            results[label] = measure(label, cmd(port), {**env, **extra}, cwd, port, ready, bodies[kind], SERVER_LOG,
+                                     "/invocations" if kind == "mlflow" else "/predict")
+            if label.startswith("mlkit"):  # stopped cleanly: the log writer has flushed
+                logged[label] = (len(read_prediction_log(logs)) if logs.exists() else 0) - before
+    figs = []
+    mk, ub, ident, mlf, raw = (results[k] for k in ("mlkit batched", "mlkit unbatched", "BentoML identity", "mlflow models serve", "raw Starlette"))
+    for c, rows in CASES:
+        tag = f"{rows}-row requests, {c} clients"
+        if rows == 1:
+            figs.append(fig(f"mlkit batched req/s vs BentoML identity, {tag}", "req/s", mk, ident, (c, rows), "rps", 1.0, "BentoML identity"))
+            figs.append(fig(f"mlkit batched req/s vs mlflow models serve, {tag}", "req/s", mk, mlf, (c, rows), "rps", 2.0, "mlflow models serve"))
+            figs.append(fig(f"mlkit batched req/s vs unbatched, {tag}", "req/s", mk, ub, (c, rows), "rps", 1.5, "mlkit unbatched"))
+        else:
+            figs.append(fig(f"mlkit batched rows/s vs mlflow models serve, {tag}", "rows/s", mk, mlf, (c, rows), "rows_per_s", 2.0, "mlflow models serve"))
+        figs.append(fig(f"mlkit batched vs raw Starlette ceiling, {tag}", "rows/s", mk, raw, (c, rows), "rows_per_s", None, "raw Starlette"))
+    for label in ("mlkit batched", "mlkit unbatched"):
+        total = sum(r["complete"] for r in results[label].values()) + 300
+        bad = sum(r["non_2xx"] + r["failed"] for r in results[label].values())
+        figs.append({"name": f"{label}: non-2xx answers / requests", "unit": "%", "value": 100 * bad / total, "baseline": None,
+                     "target": {"of": "value", "op": "<=", "limit": 0.1}})
+        served = sum((r["complete"] - r["non_2xx"] - r["failed"]) * rows for (c, rows), r in results[label].items()) + 300
+        figs.append({"name": f"{label}: rows in the prediction log / rows answered", "unit": "x", "value": logged[label] / served,
+                     "baseline": None, "detail": {"logged": logged[label], "answered": served}, "target": {"of": "value", "op": ">=", "limit": 1.0}})
+    out.write_text(json.dumps(figs))
+
+
+def fig(name, unit, mine, theirs, case, key, limit, label):
+    f = {"name": name, "unit": unit, "value": mine[case][key], "baseline": theirs[case][key], "baseline_label": label,
+         "detail": {"mlkit": mine[case], "peer": theirs[case]}}
+    if limit: f["target"] = {"of": "ratio", "op": ">=", "limit": limit}
+    return f
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    main(ap.parse_args().out)
