@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ class Identity:
 RAW = '''
 import json, os
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 from mlkit.serving import Predictor
 
@@ -54,7 +53,10 @@ async def predict(request):
     rows = json.loads(await request.body())["rows"]
     return JSONResponse({"model": "penguins", "version": "1", "predictions": predictor.predict(rows)})
 
-app = Starlette(routes=[Route("/predict", predict, methods=["POST"])])
+async def readyz(request):
+    return PlainTextResponse("ok")
+
+app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/readyz", readyz)])
 '''
 
 
@@ -68,46 +70,15 @@ def ab(url: str, body: Path, concurrency: int, n: int) -> dict:
             "p50_ms": num(r"\n\s+50%\s+(\d+)"), "p99_ms": num(r"\n\s+99%\s+(\d+)")}
 
 
-def wait(url: str, proc, path: str, timeout: float = 180):
-    import urllib.request
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None: raise RuntimeError(f"server for {url} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + path, timeout=2) as r:
-                if r.status == 200: return
-        except OSError: pass
-        time.sleep(0.3)
-    raise TimeoutError(url)
-
-
-def stop(proc):
-    import signal
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try: proc.wait(60)
-        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait()
-
-
-def wait_port(port: int, proc, timeout: float = 120):
-    import socket
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None: raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close(); return
-        except OSError: time.sleep(0.3)
-    raise TimeoutError(port)
-
-
-def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str | None, bodies: dict, log: Path,
+def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str, bodies: dict, log: Path,
             route: str = "/predict") -> dict:
-    "Start a server pinned to the server CPU, wait for its probe (or its port), warm it up, run every case, stop it."
+    "Start a server pinned to the server CPU, wait for its probe, warm it up, run every case, stop it."
+    from mlkit.serving import stop_service, wait_ready
     proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], env=env, cwd=cwd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait(url, proc, ready) if ready else wait_port(port, proc)
+        wait_ready(url, proc, timeout=180, path=ready)
         ab(url + route, bodies[1], 8, 300)  # warm-up
         res = {}
         for c, rows in CASES:
@@ -118,7 +89,7 @@ def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str |
                   f"p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms non-2xx {r['non_2xx']} failed {r['failed']}", flush=True)
         return res
     finally:
-        stop(proc)
+        stop_service(proc, timeout=60)
 
 
 def main(out: Path):
@@ -153,14 +124,15 @@ def main(out: Path):
                         f"download_bundle('penguins', alias='champion', dst={str(bundle)!r})"], env=env, check=True)
         logs = root / "state" / "predictions" / "penguins"
         results, logged = {}, {}
+        bentoml_serve = lambda target: lambda p: [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(p)]
         servers = [
-            ("mlkit batched", lambda p: [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(p)], {"MLKIT_SERVE__BATCHING": "true"}, "/readyz", "rows"),
-            ("mlkit unbatched", lambda p: [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(p)], {"MLKIT_SERVE__BATCHING": "false"}, "/readyz", "rows"),
-            ("BentoML identity", lambda p: [str(BIN / "bentoml"), "serve", ".", "--host", "127.0.0.1", "--port", str(p)], {}, "/readyz", "rows"),
+            ("mlkit batched", bentoml_serve(bento), {"MLKIT_SERVE__BATCHING": "true"}, "/readyz", "rows"),
+            ("mlkit unbatched", bentoml_serve(bento), {"MLKIT_SERVE__BATCHING": "false"}, "/readyz", "rows"),
+            ("BentoML identity", bentoml_serve("."), {}, "/readyz", "rows"),
             ("mlflow models serve", lambda p: [str(BIN / "mlflow"), "models", "serve", "-m", "models:/penguins@champion", "--env-manager", "local",
                                                "-h", "127.0.0.1", "-p", str(p), "-w", "1"], {}, "/ping", "mlflow"),
             ("raw Starlette", lambda p: [str(BIN / "uvicorn"), "raw_app:app", "--host", "127.0.0.1", "--port", str(p), "--workers", "1",
-                                         "--log-level", "warning", "--no-access-log"], {"RAW_BUNDLE": str(bundle)}, None, "rows"),
+                                         "--log-level", "warning", "--no-access-log"], {"RAW_BUNDLE": str(bundle)}, "/readyz", "rows"),
         ]
         for label, cmd, extra, ready, kind in servers:
             port = free_port()

@@ -329,7 +329,7 @@ def transform(spec: FeatureSpec, df: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
     except pl.exceptions.InvalidOperationError as e: raise ValueError(f"feature transform: {str(e).splitlines()[0]}") from None
     return out
 
-TRANSFORM_SLICE = 262_144  # rows transformed at a time: bounds the intermediates to about 1 KB a row of output times this
+TRANSFORM_SLICE = 262_144  # rows transformed at a time: bounds the intermediates to tens of MB, whatever the frame size
 
 _DTYPES = {"number": pl.Float64, "string": pl.String, "bool": pl.Boolean}
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
@@ -99,11 +100,9 @@ class Predictor:
         "Validate `rows` and return one `{label, probabilities}` per row."
         return self.format(self.predict_proba(validate_records(self.contract, rows, max_rows)))
 
-    max_rows: int | None = None  # the most rows one request may hold (set from `[serve] max_rows` in services)
-
     def respond(self, rows: list[dict], max_rows: int | None = None) -> dict:
         "The service's answer: predictions plus the model name and version that made them."
-        return {"model": self.name, "version": self.version, "predictions": self.predict(rows, max_rows or self.max_rows)}
+        return {"model": self.name, "version": self.version, "predictions": self.predict(rows, max_rows)}
 
     def predict_table(self, df, batch_rows: int = 200_000):
         "Score a polars frame of raw columns in batches (offline scoring): a frame with `label` and `p_<class>` columns."
@@ -323,10 +322,8 @@ def import_bundle(bundle: Path | str, name: str, version: str | int, labels: dic
 def predictor_from_bento(stored) -> Predictor:
     "The Predictor for a stored BentoML model made by `import_bundle` (hash-checked against its labels)."
     labels = stored.info.labels
-    p = Predictor.from_bundle(Path(stored.path) / "bundle", name=labels.get("mlkit_model", stored.tag.name),
-                              version=labels.get("mlkit_version", ""), expected_sha256=labels.get("mlkit_bundle_sha256"))
-    p.max_rows = current_settings().serve.max_rows
-    return p
+    return Predictor.from_bundle(Path(stored.path) / "bundle", name=labels.get("mlkit_model", stored.tag.name),
+                                 version=labels.get("mlkit_version", ""), expected_sha256=labels.get("mlkit_bundle_sha256"))
 
 # %% ../nbs/70_serving.ipynb #73bb6298
 _METRICS: dict = {}
@@ -372,7 +369,7 @@ class ModelServer:
         def infer(parts):  # one feature transform and forward pass for every queued request's rows, split back per request
             rows = [r for part in parts for r in part] if len(parts) > 1 else parts[0]
             hist.observe(len(rows))
-            P = p.scores(p.spec.transform_records(rows))
+            P = p.predict_proba(rows)
             return np.split(P, np.cumsum([len(x) for x in parts])[:-1])
         def overloaded(): raise Overloaded("the model is overloaded: retry later")
         d = CorkDispatcher(s.max_latency_ms, s.max_batch_size, fallback=overloaded, get_batch_size=len, batch_dim=(0, 0))
@@ -383,7 +380,7 @@ class ModelServer:
         if role in self._batch: return await self._batch[role](rows)
         p = self.models[role]
         self.metrics["batch"].labels(p.name, p.version).observe(len(rows))
-        return p.scores(p.spec.transform_records(rows))
+        return p.predict_proba(rows)
 
     def route(self) -> str:
         "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
@@ -406,7 +403,8 @@ class ModelServer:
         res = {"model": p.name, "version": p.version, "answered_by": role, "predictions": p.format(proba)}
         self.metrics["requests"].labels(*lab, "ok").inc()
         self.metrics["rows"].labels(*lab).inc(len(rows))
-        for r in res["predictions"]: self.metrics["classes"].labels(*lab, r["label"]).inc()
+        for label, n in collections.Counter(r["label"] for r in res["predictions"]).items():
+            self.metrics["classes"].labels(*lab, label).inc(n)
         self.metrics["latency"].labels(*lab).observe(time.perf_counter() - t0)
         if self.log: self.log.log(rows, res, request_id, role)
         if self.shadow and role == "champion":  # scored after the answer, off the request's path
@@ -507,17 +505,17 @@ def start_service(target: str, host: str | None = None, port: int | None = None,
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", host, "--port", str(port)]
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> float:
-    "Wait until `url`/readyz answers 200; returns the seconds waited. Raises if `proc` exits or time runs out."
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/readyz") -> float:
+    "Wait until `url` + `path` answers 200; returns the seconds waited. Raises if `proc` exits or time runs out."
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None: raise RuntimeError(f"service exited with code {proc.returncode} before it was ready")
         try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200: return time.monotonic() - t0
         except OSError: pass
         time.sleep(0.25)
-    raise TimeoutError(f"{url}/readyz not ready after {timeout:.0f} s")
+    raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s")
 
 def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     "Stop a service started by `start_service` (its whole process group); returns its exit code."
