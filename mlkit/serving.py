@@ -10,6 +10,7 @@ import collections
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import queue
@@ -28,16 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Settings, current_settings, tool_env
+from .config import Settings, SettingsError, current_settings, tool_env
 from .features import FeatureSpec
 from .models import Bundle, bundle_sha256, load_bundle
 
 # %% auto #0
-__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'InvalidInput',
-           'validate_records', 'Predictor', 'PredictionLog', 'prediction_log', 'request_id', 'read_prediction_log',
-           'api_key_hashes', 'ServiceGuard', 'guard_service', 'bento_models', 'import_bundle', 'predictor_from_bento',
-           'Overloaded', 'ModelServer', 'model_server', 'build_bento', 'free_port', 'start_service', 'wait_ready',
-           'stop_service']
+__all__ = ['FEATURE_BOUND', 'ERROR_SCHEMA', 'ERROR_ANSWERS', 'API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES',
+           'BENTO_MODEL_ENV', 'MODELS_FILE', 'InvalidInput', 'validate_records', 'Predictor', 'PredictionLog',
+           'prediction_log', 'request_id', 'read_prediction_log', 'request_schema', 'response_schema', 'openapi_doc',
+           'api_key_hashes', 'ServiceGuard', 'guard_service', 'bento_models', 'import_bundle', 'bento_contract',
+           'predictor_from_bento', 'JSONFormatter', 'request_logger', 'service_config', 'Overloaded', 'ModelServer',
+           'model_server', 'build_bento', 'free_port', 'start_service', 'wait_ready', 'stop_service']
 
 # %% ../nbs/70_serving.ipynb #5b35395d
 class InvalidInput(ValueError):
@@ -45,6 +47,11 @@ class InvalidInput(ValueError):
     def __init__(self, message: str, field: str | None = None, row: int | None = None):
         super().__init__(message)
         self.field, self.row = field, row
+
+_F64_MAX = sys.float_info.max  # a JSON integer beyond this has no float64 value (and `math.isfinite` would overflow)
+
+def _finite_number(v: int | float) -> bool:
+    return -_F64_MAX <= v <= _F64_MAX if isinstance(v, int) else math.isfinite(v)
 
 def validate_records(contract: dict, rows: list, max_rows: int | None = None) -> list[dict]:
     "Check raw records against the contract; return them or raise `InvalidInput`."
@@ -62,7 +69,8 @@ def validate_records(contract: dict, rows: list, max_rows: int | None = None) ->
             elif c["dtype"] in ("int", "float"):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise InvalidInput(f"rows[{i}].{name}: expected a number, got {type(v).__name__}", name, i)
-                if not math.isfinite(v): raise InvalidInput(f"rows[{i}].{name}: must be finite, got {v}", name, i)
+                if not _finite_number(v):
+                    raise InvalidInput(f"rows[{i}].{name}: must be finite and within the float64 range, got {str(v)[:24]}", name, i)
             elif c["dtype"] == "string" and not isinstance(v, str):
                 raise InvalidInput(f"rows[{i}].{name}: expected a string, got {type(v).__name__}", name, i)
             elif c["dtype"] == "bool" and not isinstance(v, bool):
@@ -70,6 +78,8 @@ def validate_records(contract: dict, rows: list, max_rows: int | None = None) ->
     return rows
 
 # %% ../nbs/70_serving.ipynb #e338988a
+FEATURE_BOUND = 1e6  # features are clipped to +-this before the forward pass (a million std devs of a standardized input)
+
 class Predictor:
     "Scores raw records with a model bundle: validation, features, forward pass, class probabilities."
     def __init__(self, bundle: Bundle, name: str = "", version: str = ""):
@@ -86,6 +96,7 @@ class Predictor:
 
     def scores(self, X: np.ndarray) -> np.ndarray:
         "Class probabilities for a feature matrix (the part of a request that adaptive batching merges across requests)."
+        np.clip(X, -FEATURE_BOUND, FEATURE_BOUND, out=X)  # a finite but absurd input must not overflow into NaN logits
         with torch.inference_mode(): return torch.softmax(self.bundle.module(torch.from_numpy(X)), dim=1).numpy()
 
     def predict_proba(self, rows: list[dict]) -> np.ndarray:
@@ -112,8 +123,7 @@ class Predictor:
         df = df.with_columns([pl.lit(None).alias(c) for c in self.columns if c not in df.columns])
         parts = []
         for off in range(0, len(df), batch_rows):
-            X = torch.from_numpy(np.ascontiguousarray(self.spec.transform(df.slice(off, batch_rows))))
-            with torch.inference_mode(): p = torch.softmax(self.bundle.module(X), dim=1).numpy()
+            p = self.scores(np.ascontiguousarray(self.spec.transform(df.slice(off, batch_rows))))
             part = pl.DataFrame({f"p_{c}": p[:, i].astype("float64") for i, c in enumerate(self.classes)})
             parts.append(part.insert_column(0, pl.Series("label", [self.classes[i] for i in p.argmax(1)], dtype=pl.String)))
         return pl.concat(parts) if parts else pl.DataFrame({"label": [], **{f"p_{c}": [] for c in self.classes}})
@@ -209,6 +219,77 @@ def read_prediction_log(folder: Path | str):
     return pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed") if parts else pl.DataFrame()
 
 # %% ../nbs/70_serving.ipynb #db222ee0
+ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"], "properties": {
+    "error": {"type": "string", "description": "what went wrong, as a code (e.g. invalid_input, unauthorized)"},
+    "detail": {"description": "what exactly, naming the field (a string, or the parser's list of errors for a 400)"},
+    "field": {"type": "string", "nullable": True, "description": "422: the offending field"},
+    "row": {"type": "integer", "nullable": True, "description": "422: the offending row (0-based)"}}}
+
+def _example_value(c: dict):
+    if c.get("categories"): return c["categories"][0]
+    if c["dtype"] in ("int", "float"):
+        lo, hi = c.get("min"), c.get("max")
+        mid = (lo + hi) / 2 if lo is not None and hi is not None else (lo if lo is not None else hi if hi is not None else 0)
+        return round(mid) if c["dtype"] == "int" else round(float(mid), 3)
+    return {"bool": True, "string": "text"}.get(c["dtype"])
+
+def request_schema(contract: dict, max_rows: int) -> dict:
+    "The OpenAPI 3.0 schema of a `/predict` body from the contract: exactly what `validate_records` accepts."
+    label, props, required = contract.get("label"), {}, []
+    for name, c in contract["columns"].items():
+        if name == label: continue
+        t = c["dtype"]
+        s = ({"type": "number", "minimum": -_F64_MAX, "maximum": _F64_MAX} if t in ("int", "float")
+             else {"type": "string"} if t == "string" else {"type": "boolean"} if t == "bool" else {})
+        if c.get("categories"):
+            s["description"] = f"seen in training: {', '.join(map(str, c['categories']))} (others follow the feature spec)"
+        if c.get("nullable"): s["nullable"] = True
+        else: required.append(name)
+        props[name] = s
+    row = {"type": "object", "properties": props, "additionalProperties": False, **({"required": required} if required else {})}
+    example = {n: _example_value(c) for n, c in contract["columns"].items() if n != label}
+    return {"type": "object", "required": ["rows"], "example": {"rows": [example]},
+            "properties": {"rows": {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows,
+                                    "description": f"raw records, 1 to {max_rows} per request"}}}
+
+def response_schema(classes: list) -> dict:
+    "The OpenAPI schema of a `/predict` answer: one label and class probabilities per row, and who answered."
+    probs = {"type": "object", "required": list(classes), "additionalProperties": False,
+             "properties": {c: {"type": "number", "minimum": 0, "maximum": 1} for c in classes}}
+    return {"type": "object", "required": ["model", "version", "answered_by", "predictions"], "properties": {
+        "model": {"type": "string"}, "version": {"type": "string"},
+        "answered_by": {"type": "string", "enum": ["champion", "challenger"]},
+        "predictions": {"type": "array", "items": {"type": "object", "required": ["label", "probabilities"],
+                        "properties": {"label": {"type": "string", "enum": list(classes)}, "probabilities": probs}}}}}
+
+ERROR_ANSWERS = {400: "Malformed JSON, or a body that is not {\"rows\": [objects]}",
+                 401: "Missing or invalid API key (Authorization: Bearer <key>)",
+                 413: "Body over [serve] max_body_bytes (refused before it is read)",
+                 415: "Content type other than application/json (pickle above all)",
+                 422: "A row the contract rejects: wrong type, missing or unknown field, NaN or infinity, too many rows",
+                 500: "A fault in the service (never a client mistake)",
+                 503: "Overloaded: a queued request passed [serve] max_latency_ms; retry"}
+
+def openapi_doc(spec: dict, contract: dict, max_rows: int, secured: bool, route: str = "/predict") -> dict:
+    "BentoML's OpenAPI `spec` with the `route` operation's body, answers and security written from the contract."
+    classes = contract["columns"][contract["label"]]["categories"]
+    comps = spec.setdefault("components", {})
+    comps.setdefault("schemas", {}).update(PredictRequest=request_schema(contract, max_rows),
+                                           PredictResponse=response_schema(classes), Error=ERROR_SCHEMA)
+    ref = lambda name: {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
+    op = spec["paths"][route]["post"]
+    op["requestBody"] = {"required": True, "content": ref("PredictRequest")}
+    header = lambda d: {"schema": {"type": "string"}, "description": d}
+    op["responses"] = {"200": {"description": "Predictions", "content": ref("PredictResponse"), "headers": {
+        "x-request-id": header("the caller's x-request-id, or a new one"), "x-mlkit-model": header("model/version"),
+        "x-mlkit-answered-by": header("champion or challenger")}},
+        **{str(code): {"description": d, "content": ref("Error")} for code, d in ERROR_ANSWERS.items()}}
+    if secured:
+        comps.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+        op["security"] = [{"bearer": []}]
+    return spec
+
+# %% ../nbs/70_serving.ipynb #73bb6298
 API_KEYS_ENV = "MLKIT_API_KEYS"  # comma-separated API keys (a secret: never in settings.ini, never logged)
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
 DOCS_PATHS = ("/", "/docs.json", "/schema.json", "/docs")
@@ -236,8 +317,9 @@ async def _reply(send, status: int, error: str, detail: str, headers: list | Non
 
 class ServiceGuard:
     "ASGI middleware: API-key auth, body size limit (413) and JSON-only bodies (415), with JSON error bodies."
-    def __init__(self, app, key_hashes: list[bytes], max_body_bytes: int, docs_need_key: bool = False):
+    def __init__(self, app, key_hashes: list[bytes], max_body_bytes: int, docs_need_key: bool = False, openapi=None):
         self.app, self.keys, self.max_body, self.docs_need_key = app, key_hashes, max_body_bytes, docs_need_key
+        self.openapi, self._doc = openapi, None  # openapi: BentoML's spec (a dict) -> the spec to serve
 
     def _open(self, path: str) -> bool:
         return path in OPEN_PATHS or (not self.docs_need_key and (path in DOCS_PATHS or path.startswith("/static_content/")))
@@ -256,7 +338,9 @@ class ServiceGuard:
         if self.keys and not self._open(scope["path"]) and not self._authorized(headers):
             return await _reply(send, 401, "unauthorized", "missing or invalid API key: send Authorization: Bearer <key>",
                                 [(b"www-authenticate", b"Bearer")])
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        if self.openapi is not None and scope["path"] == "/docs.json" and scope["method"] == "GET":
+            return await self._docs(scope, receive, send)
+        if scope["method"] == "POST" and scope["path"] not in OPEN_PATHS + DOCS_PATHS:  # those are GET-only: the router's 405
             ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
             if ctype not in JSON_TYPES:
                 return await _reply(send, 415, "unsupported_media_type",
@@ -276,6 +360,20 @@ class ServiceGuard:
                 receive = self._replay(b"".join(chunks), receive)
         await self.app(scope, receive, send)
 
+    async def _docs(self, scope, receive, send):
+        "BentoML's `/docs.json`, rewritten once by `self.openapi` and then served from memory."
+        if self._doc is None:
+            start, chunks = {}, []
+            async def capture(msg):
+                if msg["type"] == "http.response.start": start.update(msg)
+                else: chunks.append(msg.get("body", b""))
+            await self.app(scope, receive, capture)
+            if start.get("status") != 200: return await _reply(send, 500, "internal", "the OpenAPI spec could not be generated")
+            self._doc = json.dumps(self.openapi(json.loads(b"".join(chunks)))).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(self._doc)).encode())]})
+        await send({"type": "http.response.body", "body": self._doc})
+
     @staticmethod
     def _replay(body: bytes, receive):
         sent = False
@@ -287,14 +385,17 @@ class ServiceGuard:
             return await receive()  # later: disconnect notices
         return replay
 
-def guard_service(service, settings: Settings | None = None):
+def guard_service(service, settings: Settings | None = None, models: dict | None = None):
     "Put `ServiceGuard` in front of a BentoML service, configured from settings and `MLKIT_API_KEYS`; returns the service."
     settings = settings or current_settings()
-    service.add_asgi_middleware(ServiceGuard, key_hashes=api_key_hashes(settings), max_body_bytes=settings.serve.max_body_bytes,
-                                docs_need_key=settings.serve.docs_need_key)
+    keys = api_key_hashes(settings)
+    def openapi(spec: dict) -> dict:  # the champion's contract decides the documented request
+        return openapi_doc(spec, bento_contract(models["champion"]), settings.serve.max_rows, secured=bool(keys))
+    service.add_asgi_middleware(ServiceGuard, key_hashes=keys, max_body_bytes=settings.serve.max_body_bytes,
+                                docs_need_key=settings.serve.docs_need_key, openapi=openapi if models else None)
     return service
 
-# %% ../nbs/70_serving.ipynb #e51cd377
+# %% ../nbs/70_serving.ipynb #aba5b6d1
 BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # development: the model tag `bentoml serve bentos/<name>` packs (else `<name>:latest`)
 MODELS_FILE = "mlkit-models.json"  # written into a Bento's build context by `build_bento`
 
@@ -319,13 +420,18 @@ def import_bundle(bundle: Path | str, name: str, version: str | int, labels: dic
         shutil.copytree(bundle, Path(bm.path) / "bundle")
     return tag
 
+def bento_contract(tag: str) -> dict:
+    "The contract of a bundle stored in BentoML by `import_bundle`."
+    import bentoml
+    return json.loads((Path(bentoml.models.get(tag).path) / "bundle" / "contract.json").read_text())
+
 def predictor_from_bento(stored) -> Predictor:
     "The Predictor for a stored BentoML model made by `import_bundle` (hash-checked against its labels)."
     labels = stored.info.labels
     return Predictor.from_bundle(Path(stored.path) / "bundle", name=labels.get("mlkit_model", stored.tag.name),
                                  version=labels.get("mlkit_version", ""), expected_sha256=labels.get("mlkit_bundle_sha256"))
 
-# %% ../nbs/70_serving.ipynb #73bb6298
+# %% ../nbs/70_serving.ipynb #0489974d
 _METRICS: dict = {}
 
 def _metrics() -> dict:
@@ -343,6 +449,37 @@ def _metrics() -> dict:
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)),
             shadow=Counter("mlkit_shadow_disagreements", "Rows where the shadow challenger's label differs from the champion's", ["model", "version"]))
     return _METRICS
+
+class JSONFormatter(logging.Formatter):
+    "One JSON object per log line: time, level, logger, message and the record's `fields` (never raw feature values)."
+    converter = time.gmtime  # UTC, as the Z says
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z", "level": record.levelname,
+               "logger": record.name, "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info: out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+def request_logger() -> logging.Logger:
+    "The `mlkit.requests` logger: JSON lines on stderr, one per request as `[serve] request_log` says (all, errors, off)."
+    log = logging.getLogger("mlkit.requests")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(JSONFormatter())
+        log.addHandler(h); log.setLevel(logging.INFO); log.propagate = False
+    return log
+
+def service_config(settings: Settings | None = None) -> dict:
+    "`@bentoml.service(**service_config())`: loopback host, workers, request timeout, access log and tracing from `[serve]`."
+    s = (settings or current_settings()).serve
+    cfg = {"http": {"host": s.host}, "workers": s.workers, "traffic": {"timeout": 30},
+           "logging": {"access": {"enabled": s.access_log, "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}}}
+    if s.tracing_exporter:
+        cfg["tracing"] = {"exporter_type": s.tracing_exporter, "sample_rate": s.tracing_sample_rate,
+                          "excluded_urls": ["/metrics", "/healthz", "/livez", "/readyz"]}
+        if s.tracing_exporter == "otlp":
+            if not s.tracing_endpoint: raise SettingsError("[serve] tracing_exporter = otlp needs [serve] tracing_endpoint")
+            cfg["tracing"]["otlp"] = {"protocol": "http", "endpoint": s.tracing_endpoint}
+    return cfg
 
 class Overloaded(RuntimeError):
     "A queued request passed the batching deadline (`[serve] max_latency_ms`): answer 503 and let the client retry."
@@ -362,6 +499,8 @@ class ModelServer:
         self._batch = {role: self._batcher(p, s) for role, p in self.models.items()} if s.batching else {}
         self._pending: set = set()
         self._rng = random.Random()
+        self.request_log = s.request_log
+        self._logger = request_logger()
 
     def _batcher(self, p: Predictor, s):
         from bentoml._internal.marshal.dispatcher import CorkDispatcher
@@ -412,6 +551,31 @@ class ModelServer:
             self._pending.add(task); task.add_done_callback(self._pending.discard)
         return res
 
+    async def handle(self, rows: list, ctx) -> dict:
+        "Answer one `/predict` of a BentoML service: status, headers, a JSON error body naming the field, a log line."
+        rid, t0 = request_id(ctx.request.headers), time.perf_counter()
+        headers = ctx.response.headers
+        headers["x-request-id"] = rid
+        try:
+            res = await self.respond(rows, rid)
+        except InvalidInput as e:
+            status, res = 422, {"error": "invalid_input", "detail": str(e), "field": e.field, "row": e.row}
+        except Overloaded as e:
+            status, res = 503, {"error": "overloaded", "detail": str(e)}
+            headers["retry-after"] = "1"
+        else:
+            status = 200
+            headers["x-mlkit-model"], headers["x-mlkit-answered-by"] = f"{res['model']}/{res['version']}", res["answered_by"]
+        ctx.response.status_code = status
+        if self.request_log == "all" or (self.request_log == "errors" and status != 200):
+            p = self.models["champion"]
+            fields = {"request_id": rid, "status": status, "model": res.get("model", p.name), "version": res.get("version", p.version),
+                      "answered_by": res.get("answered_by"), "rows": len(rows) if isinstance(rows, list) else None,
+                      "ms": round((time.perf_counter() - t0) * 1000, 3)}
+            if status != 200: fields.update(error=res["error"], detail=res["detail"], field=res.get("field"), row=res.get("row"))
+            self._logger.log(logging.INFO if status == 200 else logging.WARNING, "predict", extra={"fields": fields})
+        return res
+
     async def _shadow(self, rows: list, champion_res: dict, request_id: str):
         c = self.models["challenger"]
         try:
@@ -435,7 +599,7 @@ def model_server(service, settings: Settings | None = None) -> ModelServer:
     return ModelServer(predictor_from_bento(service.champion),
                        predictor_from_bento(challenger) if challenger is not None else None, settings)
 
-# %% ../nbs/70_serving.ipynb #8e0d2cab
+# %% ../nbs/70_serving.ipynb #07e0b114
 def _run_bentoml(args: list[str], settings: Settings, extra_env: dict | None = None, cwd: Path | None = None) -> str:
     bentoml = Path(sys.executable).parent / "bentoml"
     env = {**os.environ, **tool_env(settings), **(extra_env or {})}

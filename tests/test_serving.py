@@ -59,16 +59,72 @@ def test_predict_returns_label_probabilities_and_version(service, in_project):
     for k, v in local["probabilities"].items(): assert abs(served["probabilities"][k] - v) < 1e-6
 
 
-@pytest.mark.parametrize("body,needle", [
-    ({"rows": [{**ROW, "bill_length_mm": "long"}]}, "rows[0].bill_length_mm"),
-    ({"rows": [{k: v for k, v in ROW.items() if k != "island"}]}, "rows[0].island"),
-    ({"rows": [{**ROW, "wingspan": 3}]}, "rows[0].wingspan"),
-    ({"rows": []}, "rows"),
+@pytest.mark.parametrize("body,field,needle", [
+    ({"rows": [{**ROW, "bill_length_mm": "long"}]}, "bill_length_mm", "rows[0].bill_length_mm: expected a number"),
+    ({"rows": [ROW, {k: v for k, v in ROW.items() if k != "island"}]}, "island", "rows[1].island: required"),
+    ({"rows": [{**ROW, "wingspan": 3}]}, "wingspan", "rows[0].wingspan: unknown field"),
+    ({"rows": []}, "rows", "non-empty"),
+    ({"rows": [{**ROW, "body_mass_g": 10**400}]}, "body_mass_g", "float64 range"),  # was a 500 (OverflowError)
 ])
-def test_bad_input_is_a_4xx_naming_the_field(service, body, needle):
-    status, out, _ = service["post"](body)
-    assert 400 <= status < 500, (status, out)
-    assert needle in json.dumps(out), out
+def test_bad_input_is_a_422_naming_the_field(service, body, field, needle):
+    status, out, headers = service["post"](body)
+    assert status == 422, (status, out)
+    assert out["error"] == "invalid_input" and out["field"] == field and needle in out["detail"], out
+    assert headers["x-request-id"]
+
+
+def test_infinity_and_malformed_bodies_are_4xx(service):
+    raw = lambda b: _raw(service["url"], "/predict", b, {"Content-Type": "application/json", **AUTH})
+    status, body = raw(b'{"rows": [{"island": "Biscoe", "bill_length_mm": 1e999}]}')  # parses as infinity
+    assert status == 422 and "must be finite" in json.loads(body)["detail"]
+    status, body = raw(b'{"rows": [{"island": "Biscoe", "bill_length_mm": NaN}]}')
+    assert 400 <= status < 500, body
+    for bad in (b"{bad", b"[]", b'{"rows": [1]}', b"{}"):
+        status, body = raw(bad)
+        assert status == 400 and "error" in json.loads(body), (bad, body)
+
+
+def test_openapi_page_documents_the_contract(service):
+    with urllib.request.urlopen(service["url"] + "/docs.json", timeout=10) as r: doc = json.loads(r.read())
+    op = doc["paths"]["/predict"]["post"]
+    assert op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/PredictRequest"}
+    req = doc["components"]["schemas"]["PredictRequest"]
+    row = req["properties"]["rows"]["items"]
+    assert set(row["properties"]) == set(ROW) and row["additionalProperties"] is False
+    assert row["properties"]["bill_length_mm"]["type"] == "number" and row["properties"]["island"]["type"] == "string"
+    assert row["required"] == ["island"] and req["properties"]["rows"]["maxItems"] == 1000
+    assert set(req["example"]["rows"][0]) == set(ROW)
+    assert {"200", "400", "401", "413", "415", "422", "503"} <= set(op["responses"])
+    assert op["security"] == [{"bearer": []}] and doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    status, _, _ = service["post"](req["example"])  # the documented example is a valid request
+    assert status == 200
+
+
+def test_schemathesis_finds_no_failures(service, tmp_path):
+    "Property-based tests generated from /docs.json, every check on, with a valid token: zero failures."
+    import subprocess
+    import sys
+    from pathlib import Path
+    st = Path(sys.executable).parent / "st"
+    r = subprocess.run([str(st), "run", service["url"] + "/docs.json", "-H", f"Authorization: Bearer {KEY}", "--checks", "all",
+                        "--max-examples", "150", "-w", "1"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0 and "No issues found" in r.stdout, r.stdout[-6000:]
+
+
+def test_request_log_is_json_with_the_request_id(service):
+    rid = "json-log-check-42"
+    status, _ = _raw(service["url"], "/predict", json.dumps({"rows": [{**ROW, "sex": 3}]}).encode(),
+                     {"Content-Type": "application/json", "x-request-id": rid, **AUTH})
+    assert status == 422
+    import time
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [json.loads(ln) for ln in service["log"].read_text().splitlines() if ln.startswith("{") and rid in ln]
+        if lines: break
+        time.sleep(0.2)
+    assert lines, "no JSON log line with the request id"
+    assert lines[0]["logger"] == "mlkit.requests" and lines[0]["status"] == 422 and lines[0]["field"] == "sex"
+    assert lines[0]["version"] == "1" and "Biscoe" not in json.dumps(lines[0])  # no raw feature values in logs
 
 
 def test_non_loopback_host_refused_without_keys(trained):
@@ -215,7 +271,7 @@ def test_metrics_are_labelled_with_the_model_version(service):
     before = _metrics(service["url"])
     status, body, _ = service["post"]({"rows": [ROW, ROW]})
     assert status == 200
-    assert service["post"]({"rows": [{**ROW, "bill_length_mm": "x"}]})[0] == 400
+    assert service["post"]({"rows": [{**ROW, "bill_length_mm": "x"}]})[0] == 422
     after = _metrics(service["url"])
     lab = {"model": "penguins", "version": "1", "answered_by": "champion"}
     assert _sample(after, "mlkit_requests_total", status="ok", **lab) - _sample(before, "mlkit_requests_total", status="ok", **lab) >= 1
