@@ -20,8 +20,8 @@ from .config import SettingsError, configure, env_exports, load_settings
 # %% auto #0
 __all__ = ['DEMO_ROWS', 'cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_models_promote',
            'cmd_models_rollback', 'cmd_models_retire', 'cmd_models_history', 'cmd_models_lineage', 'cmd_build',
-           'cmd_serve', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'build', 'post_json', 'cmd_demo',
-           'parser', 'main']
+           'cmd_serve', 'cmd_deploy', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'build', 'post_json',
+           'cmd_demo', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #088b0ee5
 def _out(*a): print(*a, flush=True)
@@ -167,6 +167,41 @@ def cmd_serve(args) -> int:
     proc = start_service(target, host=args.host, port=args.port, settings=s)
     try: return proc.wait()
     except KeyboardInterrupt: return stop_service(proc)
+
+def _bento_champion(s, bento: str) -> str | None:
+    "`NAME_vVERSION` of the model a stored Bento serves as champion (None if the Bento is not in the store)."
+    import yaml
+    f = s.bentoml_home / "bentos" / bento.replace(":", "/") / "bento.yaml"
+    if not f.is_file(): return None
+    return (yaml.safe_load(f.read_text()).get("labels") or {}).get("champion_model", "").rsplit("-", 1)[0]
+
+def cmd_deploy(args) -> int:
+    "Serve the current champion's Bento locally, taking over from the previous deployment with no failed request."
+    from mlkit.registry import get_version
+    from mlkit.serving import current_deployment, deploy, undeploy
+    s = configure()
+    if args.stop:
+        rec = undeploy(args.name, s)
+        _out(f"stopped {args.name} version {rec['version']} ({rec['bento']}) on {rec['host']}:{rec['port']}" if rec
+             else f"{args.name}: no local deployment is running")
+        return 0
+    _check_host(args.host or s.serve.host, args.insecure)
+    mv = get_version(args.name, alias="champion")
+    bento = mv.tags.get("mlkit.bento")
+    if not bento or _bento_champion(s, bento) != f"{args.name}_v{mv.version}":
+        bento = build(args.name, alias="champion")  # none yet, gone from the store, or one that packs this version as challenger
+    cur = current_deployment(args.name, s)
+    if cur and cur["bento"] == bento and not args.restart:
+        _out(f"{args.name} version {cur['version']} ({bento}) already serves on http://{cur['host']}:{cur['port']}")
+        return 0
+    rec = deploy(args.name, bento, version=mv.version, settings=s, host=args.host, port=args.port)
+    prev = f"; replaced version {rec['replaced']['version']}" if rec["replaced"] else ""
+    if rec["replaced"] and not rec["tcp_migrate_req"]:
+        print("mlkit deploy: warning: net.ipv4.tcp_migrate_req is off and could not be set; connections queued at the old "
+              "service when it stopped may have been reset (sysctl -w net.ipv4.tcp_migrate_req=1)", file=sys.stderr)
+    _out(f"{args.name} version {mv.version} ({bento}) serves on http://{rec['host']}:{rec['port']} "
+         f"(ready in {rec['ready_seconds']} s, pid {rec['pid']}, log {rec['log']}){prev}")
+    return 0
 
 # %% ../nbs/90_cli.ipynb #b290e144
 def cmd_data_check(args) -> int:
@@ -324,6 +359,11 @@ def parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "serve a model with bentoml (127.0.0.1 unless told otherwise)")
     sp.add_argument("name"); sp.add_argument("--alias", default="champion"); sp.add_argument("--bento", help="Bento tag to serve")
     sp.add_argument("--host"); sp.add_argument("--port", type=int)
+    sp.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
+    sp = add("deploy", cmd_deploy, "serve the champion's Bento locally; a new champion takes over with no failed request")
+    sp.add_argument("name"); sp.add_argument("--host"); sp.add_argument("--port", type=int)
+    sp.add_argument("--restart", action="store_true", help="start a fresh service even if this Bento already serves")
+    sp.add_argument("--stop", action="store_true", help="stop the local deployment (draining in-flight requests)")
     sp.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
     data = sub.add_parser("data", help="check, snapshot and profile data files", description="check, snapshot and profile data files")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -37,7 +37,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
               "access_log": (bool, False),
               "request_log": (str, "errors", (lambda v: v in ("all", "errors", "off"), "must be all, errors or off")),
               "tracing_exporter": (str, "", (lambda v: v in ("", "otlp", "in_memory"), "must be empty (off), otlp or in_memory")),
-              "tracing_endpoint": (str, ""),
+              "tracing_endpoint": (str, ""), "share_port": (bool, False),
               "tracing_sample_rate": (float, 1.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"))},
     "telemetry": {"disabled": (bool, True)},
     "gate": {"metric": (str, "test_accuracy"), "direction": (str, "max", (lambda v: v in ("max", "min"), "must be max or min")),

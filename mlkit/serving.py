@@ -35,11 +35,12 @@ from .models import Bundle, bundle_sha256, load_bundle
 
 # %% auto #0
 __all__ = ['FEATURE_BOUND', 'ERROR_SCHEMA', 'ERROR_ANSWERS', 'API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES',
-           'BENTO_MODEL_ENV', 'MODELS_FILE', 'InvalidInput', 'validate_records', 'Predictor', 'PredictionLog',
-           'prediction_log', 'request_id', 'read_prediction_log', 'request_schema', 'response_schema', 'openapi_doc',
-           'api_key_hashes', 'ServiceGuard', 'guard_service', 'bento_models', 'import_bundle', 'bento_contract',
-           'predictor_from_bento', 'JSONFormatter', 'request_logger', 'service_config', 'Overloaded', 'ModelServer',
-           'model_server', 'build_bento', 'free_port', 'start_service', 'wait_ready', 'stop_service']
+           'INSTANCE_ENV', 'INSTANCE', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'MIGRATE_REQ', 'InvalidInput',
+           'validate_records', 'Predictor', 'PredictionLog', 'prediction_log', 'request_id', 'read_prediction_log',
+           'request_schema', 'response_schema', 'openapi_doc', 'api_key_hashes', 'ServiceGuard', 'guard_service',
+           'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento', 'JSONFormatter', 'request_logger',
+           'service_config', 'Overloaded', 'ModelServer', 'model_server', 'build_bento', 'free_port', 'start_service',
+           'wait_ready', 'stop_service', 'deployment_file', 'current_deployment', 'deploy', 'undeploy']
 
 # %% ../nbs/70_serving.ipynb #5b35395d
 class InvalidInput(ValueError):
@@ -294,6 +295,8 @@ API_KEYS_ENV = "MLKIT_API_KEYS"  # comma-separated API keys (a secret: never in 
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
 DOCS_PATHS = ("/", "/docs.json", "/schema.json", "/docs")
 JSON_TYPES = ("application/json",)
+INSTANCE_ENV = "MLKIT_INSTANCE"  # set by `deploy`: an id the service returns on /readyz as `x-mlkit-instance`
+INSTANCE = os.environ.get(INSTANCE_ENV, "")
 
 def api_key_hashes(settings: Settings | None = None, env: dict | None = None) -> list[bytes]:
     "SHA-256 digests of the configured API keys: `MLKIT_API_KEYS` plus the hashes file named in settings."
@@ -338,6 +341,8 @@ class ServiceGuard:
         if self.keys and not self._open(scope["path"]) and not self._authorized(headers):
             return await _reply(send, 401, "unauthorized", "missing or invalid API key: send Authorization: Bearer <key>",
                                 [(b"www-authenticate", b"Bearer")])
+        if scope["path"] == "/readyz" and INSTANCE:  # which service answered, for `deploy` on a shared port
+            return await self.app(scope, receive, self._tagged(send))
         if self.openapi is not None and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await self._docs(scope, receive, send)
         if scope["method"] == "POST" and scope["path"] not in OPEN_PATHS + DOCS_PATHS:  # those are GET-only: the router's 405
@@ -359,6 +364,14 @@ class ServiceGuard:
                         return await _reply(send, 413, "payload_too_large", f"body exceeds the limit of {self.max_body} bytes")
                 receive = self._replay(b"".join(chunks), receive)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _tagged(send):
+        async def tagged(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-mlkit-instance", INSTANCE.encode())]}
+            await send(msg)
+        return tagged
 
     async def _docs(self, scope, receive, send):
         "BentoML's `/docs.json`, rewritten once by `self.openapi` and then served from memory."
@@ -468,9 +481,20 @@ def request_logger() -> logging.Logger:
         log.addHandler(h); log.setLevel(logging.INFO); log.propagate = False
     return log
 
+def _share_port():
+    "Make the listening socket BentoML's arbiter creates (circus' `CircusSocket`) SO_REUSEPORT, for `deploy`'s takeover."
+    from circus.sockets import CircusSocket  # bentoml 1.4 creates its HTTP socket after importing the service module
+    if getattr(CircusSocket, "_mlkit_shared", False): return
+    init = CircusSocket.__init__
+    def __init__(self, *a, **kw):
+        init(self, *a, **kw)
+        if not self.is_unix: self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    CircusSocket.__init__, CircusSocket._mlkit_shared = __init__, True
+
 def service_config(settings: Settings | None = None) -> dict:
     "`@bentoml.service(**service_config())`: loopback host, workers, request timeout, access log and tracing from `[serve]`."
     s = (settings or current_settings()).serve
+    if s.share_port: _share_port()
     cfg = {"http": {"host": s.host}, "workers": s.workers, "traffic": {"timeout": 30},
            "logging": {"access": {"enabled": s.access_log, "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}}}
     if s.tracing_exporter:
@@ -691,3 +715,102 @@ def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL); proc.wait()
     return proc.returncode
+
+# %% ../nbs/70_serving.ipynb #c65cc6e7
+def _alive(pid: int) -> bool:
+    "Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError): return True
+
+def deployment_file(name: str, settings: Settings | None = None) -> Path:
+    return (settings or current_settings()).state_dir / "deployments" / f"{name}.json"
+
+def current_deployment(name: str, settings: Settings | None = None) -> dict | None:
+    "The record of the local service `deploy` started for `name`, if it is still running."
+    f = deployment_file(name, settings)
+    if not f.is_file(): return None
+    rec = json.loads(f.read_text())
+    return rec if _alive(rec["pid"]) else None
+
+def _wait_instance(url: str, instance: str, proc: subprocess.Popen, timeout: float) -> float:
+    "Wait until the service tagged `instance` answers `/readyz` 200 on a (possibly shared) address."
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None: raise RuntimeError(f"the new service exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers={"Connection": "close"}), timeout=2) as r:
+                if r.status == 200 and r.headers.get("x-mlkit-instance") == instance: return time.monotonic() - t0
+        except OSError: pass
+        time.sleep(0.1)
+    raise TimeoutError(f"the new service on {url} was not ready after {timeout:.0f} s")
+
+def _stop_pid(pid: int, timeout: float = 60.0):
+    "SIGTERM the process group of a service started by `deploy` (not our child any more) and wait for it to go."
+    import signal
+    try: os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError: return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline: time.sleep(0.1)
+    if _alive(pid):
+        try: os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+def _migrate_requests() -> bool:
+    "Let the kernel move queued connections from a closing SO_REUSEPORT socket to its sibling (True when it will)."
+    try:
+        if MIGRATE_REQ.read_text().strip() != "1": MIGRATE_REQ.write_text("1")
+        return MIGRATE_REQ.read_text().strip() == "1"
+    except OSError: return False  # not Linux >= 5.14, or no CAP_NET_ADMIN in this network namespace
+
+def deploy(name: str, bento: str, version: str = "", settings: Settings | None = None, host: str | None = None,
+           port: int | None = None) -> dict:
+    "Serve `bento` on `host:port`, taking over from the service `deploy` started before; returns the deployment record."
+    from mlkit.registry import append_ledger
+    settings = settings or current_settings()
+    host, port = host or settings.serve.host, port or settings.serve.port
+    old = current_deployment(name, settings)
+    if old and (old["host"], old["port"]) != (host, port):
+        raise ValueError(f"{name} is deployed on {old['host']}:{old['port']}; `mlkit deploy {name} --stop` before moving it to {host}:{port}")
+    if old is None:
+        with socket.socket() as probe:
+            if probe.connect_ex((host, port)) == 0:
+                raise RuntimeError(f"{host}:{port} is in use by a process `mlkit deploy` did not start; stop it or pick another port")
+    migrate = _migrate_requests()
+    instance = uuid.uuid4().hex
+    log = settings.runs_dir / f"deploy-{name}-{time.strftime('%Y%m%dT%H%M%S')}-{instance[:6]}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc = start_service(bento, host, port, settings, log, extra_env={"MLKIT_SERVE__SHARE_PORT": "true", INSTANCE_ENV: instance})
+    try: waited = _wait_instance(f"http://{host}:{port}", instance, proc, settings.serve.ready_timeout)
+    except BaseException:
+        stop_service(proc)  # the old service, if any, never stopped serving
+        raise
+    rec = {"name": name, "bento": bento, "version": str(version), "host": host, "port": port, "pid": proc.pid,
+           "instance": instance, "log": str(log), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "ready_seconds": round(waited, 2), "replaced": old and {k: old[k] for k in ("bento", "version", "pid")},
+           "tcp_migrate_req": migrate}
+    f = deployment_file(name, settings)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, f)
+    if old: _stop_pid(old["pid"])
+    append_ledger(settings.ledger_path, model=name, action="deploy", alias="serving", from_version=old and old["version"],
+                  to_version=str(version), reason=f"bento {bento} on {host}:{port}")
+    return rec
+
+def undeploy(name: str, settings: Settings | None = None) -> dict | None:
+    "Stop the local service `deploy` started for `name` (draining it); returns its record, or None if none runs."
+    from mlkit.registry import append_ledger
+    settings = settings or current_settings()
+    rec = current_deployment(name, settings)
+    if rec is None: return None
+    _stop_pid(rec["pid"])
+    deployment_file(name, settings).unlink(missing_ok=True)
+    append_ledger(settings.ledger_path, model=name, action="undeploy", alias="serving", from_version=rec["version"],
+                  to_version=None, reason=f"bento {rec['bento']} on {rec['host']}:{rec['port']} stopped")
+    return rec

@@ -2,6 +2,7 @@
 import json
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import REPO, mlkit, project_env, write_project
@@ -86,3 +87,49 @@ def test_both_versions_carry_the_bento_tag(canary):
 def test_shadow_metrics_by_version(canary):
     with urllib.request.urlopen(canary["url"] + "/metrics", timeout=10) as r: text = r.read().decode()
     assert 'answered_by="shadow"' in text and 'version="2"' in text and 'version="1"' in text
+
+
+def test_deploy_switches_versions_with_no_failed_request(canary):
+    "`mlkit deploy` under light load: version 1 serves, version 2 is promoted and deployed, no request fails in between."
+    import threading
+
+    from mlkit.serving import free_port
+    env, port = canary["env"], free_port()
+    out = mlkit("deploy", "penguins", "--port", port, env=env, check=True).stdout
+    assert "penguins version 1" in out and f"127.0.0.1:{port}" in out
+    first_pid = json.loads((canary["root"] / "state" / "deployments" / "penguins.json").read_text())["pid"]
+    url, results, stop = f"http://127.0.0.1:{port}", [], threading.Event()
+
+    def load():  # a fresh connection per request, ~30-50 requests a second
+        while not stop.is_set():
+            req = urllib.request.Request(url + "/predict", json.dumps({"rows": [ROW]}).encode(),
+                                         {"Content-Type": "application/json", "Connection": "close"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r: results.append((r.status, json.loads(r.read())["version"]))
+            except Exception as e: results.append((type(e).__name__, str(e)))
+            time.sleep(0.02)
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        time.sleep(1)
+        mlkit("models", "promote", "penguins", "2", "--force", "--reason", "deploy test", env=env, check=True)
+        out = mlkit("deploy", "penguins", "--port", port, env=env, check=True).stdout
+        assert "penguins version 2" in out and "replaced version 1" in out
+        time.sleep(1)
+    finally:
+        stop.set(); t.join()
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:5]
+    versions = [v for _, v in results]
+    assert "1" in versions and versions[-10:] == ["2"] * 10, versions[-20:]
+    import os
+    try: os.kill(first_pid, 0); alive = True
+    except ProcessLookupError: alive = False
+    assert not alive, "the previous service still runs"
+    assert "already serves" in mlkit("deploy", "penguins", "--port", port, env=env, check=True).stdout
+    hist = json.loads(mlkit("models", "history", "penguins", "--json", env=env, check=True).stdout)
+    deploys = [(r["from_version"], r["to_version"]) for r in hist if r["action"] == "deploy"]
+    assert deploys == [(None, "1"), ("1", "2")]
+    assert Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"  # deploy turned it on
+    assert "stopped penguins version 2" in mlkit("deploy", "penguins", "--stop", env=env, check=True).stdout
+    with pytest.raises(OSError): urllib.request.urlopen(url + "/readyz", timeout=5)
