@@ -1,7 +1,9 @@
 """Feature spec parity: the batch path and the record path give identical outputs for every row, and a spec loaded
 from JSON gives what the fitted object gives (property-based, 500 generated cases)."""
 import json
+import math
 import statistics
+from fractions import Fraction
 
 import numpy as np
 import polars as pl
@@ -90,7 +92,13 @@ def test_fit_statistics_match_polars(values):
     spec = FeatureSpec([{"op": "impute", "column": "x", "strategy": "median"}, {"op": "standardize", "column": "x"}],
                        [{"name": "x", "kind": "number"}]).fit(df)
     median = df.select(pl.col("x").fill_nan(None).median()).item()
-    assert spec.steps[0]["value"] == pytest.approx(median if median is not None and np.isfinite(median) else 0.0, rel=1e-15)
+    ordered = sorted(v for v in values if v is not None and not math.isnan(v))
+    middle = ordered[(len(ordered) - 1) // 2:len(ordered) // 2 + 1]
+    if middle and all(map(math.isfinite, middle)):
+        # exactly the correctly rounded mean of the middle values; polars' own median can be off by an ulp of them
+        assert spec.steps[0]["value"] == float(sum(map(Fraction, middle)) / len(middle))
+        assert spec.steps[0]["value"] == pytest.approx(median, rel=1e-15, abs=1e-15 * max(map(abs, middle)))
+    else: assert spec.steps[0]["value"] == 0.0 and (median is None or not np.isfinite(median))  # no finite statistic: 0.0
     imputed = df.select(pl.col("x").fill_nan(None).fill_null(spec.steps[0]["value"])).to_series().to_list()
     if not imputed or not all(np.isfinite(imputed)): return  # no finite statistic to compare
     mean = statistics.fmean(imputed)  # exact references (Fraction arithmetic), not another float formula
@@ -108,3 +116,63 @@ def test_median_of_large_skewed_column():
     df = pl.DataFrame({"x": a}).with_columns(pl.when(pl.int_range(pl.len()) % 97 == 0).then(None).otherwise(pl.col("x")).alias("x"))
     spec = FeatureSpec([{"op": "impute", "column": "x"}], [{"name": "x", "kind": "number"}]).fit(df)
     assert spec.steps[0]["value"] == pytest.approx(df.select(pl.col("x").fill_nan(None).median()).item(), rel=1e-15)
+
+
+def big_frame(n: int, seed: int) -> pl.DataFrame:
+    "A multi-chunk frame with nulls, NaN, infinities, ties, Float32, small and wide integers, Categorical and booleans."
+    r = np.random.default_rng(seed)
+    x = r.normal(5, 3, n)
+    x[r.random(n) < 0.01], x[r.random(n) < 1e-4] = np.nan, np.inf
+    cats = np.array(["a", "b", "c", "a-category-longer-than-twelve-bytes"])
+    df = pl.DataFrame({"x": x, "n": r.integers(-3, 4, n), "w": r.integers(-10**15, 10**15, n), "f": r.lognormal(0, 2, n).astype(np.float32),
+                       "cat": cats[r.integers(0, 4, n)], "flag": r.random(n) < 0.3, "cc": cats[r.integers(0, 3, n)]})
+    df = df.with_columns([pl.when(pl.Series(r.random(n) < 0.02)).then(None).otherwise(pl.col(c)).alias(c) for c in ["x", "n", "cat", "flag", "cc"]])
+    df = df.with_columns(pl.col("cc").cast(pl.Categorical))
+    return pl.concat([df.slice(0, n // 3), df.slice(n // 3)], rechunk=False)
+
+
+def test_large_frames_match_polars_expressions():
+    "Past the sizes the property tests draw: fit's direct statistics (sampled medians and categories) and transform's column jobs (threads, blocks) give polars' answers."
+    from mlkit import features
+    train, serve = big_frame(300_001, 0), big_frame(150_000, 1)
+    inputs = [{"name": "x", "kind": "number"}, {"name": "n", "kind": "number"}, {"name": "w", "kind": "number"}, {"name": "f", "kind": "number"},
+              {"name": "cat", "kind": "string"}, {"name": "flag", "kind": "bool"}, {"name": "cc", "kind": "string"}]
+    steps = [{"op": "impute", "column": c, "strategy": "median"} for c in ["x", "n", "w", "f"]] + [
+        {"op": "standardize", "column": "x"}, {"op": "minmax", "column": "n"}, {"op": "clip", "column": "w", "q_lower": 0.1, "q_upper": 0.9},
+        {"op": "standardize", "column": "w"}, {"op": "log", "column": "f"}, {"op": "passthrough", "column": "f"},
+        {"op": "one_hot", "column": "cat", "unknown": "bucket"}, {"op": "ordinal", "column": "cat"}, {"op": "passthrough", "column": "flag"},
+        {"op": "one_hot", "column": "cc"}, {"op": "impute", "column": "cat", "strategy": "constant", "value": "b"},
+        {"op": "one_hot", "column": "cat", "name": "cat_filled", "unknown": "bucket"}]
+    spec = FeatureSpec(steps, inputs).fit(train)
+    for s, c in zip(spec.steps[:4], ["x", "n", "w", "f"]):
+        assert s["value"] == pytest.approx(train.select(pl.col(c).cast(pl.Float64).fill_nan(None).median()).item(), rel=1e-15)
+    assert spec.steps[10]["categories"] == train["cat"].drop_nulls().unique().sort().to_list()
+    assert spec.steps[13]["categories"] == train["cc"].cast(pl.String).drop_nulls().unique().sort().to_list()
+    for df in (train, serve):
+        exprs = [e.cast(pl.Float32) for e in features._expressions(spec, df.schema)]  # every output by polars' expressions
+        same(spec.transform(df), df.select(exprs).to_numpy(order="fortran"))
+
+
+@pytest.mark.parametrize("kind", ["ties", "even_split", "float_ties", "adversarial", "all_nan", "rare_category", "no_category"])
+def test_large_column_statistics_are_exact(kind):
+    "The sampled median and categories are exact whatever the sample sees: ties counted, a missed bracket or a missed category falls back."
+    n, r = 200_003, np.random.default_rng(3)
+    if kind == "ties": x = pl.Series("x", r.poisson(3, n))  # a few distinct integers: counted, not selected
+    elif kind == "even_split": x = pl.Series("x", r.permutation(np.repeat([1, 2], 100_000)))  # the middle two differ: 1.5
+    elif kind == "float_ties": x = pl.Series("x", np.where(r.random(n) < 0.9, 2.5, r.normal(0, 1, n)))
+    elif kind == "adversarial": x = pl.Series("x", np.where(np.arange(n) % (n >> 14) == 0, 1e30, r.normal(0, 1, n)))  # the sample sees only 1e30
+    elif kind == "all_nan": x = pl.Series("x", np.full(n, np.nan))
+    elif kind == "rare_category": x = pl.Series("x", r.choice(["a", "b"], n)).scatter(n // 2 + 1, "rare")  # off the sample's stride
+    else: x = pl.Series("x", [None] * n, dtype=pl.String)
+    inputs = [{"name": "x", "kind": "string" if kind.endswith("category") else "number"}]
+    if kind.endswith("category"):
+        spec = FeatureSpec([{"op": "one_hot", "column": "x", "unknown": "bucket"}], inputs).fit(x.to_frame())
+        assert spec.steps[0]["categories"] == (["a", "b", "rare"] if kind == "rare_category" else [])
+        onehot = [x.eq_missing(c).to_numpy() for c in spec.steps[0]["categories"]] + [np.zeros(n)]  # every value is a category, or missing
+        same(spec.transform(x.to_frame()), np.column_stack(onehot).astype(np.float32))
+        return
+    spec = FeatureSpec([{"op": "impute", "column": "x"}], inputs).fit(x.to_frame())
+    v = np.sort(x.cast(pl.Float64).to_numpy())
+    v = v[~np.isnan(v)]
+    exact = float(sum(map(Fraction, v[(len(v) - 1) // 2:len(v) // 2 + 1].tolist())) / (2 - len(v) % 2)) if len(v) else 0.0
+    assert spec.steps[0]["value"] == exact
