@@ -4,7 +4,8 @@ One registered penguins version (trained here with the CI parameters) is served 
 to CPU 0 while `ab` runs pinned to CPU 1 (so client and server do not fight over a core):
   - mlkit batched: `bentoml serve` of the Bento `mlkit build` made (auth off, the prediction log on, as deployed);
   - mlkit unbatched: the same Bento with `MLKIT_SERVE__BATCHING=false`;
-  - BentoML identity: a service with the same decorator settings that echoes its rows (the framework's floor);
+  - BentoML identity: a service that echoes its rows with the same `[serve]` settings (workers, access log, batching
+    through BentoML's own batchable API with the same limits; BentoML's metrics on in both): the framework's floor;
   - `mlflow models serve --env-manager local` of the same registered version;
   - raw: the same Predictor in a plain Starlette app on uvicorn (the ceiling).
 Each at 32 and 64 concurrent clients, with 1-row and 100-row requests (keep-alive). Figures: requests/s and rows/s
@@ -32,12 +33,21 @@ SERVER_LOG = REPO / "bench" / "reports" / "serving-servers.log"  # every server'
 IDENTITY = '''
 from typing import Any
 import bentoml
+from mlkit import serving
+from mlkit.config import current_settings
 
-@bentoml.service(name="identity", http={"host": "127.0.0.1"}, traffic={"timeout": 30})
+S = current_settings().serve  # the same [serve] settings as mlkit's service: workers, access log, tracing, batching
+
+@bentoml.service(name="identity", **serving.service_config())
 class Identity:
-    @bentoml.api
-    async def predict(self, rows: list[dict[str, Any]]) -> dict:
-        return {"model": "identity", "version": "0", "predictions": rows}
+    if S.batching:  # BentoML's own adaptive batching with mlkit's limits, rows merged across requests
+        @bentoml.api(batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
+        async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return rows
+    else:
+        @bentoml.api
+        async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return rows
 '''
 
 RAW = '''

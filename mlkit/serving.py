@@ -106,7 +106,8 @@ class Predictor:
 
     def format(self, proba: np.ndarray) -> list[dict]:
         "One `{label, probabilities}` per row of class probabilities."
-        return [{"label": self.classes[int(p.argmax())], "probabilities": dict(zip(self.classes, map(float, p)))} for p in proba]
+        cls = self.classes
+        return [{"label": cls[i], "probabilities": dict(zip(cls, p))} for i, p in zip(proba.argmax(1).tolist(), proba.tolist())]
 
     def predict(self, rows: list[dict], max_rows: int | None = None) -> list[dict]:
         "Validate `rows` and return one `{label, probabilities}` per row."
@@ -154,48 +155,58 @@ class PredictionLog:
         self.features = [c for c in contract["columns"] if c != self.label]
         self.pii = {c for c, s in contract["columns"].items() if s.get("pii")}
         self.classes = list(contract["columns"][self.label]["categories"])
+        import polars as pl  # raw values as the contract types them (ints in a float column become floats)
+        kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
+        self._dtypes = {c: kinds.get(contract["columns"][c]["dtype"], pl.String) for c in self.features}
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mlkit-prediction-log", daemon=True)
         self._thread.start()
 
-    def log(self, rows: list[dict], response: dict, request_id: str, answered_by: str = "champion"):
-        "Queue one request's rows and predictions (returns at once)."
-        now = time.time()
-        self._q.put([(now, request_id, i, answered_by, response["model"], response["version"], r, p)
-                     for i, (r, p) in enumerate(zip(rows, response["predictions"]))])
+    def log(self, rows: list[dict], response: dict, request_id: str, answered_by: str = "champion",
+            proba: np.ndarray | None = None):
+        "Queue one request's rows and predictions (returns at once; `proba`, the class probabilities, saves a re-read)."
+        if proba is None: proba = np.array([[p["probabilities"][k] for k in self.classes] for p in response["predictions"]])
+        self._q.put((time.time(), request_id, answered_by, response["model"], response["version"], rows,
+                     [p["label"] for p in response["predictions"]], proba))
 
     def _frame(self, batch: list):
+        "One frame of queued requests, built column-wise (this runs beside serving: it must stay cheap per row)."
         import polars as pl
-        cols = {"time": [b[0] for b in batch], "request_id": [b[1] for b in batch], "row": [b[2] for b in batch],
-                "answered_by": [b[3] for b in batch], "model": [b[4] for b in batch], "version": [b[5] for b in batch]}
+        n = [len(b[5]) for b in batch]
+        rep = lambda i: [x for b, k in zip(batch, n) for x in [b[i]] * k]
+        rows = [r for b in batch for r in b[5]]
+        feats = pl.DataFrame(rows, schema={c: self._dtypes[c] for c in self.features}, strict=False) if rows else None
+        cols = {"time": pl.from_epoch(pl.Series(rep(0)), time_unit="s"), "request_id": rep(1),
+                "row": [i for k in n for i in range(k)], "answered_by": rep(2), "model": rep(3), "version": rep(4)}
         for c in self.features:
-            vals = [b[6].get(c) for b in batch]
-            cols[c] = [None if v is None else hashlib.sha256(str(v).encode()).hexdigest() for v in vals] if c in self.pii else vals
-        cols["prediction"] = [b[7]["label"] for b in batch]
-        for k in self.classes: cols[f"p_{k}"] = [b[7]["probabilities"][k] for b in batch]
-        df = pl.DataFrame(cols, strict=False, infer_schema_length=None)
-        return df.with_columns(pl.from_epoch(pl.col("time"), time_unit="s").alias("time"))
+            vals = feats[c]
+            if c in self.pii: vals = [None if v is None else hashlib.sha256(str(v).encode()).hexdigest() for v in vals.to_list()]
+            cols[c] = vals
+        cols["prediction"] = [x for b in batch for x in b[6]]
+        P = np.concatenate([b[7] for b in batch]).astype("float64", copy=False)
+        for j, k in enumerate(self.classes): cols[f"p_{k}"] = P[:, j]
+        return pl.DataFrame(cols, strict=False)
 
     def _write(self, batch: list):
         if not batch: return
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order
         tmp = self.folder / f".{name}.tmp"
-        self._frame(batch).write_parquet(tmp)
+        self._frame(batch).write_parquet(tmp, compression="lz4")  # lz4: a fraction of zstd's CPU beside serving
         os.replace(tmp, self.folder / name)
 
     def _run(self):
-        batch, first = [], None
+        batch, first, queued = [], None, 0
         while True:
             timeout = None if first is None else max(0.0, self.flush_seconds - (time.monotonic() - first))
             try: item = self._q.get(timeout=timeout)
             except queue.Empty: item = []
             if item is None: break
             if item and first is None: first = time.monotonic()
-            batch += item
-            if batch and (len(batch) >= self.flush_rows or time.monotonic() - first >= self.flush_seconds):
+            if item: batch.append(item); queued += len(item[5])
+            if batch and (queued >= self.flush_rows or time.monotonic() - first >= self.flush_seconds):
                 self._write(batch)
-                batch, first = [], None
+                batch, first, queued = [], None, 0
         self._write(batch)
 
     def close(self, timeout: float = 30.0):
@@ -208,10 +219,12 @@ def prediction_log(predictor: Predictor, settings: Settings | None = None) -> Pr
     settings = settings or current_settings()
     return PredictionLog(settings.predictions_dir / (predictor.name or "model"), predictor.contract)
 
+_ids = random.Random()  # seeded from os.urandom in each worker process
+
 def request_id(headers) -> str:
-    "The caller's `x-request-id` (if sane), else a new random id."
+    "The caller's `x-request-id` (if sane), else a new random id (unique, not secret: no syscall per request)."
     rid = (headers.get("x-request-id") or "").strip()
-    return rid if 0 < len(rid) <= 128 and rid.isprintable() else uuid.uuid4().hex
+    return rid if 0 < len(rid) <= 128 and rid.isprintable() else f"{_ids.getrandbits(128):032x}"
 
 def read_prediction_log(folder: Path | str):
     "Every finished part of a prediction log as one polars frame (empty when there is none)."
@@ -569,14 +582,16 @@ class ModelServer:
         for label, n in collections.Counter(r["label"] for r in res["predictions"]).items():
             self.metrics["classes"].labels(*lab, label).inc(n)
         self.metrics["latency"].labels(*lab).observe(time.perf_counter() - t0)
-        if self.log: self.log.log(rows, res, request_id, role)
+        if self.log: self.log.log(rows, res, request_id, role, proba)
         if self.shadow and role == "champion":  # scored after the answer, off the request's path
             task = asyncio.get_running_loop().create_task(self._shadow(rows, res, request_id))
             self._pending.add(task); task.add_done_callback(self._pending.discard)
         return res
 
-    async def handle(self, rows: list, ctx) -> dict:
-        "Answer one `/predict` of a BentoML service: status, headers, a JSON error body naming the field, a log line."
+    async def handle(self, rows: list, ctx):
+        """Answer one `/predict` of a BentoML service: status, headers, a JSON error body naming the field, a log line.
+        Returns a finished JSON response (BentoML passes a returned Response through and adds `ctx`'s status and headers):
+        its generic output path re-derives a JSON schema for every answer, ~15% of a small request's CPU."""
         rid, t0 = request_id(ctx.request.headers), time.perf_counter()
         headers = ctx.response.headers
         headers["x-request-id"] = rid
@@ -598,19 +613,21 @@ class ModelServer:
                       "ms": round((time.perf_counter() - t0) * 1000, 3)}
             if status != 200: fields.update(error=res["error"], detail=res["detail"], field=res.get("field"), row=res.get("row"))
             self._logger.log(logging.INFO if status == 200 else logging.WARNING, "predict", extra={"fields": fields})
-        return res
+        from starlette.responses import Response
+        return Response(json.dumps(res).encode(), status_code=status, media_type="application/json")
 
     async def _shadow(self, rows: list, champion_res: dict, request_id: str):
         c = self.models["challenger"]
         try:
             validate_records(c.contract, rows, self.max_rows)
-            res = {"model": c.name, "version": c.version, "answered_by": "shadow", "predictions": c.format(await self._scores("challenger", rows))}
+            proba = await self._scores("challenger", rows)
+            res = {"model": c.name, "version": c.version, "answered_by": "shadow", "predictions": c.format(proba)}
         except Exception:  # a shadow never affects serving; it is counted
             self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc(); return
         self.metrics["requests"].labels(c.name, c.version, "shadow", "ok").inc()
         differ = sum(a["label"] != b["label"] for a, b in zip(res["predictions"], champion_res["predictions"]))
         if differ: self.metrics["shadow"].labels(c.name, c.version).inc(differ)
-        if self.log: self.log.log(rows, res, request_id, "shadow")
+        if self.log: self.log.log(rows, res, request_id, "shadow", proba)
 
     async def aclose(self):
         "Finish shadow scoring still in flight, then write everything the prediction log holds."
@@ -619,9 +636,12 @@ class ModelServer:
 
 def model_server(service, settings: Settings | None = None) -> ModelServer:
     "The ModelServer of a BentoML service instance whose class declares `champion` (and maybe `challenger`) BentoModels."
+    import gc
     challenger = getattr(service, "challenger", None)
-    return ModelServer(predictor_from_bento(service.champion),
-                       predictor_from_bento(challenger) if challenger is not None else None, settings)
+    server = ModelServer(predictor_from_bento(service.champion),
+                         predictor_from_bento(challenger) if challenger is not None else None, settings)
+    gc.collect(); gc.freeze()  # the loaded frameworks' objects leave the GC's generations: no long pauses under load
+    return server
 
 # %% ../nbs/70_serving.ipynb #07e0b114
 def _run_bentoml(args: list[str], settings: Settings, extra_env: dict | None = None, cwd: Path | None = None) -> str:

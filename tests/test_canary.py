@@ -91,10 +91,15 @@ def test_shadow_metrics_by_version(canary):
 
 def test_deploy_switches_versions_with_no_failed_request(canary):
     "`mlkit deploy` under light load: version 1 serves, version 2 is promoted and deployed, no request fails in between."
-    import threading
-
     from mlkit.serving import free_port
     env, port = canary["env"], free_port()
+    try: _deploy_under_load(canary, env, port)
+    finally: mlkit("deploy", "penguins", "--stop", env=env)  # never leave a service behind, even when an assert failed
+    with pytest.raises(OSError): urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+
+
+def _deploy_under_load(canary, env, port):
+    import threading
     out = mlkit("deploy", "penguins", "--port", port, env=env, check=True).stdout
     assert "penguins version 1" in out and f"127.0.0.1:{port}" in out
     first_pid = json.loads((canary["root"] / "state" / "deployments" / "penguins.json").read_text())["pid"]
@@ -132,4 +137,3 @@ def test_deploy_switches_versions_with_no_failed_request(canary):
     assert deploys == [(None, "1"), ("1", "2")]
     assert Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"  # deploy turned it on
     assert "stopped penguins version 2" in mlkit("deploy", "penguins", "--stop", env=env, check=True).stdout
-    with pytest.raises(OSError): urllib.request.urlopen(url + "/readyz", timeout=5)

@@ -148,3 +148,39 @@ def test_corrupt_bundle_never_serves(trained, tmp_path):
         stop_service(proc)
     assert seen and not [s for s in seen if s[1] == 200], seen
     assert "does not match the expected" in log.read_text()
+
+
+def test_prediction_log_parts_survive_kill_9(trained, tmp_path):
+    "After `kill -9` mid-traffic every finished prediction-log part is readable and no half-written file is picked up."
+    from mlkit.config import load_settings, tool_env
+    from mlkit.serving import free_port, read_prediction_log, wait_ready
+    bento = mlkit("build", "penguins", "--version", "1", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
+    env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
+    port = free_port()
+    proc = _start(bento, env, tmp_path / "serve.log", port)
+    url = f"http://127.0.0.1:{port}"
+    folder = trained["state"] / "predictions" / "penguins"
+    try:
+        wait_ready(url, proc, timeout=180)
+        for i in range(20): assert _post(url, [ROW] * 50, f"kill9-before-{i}")[0] == 200
+        ours = lambda: (df := read_prediction_log(folder)).height and (df["request_id"] == "kill9-before-19").sum() == 50
+        assert _wait(ours, 15), "the rows were not written within the flush interval"
+        stop, sent = threading.Event(), []
+        def traffic():
+            while not stop.is_set():
+                try: sent.append(_post(url, [ROW] * 50, f"kill9-during-{len(sent)}")[0])
+                except OSError: return
+        t = threading.Thread(target=traffic)
+        t.start()
+        time.sleep(2.5)  # some parts written while requests keep coming
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    stop.set(); t.join()
+    parts = sorted(folder.glob("part-*.parquet"))
+    assert parts and sent
+    import polars as pl
+    for p in parts: pl.read_parquet(p)  # every finished part is readable
+    logged = read_prediction_log(folder).filter(pl.col("request_id").str.starts_with("kill9-"))
+    assert all((logged["request_id"] == f"kill9-before-{i}").sum() == 50 for i in range(20))
+    assert set(logged.group_by("request_id").len()["len"].to_list()) == {50}  # a request's rows are never split by a crash

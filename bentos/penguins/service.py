@@ -22,7 +22,7 @@ class Penguins:
     async def predict(self, rows: list[dict[str, Any]], ctx: bentoml.Context) -> dict:
         """Score raw penguin records: one label and class probabilities per row, and the model version that answered.
         A row the contract rejects is a 422 naming the row and field; an overloaded server a 503 to retry."""
-        return await self.server.handle(rows, ctx)
+        return await self.server.handle(rows, ctx)  # a finished JSON response (see ModelServer.handle)
 
     @bentoml.on_shutdown
     async def close(self):
