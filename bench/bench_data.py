@@ -44,28 +44,36 @@ def loaded():
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def warm_path(path) -> Path:
+    "The first 1,000 rows of `path`: each case reads it and runs its task on it once before the memory base is taken,"
+    "so the code pages a library faults in on first use (~25 MiB for polars' reader and kernels) are not charged to the data."
+    return Path(path).with_suffix(".warm.parquet")
+
+
 def run_mlkit(task, path):
     import polars as pl
 
     from mlkit.data import profile_frame, synthetic_contract, validate
     from mlkit.features import FeatureSpec
-    base = rss_mib()
-    df = pl.read_parquet(path)
-    size = df.estimated_size() / 2**20
     contract = synthetic_contract()
-    loaded()
 
-    def work():
-        if task == "validate": assert validate(df, contract).passed
+    def work(df, warm=False):
+        if task == "validate": assert validate(df, contract).passed or warm
         elif task == "profile": profile_frame(df)
         else:
             X = FeatureSpec.from_contract(contract, NUMS + CATS).fit(df).transform(df)
             assert X.shape == (len(df), 4 + 5 + 3)
-    return best_of(work), len(df), size, base
+    work(pl.read_parquet(warm_path(path)), warm=True)
+    base = rss_mib()
+    df = pl.read_parquet(path)
+    size = df.estimated_size() / 2**20
+    loaded()
+    return best_of(lambda: work(df)), len(df), size, base
 
 
 def run_pandas(task, path):
     import pandas as pd
+    pandas_work(task, pd.read_parquet(warm_path(path)), warm=True)
     base = rss_mib()
     df = pd.read_parquet(path)
     size = df.memory_usage(deep=True).sum() / 2**20
@@ -73,7 +81,7 @@ def run_pandas(task, path):
     return best_of(lambda: pandas_work(task, df)), len(df), size, base
 
 
-def pandas_work(task, df):
+def pandas_work(task, df, warm: bool = False):
     import numpy as np
     import pandas as pd
 
@@ -87,7 +95,7 @@ def pandas_work(task, df):
             "region": (df["region"].isna() | ~df["region"].isin(SYNTHETIC_REGIONS)).sum(),
             "plan": (df["plan"].notna() & ~df["plan"].isin(SYNTHETIC_PLANS)).sum(), "churned": df["churned"].isna().sum(),
         }
-        assert bad["id_dup"] == 0 and bad["region"] == 0
+        assert (bad["id_dup"] == 0 and bad["region"] == 0) or warm
     elif task == "profile":
         nulls = df.isna().mean()
         num = df[["id", *NUMS]].astype("float64")
@@ -123,7 +131,10 @@ def main(out: Path):
     with tempfile.TemporaryDirectory() as d:
         for n in SIZES:
             path = Path(d) / f"synthetic_{n}.parquet"
-            synthetic(n, seed=0).write_parquet(path)
+            data = synthetic(n, seed=0)
+            data.write_parquet(path)
+            data.head(1000).write_parquet(warm_path(path))
+            del data
             for task in TASKS:
                 m, p = sub(task, "mlkit", path), sub(task, "pandas", path)
                 label = f"{n // 1_000_000} M" if n >= 1_000_000 else f"{n:,}"
