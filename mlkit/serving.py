@@ -34,8 +34,8 @@ from .features import FeatureSpec
 from .models import Bundle, bundle_sha256, load_bundle
 
 # %% auto #0
-__all__ = ['FEATURE_BOUND', 'ERROR_SCHEMA', 'ERROR_ANSWERS', 'API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES',
-           'INSTANCE_ENV', 'INSTANCE', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'MIGRATE_REQ', 'InvalidInput',
+__all__ = ['NUMBER_LIMIT', 'FEATURE_BOUND', 'ERROR_SCHEMA', 'ERROR_ANSWERS', 'API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS',
+           'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'MIGRATE_REQ', 'InvalidInput',
            'validate_records', 'Predictor', 'PredictionLog', 'prediction_log', 'request_id', 'read_prediction_log',
            'request_schema', 'response_schema', 'openapi_doc', 'api_key_hashes', 'ServiceGuard', 'guard_service',
            'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento', 'JSONFormatter', 'request_logger',
@@ -49,10 +49,11 @@ class InvalidInput(ValueError):
         super().__init__(message)
         self.field, self.row = field, row
 
-_F64_MAX = sys.float_info.max  # a JSON integer beyond this has no float64 value (and `math.isfinite` would overflow)
+NUMBER_LIMIT = 1e300  # |numbers| above are refused: a round decimal, so JSON Schema's decimal `maximum` means the same
 
 def _finite_number(v: int | float) -> bool:
-    return -_F64_MAX <= v <= _F64_MAX if isinstance(v, int) else math.isfinite(v)
+    "Finite and within +-1e300: integers compared exactly with 10**300 (a float64 cannot hold every JSON integer)."
+    return -10**300 <= v <= 10**300 if isinstance(v, int) else math.isfinite(v) and -NUMBER_LIMIT <= v <= NUMBER_LIMIT
 
 def validate_records(contract: dict, rows: list, max_rows: int | None = None) -> list[dict]:
     "Check raw records against the contract; return them or raise `InvalidInput`."
@@ -71,7 +72,7 @@ def validate_records(contract: dict, rows: list, max_rows: int | None = None) ->
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise InvalidInput(f"rows[{i}].{name}: expected a number, got {type(v).__name__}", name, i)
                 if not _finite_number(v):
-                    raise InvalidInput(f"rows[{i}].{name}: must be finite and within the float64 range, got {str(v)[:24]}", name, i)
+                    raise InvalidInput(f"rows[{i}].{name}: must be finite and within +-1e300, got {str(v)[:24]}", name, i)
             elif c["dtype"] == "string" and not isinstance(v, str):
                 raise InvalidInput(f"rows[{i}].{name}: expected a string, got {type(v).__name__}", name, i)
             elif c["dtype"] == "bool" and not isinstance(v, bool):
@@ -253,7 +254,7 @@ def request_schema(contract: dict, max_rows: int) -> dict:
     for name, c in contract["columns"].items():
         if name == label: continue
         t = c["dtype"]
-        s = ({"type": "number", "minimum": -_F64_MAX, "maximum": _F64_MAX} if t in ("int", "float")
+        s = ({"type": "number", "minimum": -NUMBER_LIMIT, "maximum": NUMBER_LIMIT} if t in ("int", "float")
              else {"type": "string"} if t == "string" else {"type": "boolean"} if t == "bool" else {})
         if c.get("categories"):
             s["description"] = f"seen in training: {', '.join(map(str, c['categories']))} (others follow the feature spec)"
