@@ -20,8 +20,8 @@ from .config import SettingsError, configure, env_exports, load_settings
 # %% auto #0
 __all__ = ['DEMO_ROWS', 'cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_models_promote',
            'cmd_models_rollback', 'cmd_models_retire', 'cmd_models_history', 'cmd_models_lineage', 'cmd_build',
-           'cmd_serve', 'cmd_deploy', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'build', 'post_json',
-           'cmd_demo', 'parser', 'main']
+           'cmd_serve', 'cmd_deploy', 'cmd_monitor', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'build',
+           'post_json', 'cmd_demo', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #088b0ee5
 def _out(*a): print(*a, flush=True)
@@ -203,6 +203,41 @@ def cmd_deploy(args) -> int:
          f"(ready in {rec['ready_seconds']} s, pid {rec['pid']}, log {rec['log']}){prev}")
     return 0
 
+def cmd_monitor(args) -> int:
+    "Drift of a served model's traffic against its training profile; exit 1 when a `[monitor]` threshold is crossed."
+    import polars as pl
+
+    from mlkit.monitoring import monitor, read_labels
+    from mlkit.registry import fetched_bundle
+    from mlkit.serving import read_prediction_log
+    s = configure()
+    folder = s.predictions_dir / args.name
+    log = read_prediction_log(folder) if folder.is_dir() else pl.DataFrame()
+    if log.is_empty(): raise ValueError(f"{folder}: no prediction log for model {args.name!r} (serve it first)")
+    stamp = lambda t: pl.lit(t).str.to_datetime(time_zone=None)
+    if args.since: log = log.filter(pl.col("time") >= stamp(args.since))
+    if args.until: log = log.filter(pl.col("time") < stamp(args.until))
+    if log.is_empty(): raise ValueError(f"no logged predictions of {args.name!r} between {args.since or 'the start'} and {args.until or 'now'}")
+    version = args.version or max(log["version"].unique().to_list(), key=lambda v: int(v) if str(v).isdigit() else -1)
+    log = log.filter(pl.col("version") == str(version))
+    with fetched_bundle(args.name, version=version) as (bundle, _):
+        profile, contract = (json.loads((bundle / f).read_text()) for f in ("profile.json", "contract.json"))
+    labels = read_labels(args.labels) if args.labels else None
+    rep = {"model": args.name, "version": str(version), **monitor(log, profile, contract, s, labels=labels)}
+    text = json.dumps(rep, indent=1, default=str)
+    if args.output:
+        out = Path(args.output); tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text); tmp.replace(out)
+    if args.json: _out(text)
+    else:
+        _out(f"{args.name} version {version}: {rep['rows']} rows {rep['since']} .. {rep['until']}, {len(rep['windows'])} window(s) of {rep['window']}")
+        for d in rep["columns"]:
+            psi = "-" if d.get("psi") is None else f"{d['psi']:.3f}"
+            _out(f"  {d['column']:<24} PSI {psi:>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
+        if rep.get("performance"): _out(f"  live accuracy {rep['performance']['accuracy']} on {rep['performance']['labelled_rows']} labelled rows")
+        _out("ALERT: " + "; ".join(rep["alerts"]) if rep["alert"] else "no threshold crossed")
+    return 1 if rep["alert"] else 0
+
 # %% ../nbs/90_cli.ipynb #b290e144
 def cmd_data_check(args) -> int:
     "Validate a data file against a contract."
@@ -365,6 +400,11 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--restart", action="store_true", help="start a fresh service even if this Bento already serves")
     sp.add_argument("--stop", action="store_true", help="stop the local deployment (draining in-flight requests)")
     sp.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
+    sp = add("monitor", cmd_monitor, "drift of served traffic against the training profile (exit 1 on a crossed threshold)")
+    sp.add_argument("name"); sp.add_argument("--since", help="ISO time, e.g. 2026-11-28T09:00"); sp.add_argument("--until")
+    sp.add_argument("--version", help="the served version to judge (default: the newest in the log)")
+    sp.add_argument("--labels", help="late true labels: request_id, optional row, label (csv/parquet/ndjson)")
+    sp.add_argument("--json", action="store_true"); sp.add_argument("-o", "--output", help="write the JSON report here")
     data = sub.add_parser("data", help="check, snapshot and profile data files", description="check, snapshot and profile data files")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     sp = dsub.add_parser("check", help="validate DATA against a contract (exit 0 pass, 1 failed check, 2 unreadable)")

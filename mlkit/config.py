@@ -40,6 +40,10 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
               "tracing_endpoint": (str, ""), "share_port": (bool, False),
               "tracing_sample_rate": (float, 1.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"))},
     "telemetry": {"disabled": (bool, True)},
+    "monitor": {"psi_threshold": (float, 0.1, _positive), "prediction_psi": (float, 0.1, _positive),
+                "null_rate_change": (float, 0.05, _positive), "unseen_rate": (float, 0.01, _positive),
+                "min_rows": (int, 500, _positive), "window": (str, "1h"),
+                "accuracy_floor": (float, 0.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"))},
     "gate": {"metric": (str, "test_accuracy"), "direction": (str, "max", (lambda v: v in ("max", "min"), "must be max or min")),
              "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")), "floors": (str, "")},
 }
