@@ -207,7 +207,7 @@ def cmd_monitor(args) -> int:
     "Drift of a served model's traffic against its training profile; exit 1 when a `[monitor]` threshold is crossed."
     import polars as pl
 
-    from mlkit.monitoring import monitor, read_labels
+    from mlkit.monitoring import enforce, log_report, monitor, read_labels, render_html, retirement
     from mlkit.registry import fetched_bundle
     from mlkit.serving import read_prediction_log
     s = configure()
@@ -224,10 +224,15 @@ def cmd_monitor(args) -> int:
         profile, contract = (json.loads((bundle / f).read_text()) for f in ("profile.json", "contract.json"))
     labels = read_labels(args.labels) if args.labels else None
     rep = {"model": args.name, "version": str(version), **monitor(log, profile, contract, s, labels=labels)}
+    rep["retirement"] = retirement(rep, s)
+    if args.enforce: rep["enforced"] = enforce(args.name, str(version), rep["retirement"], s)
+    html = render_html(rep)
+    if args.log: rep["mlflow_run"] = log_report(rep, html, s)
     text = json.dumps(rep, indent=1, default=str)
-    if args.output:
-        out = Path(args.output); tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text); tmp.replace(out)
+    for path, body in ((args.output, text), (args.html, html)):
+        if not path: continue
+        out = Path(path); tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(body); tmp.replace(out)
     if args.json: _out(text)
     else:
         _out(f"{args.name} version {version}: {rep['rows']} rows {rep['since']} .. {rep['until']}, {len(rep['windows'])} window(s) of {rep['window']}")
@@ -236,6 +241,10 @@ def cmd_monitor(args) -> int:
             _out(f"  {d['column']:<24} PSI {psi:>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
         if rep.get("performance"): _out(f"  live accuracy {rep['performance']['accuracy']} on {rep['performance']['labelled_rows']} labelled rows")
         _out("ALERT: " + "; ".join(rep["alerts"]) if rep["alert"] else "no threshold crossed")
+        if rep["retirement"]["retire"]: _out("retirement criteria met: " + "; ".join(rep["retirement"]["reasons"]))
+        done = rep.get("enforced", {})
+        if done.get("action") == "rollback": _out(f"enforced: champion rolled back {done['from_version']} -> {done['to_version']} (audit ledger)")
+        elif done.get("action") == "flag-retire": _out(f"enforced: version {done['version']} flagged for retirement (audit ledger)")
     return 1 if rep["alert"] else 0
 
 # %% ../nbs/90_cli.ipynb #b290e144
@@ -405,6 +414,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--version", help="the served version to judge (default: the newest in the log)")
     sp.add_argument("--labels", help="late true labels: request_id, optional row, label (csv/parquet/ndjson)")
     sp.add_argument("--json", action="store_true"); sp.add_argument("-o", "--output", help="write the JSON report here")
+    sp.add_argument("--html", help="write the self-contained HTML report here")
+    sp.add_argument("--log", action="store_true", help="log the report to MLflow (experiment `monitoring`)")
+    sp.add_argument("--enforce", action="store_true", help="apply the retirement criteria: roll champion back or flag the version")
     data = sub.add_parser("data", help="check, snapshot and profile data files", description="check, snapshot and profile data files")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     sp = dsub.add_parser("check", help="validate DATA against a contract (exit 0 pass, 1 failed check, 2 unreadable)")

@@ -32,7 +32,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
               "ready_timeout": (float, 120.0, _positive), "max_rows": (int, 1000, _positive),
               "max_body_bytes": (int, 1_048_576, _positive), "docs_need_key": (bool, False),
               "api_key_hashes_file": (Path, ""), "threads": (int, 1, _positive), "batching": (bool, True),
-              "max_batch_size": (int, 512, _positive), "max_latency_ms": (int, 500, _positive),
+              "max_batch_size": (int, 512, _positive), "max_latency_ms": (int, 2000, _positive),
               "canary_share": (float, 0.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")), "shadow": (bool, False),
               "access_log": (bool, False),
               "request_log": (str, "errors", (lambda v: v in ("all", "errors", "off"), "must be all, errors or off")),
@@ -43,7 +43,8 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
     "monitor": {"psi_threshold": (float, 0.1, _positive), "prediction_psi": (float, 0.1, _positive),
                 "null_rate_change": (float, 0.05, _positive), "unseen_rate": (float, 0.01, _positive),
                 "min_rows": (int, 500, _positive), "window": (str, "1h"),
-                "accuracy_floor": (float, 0.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"))},
+                "accuracy_floor": (float, 0.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")),
+                "retire_after_windows": (int, 3, _positive)},
     "gate": {"metric": (str, "test_accuracy"), "direction": (str, "max", (lambda v: v in ("max", "min"), "must be max or min")),
              "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")), "floors": (str, "")},
 }

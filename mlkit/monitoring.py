@@ -6,7 +6,10 @@ unseen categories, the shift of the predicted (or true) class distribution, per 
 # %% ../nbs/80_monitoring.ipynb #ae31b602
 from __future__ import annotations
 
+import json
 import math
+import tempfile
+from pathlib import Path
 
 import polars as pl
 
@@ -14,7 +17,7 @@ from .config import Settings, current_settings
 
 # %% auto #0
 __all__ = ['EPS', 'psi', 'numeric_shares', 'category_shares', 'column_drift', 'thresholds', 'drift', 'read_labels', 'performance',
-           'monitor']
+           'monitor', 'retirement', 'enforce', 'render_html', 'log_report']
 
 # %% ../nbs/80_monitoring.ipynb #6d742c40
 EPS = 1e-4  # floor of a bin share in PSI
@@ -141,3 +144,101 @@ def _windows(log: pl.DataFrame, every: str):
     log = log.with_columns(pl.col("time").dt.truncate(every).alias("_window"))
     for (start,), part in log.sort("_window").group_by("_window", maintain_order=True):
         yield start, part.drop("_window")
+
+# %% ../nbs/80_monitoring.ipynb #95ba3a72
+def retirement(report: dict, settings: Settings | None = None) -> dict:
+    "Whether a monitoring report meets the retirement criteria, and why."
+    m = (settings or current_settings()).monitor
+    judged = [w for w in report.get("windows", []) if w["rows"] >= report["thresholds"]["min_rows"]]
+    reasons = []
+    last = judged[-m.retire_after_windows:]
+    if len(last) == m.retire_after_windows and all(w["alert"] for w in last):
+        reasons.append(f"drift in the last {m.retire_after_windows} judged window(s): " + "; ".join(last[-1]["alerts"][:3]))
+    perf = report.get("performance") or {}
+    if m.accuracy_floor and perf.get("accuracy") is not None and perf["labelled_rows"] >= report["thresholds"]["min_rows"] \
+            and perf["accuracy"] < m.accuracy_floor:
+        reasons.append(f"live accuracy {perf['accuracy']:.3f} < floor {m.accuracy_floor}")
+    return {"retire": bool(reasons), "reasons": reasons}
+
+def enforce(name: str, version: str, verdict: dict, settings: Settings | None = None) -> dict:
+    "Act on a retirement verdict through the registry: roll the champion back, or flag the version; returns what was done."
+    from mlkit.registry import CHAMPION, _client, alias_version, append_ledger, rollback
+    settings = settings or current_settings()
+    if not verdict["retire"]: return {"action": "none"}
+    reason = "mlkit monitor --enforce: " + "; ".join(verdict["reasons"])
+    if alias_version(name, CHAMPION) == str(version):
+        try:
+            frm, to = rollback(name, reason=reason, settings=settings)
+            return {"action": "rollback", "from_version": frm, "to_version": to, "reason": reason}
+        except ValueError as e: reason += f" (no rollback: {e})"
+    append_ledger(settings.ledger_path, model=name, action="flag-retire", alias=CHAMPION if alias_version(name, CHAMPION) == str(version) else "",
+                  from_version=str(version), to_version=None, reason=reason)
+    _client().set_model_version_tag(name, str(version), "mlkit.retirement_flag", reason[:4900])
+    return {"action": "flag-retire", "version": str(version), "reason": reason}
+
+# %% ../nbs/80_monitoring.ipynb #c36fa6f8
+def _bars(ref: list[float], live: list[float], labels: list[str], width: int = 360, height: int = 90) -> str:
+    "Inline SVG: reference (grey) and live (blue) shares side by side per bin."
+    k, top = max(len(ref), 1), max([*ref, *live, 1e-9])
+    bw = width / k
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 14}" role="img">']
+    for i, (e, a) in enumerate(zip(ref, live)):
+        for j, (v, color) in enumerate(((e, "#9aa0a6"), (a, "#1a73e8"))):
+            h = v / top * height
+            parts.append(f'<rect x="{i * bw + j * bw * 0.45 + 1:.1f}" y="{height - h:.1f}" width="{bw * 0.42:.1f}" height="{h:.1f}" fill="{color}">'
+                         f'<title>{_esc(labels[i] if i < len(labels) else "")}: {"reference" if j == 0 else "live"} {v:.3f}</title></rect>')
+    parts.append(f'<line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="#444"/></svg>')
+    return "".join(parts)
+
+def _esc(s) -> str:
+    import html
+    return html.escape(str(s))
+
+def render_html(report: dict) -> str:
+    "A self-contained HTML page of a monitoring report."
+    e = _esc
+    status = f'<p class="bad">ALERT: {e("; ".join(report["alerts"]))}</p>' if report["alert"] else '<p class="ok">No threshold crossed.</p>'
+    rows = []
+    for d in report["columns"] + ([report["classes"]] if report.get("classes") else []):
+        if d.get("ref_shares") is None: continue
+        if d["kind"] == "number":
+            ed = d["edges"]
+            labels = [f"<= {ed[0]:.4g}", *[f"{a:.4g} .. {b:.4g}" for a, b in zip(ed, ed[1:])], f"> {ed[-1]:.4g}"]
+            ref, live = d["ref_shares"], d["live_shares"]
+        else:
+            labels, ref, live = list(d["ref_shares"]), list(d["ref_shares"].values()), list(d["live_shares"].values())
+        psi = "-" if d.get("psi") is None else f"{d['psi']:.3f}"
+        rows.append(f"<tr><td>{e(d['column'])}</td><td>{psi}</td><td>{d['ref_null_rate']:.3f} &rarr; {d['null_rate']:.3f}</td>"
+                    f"<td>{_bars(ref, live, labels)}</td></tr>")
+    cols = [d["column"] for d in report["columns"]]
+    win = "".join(f"<tr><td>{e(w['start'])}</td><td>{w['rows']}</td><td>{'ALERT' if w['alert'] else 'ok'}</td>"
+                  + "".join(f"<td>{'-' if w['psi'].get(c) is None else format(w['psi'][c], '.3f')}</td>" for c in cols) + "</tr>"
+                  for w in report.get("windows", []))
+    perf = report.get("performance")
+    perf_html = "" if not perf else (f"<h2>Live performance</h2><p>accuracy {perf['accuracy']} on {perf['labelled_rows']} labelled rows; "
+                                     f"recall per class: {e(perf['recall'])}</p>")
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mlkit monitoring: {e(report.get('model', ''))}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#202124}}table{{border-collapse:collapse}}td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left}}
+.bad{{color:#b00020;font-weight:bold}}.ok{{color:#137333;font-weight:bold}}</style></head><body>
+<h1 id="verdict">Monitoring: {e(report.get('model', ''))} version {e(report.get('version', ''))}</h1>
+<p>{report['rows']} served rows from {e(report['since'])} to {e(report['until'])}; windows of {e(report['window'])};
+thresholds {e(report['thresholds'])}.</p>{status}
+<h2 id="features">Reference (grey) vs live (blue)</h2><table><tr><th>column</th><th>PSI</th><th>null rate</th><th>shares</th></tr>{''.join(rows)}</table>
+<h2 id="windows">Drift over time</h2><table><tr><th>window</th><th>rows</th><th>verdict</th>{''.join(f'<th>PSI {e(c)}</th>' for c in cols)}</tr>{win}</table>
+{perf_html}</body></html>"""
+
+def log_report(report: dict, html: str, settings: Settings | None = None) -> str:
+    "Log a monitoring report (JSON, HTML, the largest PSI, the verdict) to MLflow's `monitoring` experiment; returns the run id."
+    from mlkit.tracking import experiment_id, mlflow
+    settings = settings or current_settings()
+    mlf = mlflow(settings)
+    tags = {"mlkit.monitor.model": str(report.get("model", "")), "mlkit.monitor.version": str(report.get("version", "")),
+            "mlkit.monitor.alert": str(report["alert"]).lower()}
+    with mlf.start_run(experiment_id=experiment_id("monitoring", settings), run_name=f"monitor {tags['mlkit.monitor.model']} v{tags['mlkit.monitor.version']}", tags=tags) as run:
+        psis = [d["psi"] for d in report["columns"] if d.get("psi") is not None]
+        mlf.log_metrics({"rows": report["rows"], "max_psi": max(psis) if psis else 0.0, "alert": float(report["alert"])})
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "monitoring.json").write_text(json.dumps(report, indent=1, default=str))
+            (Path(d) / "monitoring.html").write_text(html)
+            mlf.log_artifacts(d, "monitoring")
+    return run.info.run_id

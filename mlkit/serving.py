@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import hmac
 import json
@@ -539,6 +538,14 @@ class ModelServer:
         self._rng = random.Random()
         self.request_log = s.request_log
         self._logger = request_logger()
+        self._series = {role: self._labelled(role) for role in self.models}
+
+    def _labelled(self, role: str) -> dict:
+        "The metric series of one role, labelled once (a `labels()` lookup per request and metric costs a lock and a dict)."
+        p, m = self.models[role], self.metrics
+        lab = (p.name, p.version, role)
+        return {**{k: m["requests"].labels(*lab, k) for k in ("ok", "invalid", "overloaded")}, "rows": m["rows"].labels(*lab),
+                "latency": m["latency"].labels(*lab), "classes": [m["classes"].labels(*lab, c) for c in p.classes]}
 
     def _batcher(self, p: Predictor, s):
         from bentoml._internal.marshal.dispatcher import CorkDispatcher
@@ -566,23 +573,22 @@ class ModelServer:
     async def respond(self, rows: list, request_id: str) -> dict:
         "Validate, score (batched) and log one request; raises `InvalidInput` (a 4xx) or `Overloaded` (a 503)."
         role = self.route()
-        p = self.models[role]
-        lab = (p.name, p.version, role)
+        p, m = self.models[role], self._series[role]
         t0 = time.perf_counter()
         try: validate_records(p.contract, rows, self.max_rows)  # per request: a bad one never fails a batch
         except InvalidInput:
-            self.metrics["requests"].labels(*lab, "invalid").inc()
+            m["invalid"].inc()
             raise
         try: proba = await self._scores(role, rows)
         except Overloaded:
-            self.metrics["requests"].labels(*lab, "overloaded").inc()
+            m["overloaded"].inc()
             raise
         res = {"model": p.name, "version": p.version, "answered_by": role, "predictions": p.format(proba)}
-        self.metrics["requests"].labels(*lab, "ok").inc()
-        self.metrics["rows"].labels(*lab).inc(len(rows))
-        for label, n in collections.Counter(r["label"] for r in res["predictions"]).items():
-            self.metrics["classes"].labels(*lab, label).inc(n)
-        self.metrics["latency"].labels(*lab).observe(time.perf_counter() - t0)
+        m["ok"].inc()
+        m["rows"].inc(len(rows))
+        for k, n in enumerate(np.bincount(proba.argmax(1), minlength=len(p.classes)).tolist()):
+            if n: m["classes"][k].inc(n)
+        m["latency"].observe(time.perf_counter() - t0)
         if self.log: self.log.log(rows, res, request_id, role, proba)
         if self.shadow and role == "champion":  # scored after the answer, off the request's path
             task = asyncio.get_running_loop().create_task(self._shadow(rows, res, request_id))

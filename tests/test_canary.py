@@ -137,3 +137,32 @@ def _deploy_under_load(canary, env, port):
     assert deploys == [(None, "1"), ("1", "2")]
     assert Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "1"  # deploy turned it on
     assert "stopped penguins version 2" in mlkit("deploy", "penguins", "--stop", env=env, check=True).stdout
+
+
+def test_monitor_enforce_rolls_back_a_drifting_champion(canary, tmp_path):
+    "Injected drift in version 2's prediction log: `mlkit monitor --enforce` rolls champion back to 1, in the ledger."
+    import datetime as dt
+
+    import polars as pl
+
+    from mlkit.serving import read_prediction_log
+    env = canary["env"]
+    if json.loads(mlkit("models", "history", "penguins", "--json", env=env, check=True).stdout)[-1]["to_version"] != "2":
+        mlkit("models", "promote", "penguins", "2", "--force", "--reason", "enforce test", env=env, check=True)
+    folder = canary["root"] / "state" / "predictions" / "penguins"
+    template = read_prediction_log(folder).head(1)
+    start = dt.datetime.now() - dt.timedelta(hours=4)
+    drifted = pl.concat([template] * 2400).with_columns(  # four hours of version-2 traffic with far too long bills
+        (pl.lit(start) + pl.duration(seconds=pl.int_range(pl.len()) * 6)).alias("time"), pl.lit("2").alias("version"),
+        pl.lit("champion").alias("answered_by"), pl.format("drift-{}", pl.int_range(pl.len())).alias("request_id"),
+        pl.lit(69.0).alias("bill_length_mm"))
+    drifted.write_parquet(folder / "part-99999999999999999999-injected.parquet")
+    r = mlkit("monitor", "penguins", "--version", "2", "--enforce", "--html", tmp_path / "report.html", env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "champion rolled back 2 -> 1" in r.stdout
+    hist = json.loads(mlkit("models", "history", "penguins", "--json", env=env, check=True).stdout)
+    last = hist[-1]
+    assert (last["action"], last["from_version"], last["to_version"]) == ("rollback", "2", "1")
+    assert "mlkit monitor --enforce" in last["reason"] and "bill_length_mm" in last["reason"]
+    html = (tmp_path / "report.html").read_text()
+    assert "ALERT" in html and "bill_length_mm" in html and "<script" not in html
