@@ -87,6 +87,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+README = HERE.parent / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def update_readme(md: str):
+    "Replace the README's table between the bench markers with this run's report (without its title line)."
+    text = README.read_text()
+    if START not in text or END not in text: return
+    body = md.split("\n", 2)[2].strip()
+    head, rest = text.split(START, 1)
+    new = f"{head}{START}\n{md.splitlines()[0].removeprefix('# ')}\n\n{body}\n{END}{rest.split(END, 1)[1]}"
+    tmp = README.with_name(".README.md.tmp")
+    tmp.write_text(new)
+    tmp.replace(README)
+
+
 def main(argv: list[str]) -> int:
     names = argv or sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
     figures = []
@@ -101,6 +117,7 @@ def main(argv: list[str]) -> int:
         tmp.write_text(text)
         tmp.replace(REPORTS / f"latest.{suffix}")
     print(markdown(report))
+    if not argv: update_readme(markdown(report))  # a full run: the README shows its table
     missed = [f["name"] for f in figures if not f["ok"]]
     if missed: print(f"targets missed or benchmarks failed: {missed}", file=sys.stderr)
     return 1 if missed else 0
