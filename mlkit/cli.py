@@ -20,8 +20,8 @@ from .config import SettingsError, configure, env_exports, load_settings
 # %% auto #0
 __all__ = ['DEMO_ROWS', 'cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_models_promote',
            'cmd_models_rollback', 'cmd_models_retire', 'cmd_models_history', 'cmd_models_lineage', 'cmd_build',
-           'cmd_serve', 'cmd_deploy', 'cmd_monitor', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'build',
-           'post_json', 'cmd_demo', 'parser', 'main']
+           'cmd_serve', 'cmd_deploy', 'cmd_monitor', 'cmd_models_card', 'cmd_data_check', 'cmd_data_snapshot',
+           'cmd_data_profile', 'build', 'post_json', 'cmd_demo', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #088b0ee5
 def _out(*a): print(*a, flush=True)
@@ -247,6 +247,24 @@ def cmd_monitor(args) -> int:
         elif done.get("action") == "flag-retire": _out(f"enforced: version {done['version']} flagged for retirement (audit ledger)")
     return 1 if rep["alert"] else 0
 
+def cmd_models_card(args) -> int:
+    "Write the HTML model card of NAME@ALIAS (or NAME/VERSION)."
+    from mlkit.monitoring import card_data, render_card
+    s = configure()
+    name, alias, version = _model_ref(args.ref)
+    d = card_data(name, alias=alias, version=version, settings=s)
+    out = Path(args.output or f"{name}-v{d['version']}-card.html")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(render_card(d)); tmp.replace(out)
+    _out(f"model card of {name} version {d['version']} -> {out}")
+    return 0
+
+def _model_ref(ref: str) -> tuple[str, str | None, str | None]:
+    "NAME@ALIAS or NAME/VERSION -> (name, alias, version)."
+    if "@" in ref: name, alias = ref.split("@", 1); return name, alias, None
+    if "/" in ref: name, version = ref.split("/", 1); return name, None, version
+    return ref, "champion", None
+
 # %% ../nbs/90_cli.ipynb #b290e144
 def cmd_data_check(args) -> int:
     "Validate a data file against a contract."
@@ -397,6 +415,8 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_models_history); sp.add_argument("name"); sp.add_argument("--json", action="store_true")
     sp = msub.add_parser("lineage", help="the chain behind NAME@ALIAS, NAME/VERSION, a run id or a dataset id")
     sp.set_defaults(fn=cmd_models_lineage); sp.add_argument("ref"); sp.add_argument("--json", action="store_true")
+    sp = msub.add_parser("card", help="write the self-contained HTML model card of NAME@ALIAS or NAME/VERSION")
+    sp.set_defaults(fn=cmd_models_card); sp.add_argument("ref"); sp.add_argument("-o", "--output")
     sp = add("build", cmd_build, "build the Bento of a registered model version")
     sp.add_argument("name"); sp.add_argument("--alias", default="champion"); sp.add_argument("--version")
     sp.add_argument("--with-challenger", action="store_true", help="also pack the `challenger` version, for canary and shadow")

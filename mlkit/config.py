@@ -40,6 +40,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
               "tracing_endpoint": (str, ""), "share_port": (bool, False),
               "tracing_sample_rate": (float, 1.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"))},
     "telemetry": {"disabled": (bool, True)},
+    "card": {"owner": (str, ""), "purpose": (str, "")},
     "monitor": {"psi_threshold": (float, 0.1, _positive), "prediction_psi": (float, 0.1, _positive),
                 "null_rate_change": (float, 0.05, _positive), "unseen_rate": (float, 0.01, _positive),
                 "min_rows": (int, 500, _positive), "window": (str, "1h"),

@@ -17,7 +17,7 @@ from .config import Settings, current_settings
 
 # %% auto #0
 __all__ = ['EPS', 'psi', 'numeric_shares', 'category_shares', 'column_drift', 'thresholds', 'drift', 'read_labels', 'performance',
-           'monitor', 'retirement', 'enforce', 'render_html', 'log_report']
+           'monitor', 'retirement', 'enforce', 'render_html', 'log_report', 'card_data', 'render_card']
 
 # %% ../nbs/80_monitoring.ipynb #6d742c40
 EPS = 1e-4  # floor of a bin share in PSI
@@ -242,3 +242,85 @@ def log_report(report: dict, html: str, settings: Settings | None = None) -> str
             (Path(d) / "monitoring.html").write_text(html)
             mlf.log_artifacts(d, "monitoring")
     return run.info.run_id
+
+# %% ../nbs/80_monitoring.ipynb #cd15b653
+def _artifact_json(client, run_id: str, path: str):
+    try:
+        with tempfile.TemporaryDirectory() as d: return json.loads(Path(client.download_artifacts(run_id, path, d)).read_text())
+    except Exception: return None
+
+def _notebook_html(nb: dict) -> str:
+    "Code, markdown, text and PNG outputs of an executed notebook as plain inline HTML (no script, no external URL)."
+    e, out = _esc, []
+    for c in nb.get("cells", []):
+        src = "".join(c.get("source", []))
+        if c["cell_type"] == "markdown": out.append(f'<div class="md"><pre>{e(src)}</pre></div>'); continue
+        if c["cell_type"] != "code": continue
+        out.append(f'<pre class="code">{e(src)}</pre>')
+        for o in c.get("outputs", []):
+            data = o.get("data", {})
+            if o.get("output_type") == "stream": out.append(f'<pre class="out">{e("".join(o.get("text", [])))}</pre>')
+            elif "image/png" in data: out.append(f'<img alt="output" src="data:image/png;base64,{"".join(data["image/png"]).strip()}">')
+            elif "text/plain" in data: out.append(f'<pre class="out">{e("".join(data["text/plain"]))}</pre>')
+            elif o.get("output_type") == "error": out.append(f'<pre class="out">{e(o.get("ename"))}: {e(o.get("evalue"))}</pre>')
+    return "\n".join(out)
+
+def card_data(name: str, alias: str | None = "champion", version: str | None = None, settings: Settings | None = None) -> dict:
+    "Everything a model card shows, gathered from the registry, the run, the audit ledger and the monitoring runs."
+    from mlkit.registry import _client, get_version, history, lineage
+    from mlkit.tracking import mlflow
+    settings = settings or current_settings()
+    mlflow(settings)
+    client = _client()
+    mv = get_version(name, alias=None if version else alias, version=version)
+    run = client.get_run(mv.run_id)
+    hist = history(name, settings)
+    gates = [r for r in hist if r.get("to_version") == str(mv.version) and r.get("gate")]
+    report = _artifact_json(client, mv.run_id, "data/contract_report.json") or {}
+    nb_files = [f.path for f in client.list_artifacts(mv.run_id, "notebook") if f.path.endswith(".ipynb")]
+    nb = _artifact_json(client, mv.run_id, nb_files[0]) if nb_files else None
+    mon = None
+    exp = client.get_experiment_by_name("monitoring")
+    if exp is not None:
+        runs = client.search_runs([exp.experiment_id], f"tags.`mlkit.monitor.model` = '{name}' and tags.`mlkit.monitor.version` = '{mv.version}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if runs: mon = {"run_id": runs[0].info.run_id, **runs[0].data.metrics, "alert": runs[0].data.tags.get("mlkit.monitor.alert")}
+    c = settings.card
+    return {"name": name, "version": str(mv.version), "aliases": list(mv.aliases), "owner": c.owner, "purpose": c.purpose,
+            "run_id": mv.run_id, "dataset_version": mv.tags.get("mlkit.dataset_version", ""), "params": dict(run.data.params),
+            "metrics": dict(sorted(run.data.metrics.items())), "slices": _artifact_json(client, mv.run_id, "evaluation/test_slices.json"),
+            "contract": {k: report.get(k) for k in ("contract", "rows", "passed")},
+            "checks": [{k: ch.get(k) for k in ("column", "check", "passed", "failing", "detail")} for ch in report.get("checks", [])],
+            "gate": gates[-1]["gate"] if gates else None, "lineage": lineage(f"{name}/{mv.version}"),
+            "history": [{k: r.get(k) for k in ("seq", "time", "who", "action", "alias", "from_version", "to_version", "reason")} for r in hist],
+            "notebook": nb, "monitoring": mon}
+
+def render_card(d: dict) -> str:
+    "A self-contained HTML model card."
+    e = _esc
+    table = lambda rows, cols: ("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"
+                                + "".join("<tr>" + "".join(f"<td>{e(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows) + "</table>")
+    slices = "".join(f"<h3>{e(s)}</h3>" + table([{"group": g, **v} for g, v in groups.items()], ["group", *next(iter(groups.values()), {}).keys()])
+                     for s, groups in (d["slices"] or {}).items() if s != "overall" and isinstance(groups, dict))
+    gate = table(d["gate"]["checks"], ["name", "passed", "detail"]) if d["gate"] else "<p>No gate recorded for this version.</p>"
+    mon = d["monitoring"]
+    mon_html = (f"<p>Latest monitoring run {e(mon['run_id'])}: {'ALERT' if mon.get('alert') == 'true' else 'no alert'}, "
+                f"{e(int(mon.get('rows', 0)))} rows, largest PSI {e(round(mon.get('max_psi', 0.0), 4))}.</p>") if mon else "<p>Not monitored yet.</p>"
+    lineage = "".join(f"<pre>{e(json.dumps(x, indent=1, default=str))}</pre>" for x in d["lineage"])
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Model card: {e(d['name'])} v{e(d['version'])}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#202124}}table{{border-collapse:collapse;margin:.5em 0}}
+td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}}pre{{background:#f6f8fa;padding:.5em;overflow:auto}}img{{max-width:100%}}</style></head><body>
+<h1 id="model">Model card: {e(d['name'])} version {e(d['version'])}</h1>
+<p>Aliases: {e(', '.join(d['aliases']) or 'none')}. Owner: {e(d['owner'] or 'not set ([card] owner)')}.</p>
+<h2 id="purpose">Purpose</h2><p>{e(d['purpose'] or 'not set ([card] purpose)')}</p>
+<h2 id="data">Data</h2><p>Dataset version {e(d['dataset_version'])}; contract {e(d['contract'].get('contract'))} on {e(d['contract'].get('rows'))} rows:
+{'passed' if d['contract'].get('passed') else 'FAILED'}.</p>{table(d['checks'], ['column', 'check', 'passed', 'failing', 'detail'])}
+<h2 id="metrics">Metrics</h2>{table([{'metric': k, 'value': v} for k, v in d['metrics'].items()], ['metric', 'value'])}
+<h2 id="slices">Metrics per slice</h2>{slices or '<p>No slices declared in the contract.</p>'}
+<h2 id="gate">Gate</h2>{gate}
+<h2 id="lineage">Lineage</h2>{lineage}
+<h2 id="history">Alias history</h2>{table(d['history'], ['seq', 'time', 'who', 'action', 'alias', 'from_version', 'to_version', 'reason'])}
+<h2 id="monitoring">Monitoring</h2>{mon_html}
+<h2 id="training">Training parameters and notebook</h2>{table([{'parameter': k, 'value': v} for k, v in d['params'].items()], ['parameter', 'value'])}
+<details><summary>The executed training notebook (run {e(d['run_id'])})</summary>{_notebook_html(d['notebook']) if d['notebook'] else '<p>not logged</p>'}</details>
+</body></html>"""

@@ -88,9 +88,13 @@ def _environ(**kv: str):
             else: os.environ[k] = v
 
 def _to_html(ipynb: Path) -> Path | None:
+    "The executed notebook as one self-contained, static HTML page: no script at all (nbconvert's lab template loads"
+    "require.js, MathJax, mermaid and the widget manager from CDNs); outputs, images and styles stay inline."
+    import re
     from nbconvert import HTMLExporter
     import nbformat
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
+    body, _ = HTMLExporter(mathjax_url="", require_js_url="").from_notebook_node(nbformat.read(ipynb, as_version=4))
+    body = re.sub(r"<script\b[^>]*>.*?</script>", "", body, flags=re.S | re.I)  # an audit record, opened offline
     out = ipynb.with_suffix(".html")
     out.write_text(body, encoding="utf-8")
     return out

@@ -311,11 +311,12 @@ def test_monitor_flags_the_drift_of_served_traffic(service, trained, tmp_path):
     from mlkit.serving import read_prediction_log
     folder = trained["state"] / "predictions" / "penguins"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (read_prediction_log(folder)["request_id"] == rid).sum() < 2: time.sleep(0.5)
+    logged = lambda: (df := read_prediction_log(folder)).height and (df["request_id"] == rid).sum()
+    while time.monotonic() < deadline and logged() < 2: time.sleep(0.5)
     labels = tmp_path / "labels.csv"
     labels.write_text(f"request_id,row,label\n{rid},0,Gentoo\n{rid},1,Adelie\n")
     out = tmp_path / "report.json"
-    r = mlkit("monitor", "penguins", "--json", "--labels", labels, "-o", out, env=trained["env"])
+    r = mlkit("monitor", "penguins", "--json", "--labels", labels, "-o", out, "--log", env=trained["env"])
     assert r.returncode == 1, r.stderr
     rep = json.loads(out.read_text())
     assert rep["alert"] and rep["version"] == "1" and rep["rows"] >= 500
@@ -325,3 +326,18 @@ def test_monitor_flags_the_drift_of_served_traffic(service, trained, tmp_path):
     assert rep["performance"]["labelled_rows"] == 2 and rep["performance"]["accuracy"] in (0.0, 0.5, 1.0)
     r = mlkit("monitor", "penguins", "--since", "2999-01-01", env=trained["env"])
     assert r.returncode == 2 and "no logged predictions" in r.stderr
+
+
+def test_model_card_is_one_self_contained_page(service, trained, tmp_path):
+    "`mlkit models card penguins@champion`: every section, the contract's slices, the gate, no script or external URL."
+    import re
+    out = tmp_path / "card.html"
+    r = mlkit("models", "card", "penguins@champion", "-o", out, env=trained["env"], check=True)
+    assert "model card of penguins version 1" in r.stdout
+    page = out.read_text()
+    for section in ("purpose", "data", "metrics", "slices", "gate", "lineage", "history", "monitoring", "training"):
+        assert f'<h2 id="{section}">' in page, section
+    assert "<h3>island</h3>" in page and "beats_champion" in page and "test_accuracy" in page
+    assert "<script" not in page and not re.findall(r'(?:src|href)="(?:https?:)?//', page)
+    assert "epochs" in page and "sha256:" in page  # parameters, dataset version
+    assert "Latest monitoring run" in page and "ALERT" in page  # the verdict `mlkit monitor --log` recorded

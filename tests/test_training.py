@@ -24,6 +24,10 @@ def test_train_records_run_params_metrics_notebook(trained, in_project):
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "notebook")}
     assert arts == {f"notebook/{trained['run_id']}.ipynb", f"notebook/{trained['run_id']}.html"}
     executed = json.loads((trained["state"] / "runs" / "penguins" / f"{trained['run_id']}.ipynb").read_text())
+    import re
+    page = (trained["state"] / "runs" / "penguins" / f"{trained['run_id']}.html").read_text()
+    assert "<script" not in page and not re.findall(r'(?:src|href)="(?:https?:)?//', page)  # opens offline
+    assert "injected-parameters" in page or "epochs = 3" in page
     injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert injected and "epochs = 3" in "".join(injected[0]["source"])
     # the data: checked contract, dataset version as an MLflow input, profile and feature spec as artifacts
