@@ -78,12 +78,11 @@ def cmd_reproduce(args) -> int:
 def cmd_predict(args) -> int:
     "Score a data file with a registered model (offline, in batches) and write predictions beside the input rows."
     import polars as pl
-    from mlkit.data import read_data
+    from mlkit.data import atomic_write, read_data
     from mlkit.registry import fetched_bundle
     from mlkit.serving import Predictor
     configure()
-    name, _, ref = args.model.partition("@")
-    alias, version = (None, ref.split("/", 1)[1]) if ref.startswith("v/") else (ref or "champion", None)
+    name, alias, version = _model_ref(args.model)
     with fetched_bundle(name, alias=alias, version=version) as (bundle, mv):
         pred = Predictor.from_bundle(bundle, name=name, version=str(mv.version))
     df = read_data(args.input)
@@ -91,9 +90,7 @@ def cmd_predict(args) -> int:
     out = pl.concat([df, pred.predict_table(df, args.batch_rows)], how="horizontal").with_columns(
         pl.lit(name).alias("model"), pl.lit(str(mv.version)).alias("model_version"))
     dst = Path(args.output)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    out.write_parquet(tmp)
-    tmp.replace(dst)
+    atomic_write(dst, out.write_parquet)
     _out(f"{len(out)} rows scored by {name} version {mv.version} in {time.perf_counter() - t0:.2f} s -> {dst}")
     return 0
 
@@ -207,6 +204,7 @@ def cmd_monitor(args) -> int:
     "Drift of a served model's traffic against its training profile; exit 1 when a `[monitor]` threshold is crossed."
     import polars as pl
 
+    from mlkit.data import atomic_write
     from mlkit.monitoring import enforce, log_report, monitor, read_labels, render_html, retirement
     from mlkit.registry import fetched_bundle
     from mlkit.serving import read_prediction_log
@@ -230,9 +228,7 @@ def cmd_monitor(args) -> int:
     if args.log: rep["mlflow_run"] = log_report(rep, html, s)
     text = json.dumps(rep, indent=1, default=str)
     for path, body in ((args.output, text), (args.html, html)):
-        if not path: continue
-        out = Path(path); tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(body); tmp.replace(out)
+        if path: atomic_write(Path(path), lambda p, body=body: p.write_text(body))
     if args.json: _out(text)
     else:
         _out(f"{args.name} version {version}: {rep['rows']} rows {rep['since']} .. {rep['until']}, {len(rep['windows'])} window(s) of {rep['window']}")
@@ -249,19 +245,21 @@ def cmd_monitor(args) -> int:
 
 def cmd_models_card(args) -> int:
     "Write the HTML model card of NAME@ALIAS (or NAME/VERSION)."
+    from mlkit.data import atomic_write
     from mlkit.monitoring import card_data, render_card
     s = configure()
     name, alias, version = _model_ref(args.ref)
     d = card_data(name, alias=alias, version=version, settings=s)
     out = Path(args.output or f"{name}-v{d['version']}-card.html")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(render_card(d)); tmp.replace(out)
+    atomic_write(out, lambda p: p.write_text(render_card(d)))
     _out(f"model card of {name} version {d['version']} -> {out}")
     return 0
 
 def _model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    "NAME@ALIAS or NAME/VERSION -> (name, alias, version)."
-    if "@" in ref: name, alias = ref.split("@", 1); return name, alias, None
+    "NAME@ALIAS, NAME@v/VERSION or NAME/VERSION (NAME alone: the champion) -> (name, alias, version)."
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return (name, None, alias[2:]) if alias.startswith("v/") else (name, alias or "champion", None)
     if "/" in ref: name, version = ref.split("/", 1); return name, None, version
     return ref, "champion", None
 
@@ -289,13 +287,10 @@ def cmd_data_snapshot(args) -> int:
 
 def cmd_data_profile(args) -> int:
     "Write (or print) the reference profile of a data file."
-    from mlkit.data import read_data, profile_frame
+    from mlkit.data import atomic_write, profile_frame, read_data
     prof = profile_frame(read_data(args.data))
     text = json.dumps(prof, indent=1)
-    if args.output:
-        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(args.output)
+    if args.output: atomic_write(Path(args.output), lambda p: p.write_text(text))
     if args.json or not args.output: _out(text)
     else: _out(f"profile of {prof['rows']} rows, {len(prof['columns'])} columns -> {args.output}")
     return 0

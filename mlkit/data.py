@@ -23,8 +23,8 @@ import yaml
 # %% auto #0
 __all__ = ['ENGINE', 'READERS', 'SYNTHETIC_REGIONS', 'SYNTHETIC_PLANS', 'DTYPES', 'PROFILE_QUANTILES', 'DataError', 'read_data',
            'penguins_path', 'load_penguins', 'synthetic', 'split_frame', 'Contract', 'infer_contract',
-           'synthetic_contract', 'Check', 'ValidationReport', 'validate', 'content_hash', 'Snapshot', 'snapshot',
-           'load_snapshot', 'profile_frame', 'encode_labels']
+           'synthetic_contract', 'Check', 'ValidationReport', 'validate', 'content_hash', 'Snapshot', 'atomic_write',
+           'snapshot', 'load_snapshot', 'profile_frame', 'encode_labels']
 
 # %% ../nbs/10_data.ipynb #7045798e
 class DataError(ValueError):
@@ -371,7 +371,7 @@ class Snapshot:
     @property
     def short(self) -> str: return self.id.split(":")[1][:12]
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     "Write through a temp file in the same folder, then rename into place."
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -394,11 +394,11 @@ def snapshot(
     folder = Path(folder)
     pq, meta = folder / f"{hexid}.parquet", folder / f"{hexid}.json"
     if pq.exists() and meta.exists(): return Snapshot(**json.loads(meta.read_text()))
-    _atomic_write(pq, lambda p: df.write_parquet(p, statistics=True))
+    atomic_write(pq, lambda p: df.write_parquet(p, statistics=True))
     os.chmod(pq, 0o444)
     snap = Snapshot(vid, str(pq), len(df), df.width, "sha256:" + hashlib.sha256(_schema_repr(df.schema).encode()).hexdigest(),
                     source, datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    _atomic_write(meta, lambda p: p.write_text(json.dumps(asdict(snap), indent=1)))
+    atomic_write(meta, lambda p: p.write_text(json.dumps(asdict(snap), indent=1)))
     return snap
 
 def load_snapshot(id_or_path: str, folder: Path | str | None = None, verify: bool = True) -> pl.DataFrame:

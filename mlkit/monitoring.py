@@ -16,8 +16,8 @@ import polars as pl
 from .config import Settings, current_settings
 
 # %% auto #0
-__all__ = ['EPS', 'psi', 'numeric_shares', 'category_shares', 'column_drift', 'thresholds', 'drift', 'read_labels', 'performance',
-           'monitor', 'retirement', 'enforce', 'render_html', 'log_report', 'card_data', 'render_card']
+__all__ = ['EPS', 'psi', 'numeric_shares', 'category_shares', 'column_drift', 'thresholds', 'drift', 'read_labels', 'join_labels',
+           'performance', 'monitor', 'retirement', 'enforce', 'render_html', 'log_report', 'card_data', 'render_card']
 
 # %% ../nbs/80_monitoring.ipynb #6d742c40
 EPS = 1e-4  # floor of a bin share in PSI
@@ -101,10 +101,13 @@ def read_labels(path) -> pl.DataFrame:
     if missing: raise ValueError(f"{path}: labels file needs columns request_id and label (missing {', '.join(missing)})")
     return df.with_columns(pl.col("request_id").cast(pl.String), pl.col("label").cast(pl.String))
 
-def performance(log: pl.DataFrame, labels: pl.DataFrame) -> dict:
-    "Live accuracy and per-class recall of logged predictions that have a true label."
+def join_labels(log: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
+    "The logged rows that have a true label, with it as `label` (joined on `request_id`, and `row` when the file has it)."
     keys = ["request_id", "row"] if "row" in labels.columns else ["request_id"]
-    j = log.join(labels.select(*keys, "label"), on=keys, how="inner")
+    return log.join(labels.select(*keys, "label"), on=keys, how="inner")
+
+def performance(j: pl.DataFrame) -> dict:
+    "Live accuracy and per-class recall of logged predictions joined with their true labels (`join_labels`)."
     if j.is_empty(): return {"labelled_rows": 0, "accuracy": None, "recall": {}}
     hit = j["prediction"] == j["label"]
     recall = {str(k): float(v) for k, v in j.with_columns(hit.alias("hit")).group_by("label").agg(pl.col("hit").mean()).iter_rows()}
@@ -128,8 +131,8 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
                                       "psi": {d["column"]: d.get("psi") for d in w["columns"]},
                                       "prediction_psi": w["classes"]["psi"] if w["classes"] else None})
     if labels is not None:
-        report["performance"] = performance(log, labels)
-        truth = log.join(labels.select([c for c in ("request_id", "row") if c in labels.columns] + ["label"]), on=[c for c in ("request_id", "row") if c in labels.columns])
+        truth = join_labels(log, labels)
+        report["performance"] = performance(truth)
         t = drift(profile, truth.rename({"label": "true_label"}), [], limits, "true_label", label)
         report["label_drift"] = t["classes"]
         if t["alert"]: report["alerts"] = [*report["alerts"], *t["alerts"]]; report["alert"] = True

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import Settings, SettingsError, current_settings, tool_env
+from .data import atomic_write
 from .features import FeatureSpec
 from .models import Bundle, bundle_sha256, load_bundle
 
@@ -191,9 +192,8 @@ class PredictionLog:
     def _write(self, batch: list):
         if not batch: return
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order
-        tmp = self.folder / f".{name}.tmp"
-        self._frame(batch).write_parquet(tmp, compression="lz4")  # lz4: a fraction of zstd's CPU beside serving
-        os.replace(tmp, self.folder / name)
+        frame = self._frame(batch)  # lz4 below: a fraction of zstd's CPU beside serving
+        atomic_write(self.folder / name, lambda p: frame.write_parquet(p, compression="lz4"))
 
     def _run(self):
         batch, first, queued = [], None, 0
@@ -539,6 +539,8 @@ class ModelServer:
         self.request_log = s.request_log
         self._logger = request_logger()
         self._series = {role: self._labelled(role) for role in self.models}
+        from starlette.responses import Response  # BentoML's web stack
+        self._response = Response
 
     def _labelled(self, role: str) -> dict:
         "The metric series of one role, labelled once (a `labels()` lookup per request and metric costs a lock and a dict)."
@@ -621,8 +623,7 @@ class ModelServer:
                       "ms": round((time.perf_counter() - t0) * 1000, 3)}
             if status != 200: fields.update(error=res["error"], detail=res["detail"], field=res.get("field"), row=res.get("row"))
             self._logger.log(logging.INFO if status == 200 else logging.WARNING, "predict", extra={"fields": fields})
-        from starlette.responses import Response
-        return Response(json.dumps(res).encode(), status_code=status, media_type="application/json")
+        return self._response(json.dumps(res).encode(), status_code=status, media_type="application/json")
 
     async def _shadow(self, rows: list, champion_res: dict, request_id: str):
         c = self.models["challenger"]
@@ -721,16 +722,18 @@ def start_service(target: str, host: str | None = None, port: int | None = None,
     cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", host, "--port", str(port)]
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/readyz") -> float:
-    "Wait until `url` + `path` answers 200; returns the seconds waited. Raises if `proc` exits or time runs out."
+def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/readyz",
+               instance: str | None = None) -> float:
+    """Wait until `url` + `path` answers 200 (from the service tagged `instance`, when given: `deploy` on a shared port);
+    returns the seconds waited. Raises if `proc` exits or time runs out."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None: raise RuntimeError(f"service exited with code {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(url + path, timeout=2) as r:
-                if r.status == 200: return time.monotonic() - t0
+                if r.status == 200 and (instance is None or r.headers.get("x-mlkit-instance") == instance): return time.monotonic() - t0
         except OSError: pass
-        time.sleep(0.25)
+        time.sleep(0.1 if instance else 0.25)
     raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s")
 
 def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
@@ -762,18 +765,6 @@ def current_deployment(name: str, settings: Settings | None = None) -> dict | No
     if not f.is_file(): return None
     rec = json.loads(f.read_text())
     return rec if _alive(rec["pid"]) else None
-
-def _wait_instance(url: str, instance: str, proc: subprocess.Popen, timeout: float) -> float:
-    "Wait until the service tagged `instance` answers `/readyz` 200 on a (possibly shared) address."
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None: raise RuntimeError(f"the new service exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url + "/readyz", headers={"Connection": "close"}), timeout=2) as r:
-                if r.status == 200 and r.headers.get("x-mlkit-instance") == instance: return time.monotonic() - t0
-        except OSError: pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the new service on {url} was not ready after {timeout:.0f} s")
 
 def _stop_pid(pid: int, timeout: float = 60.0):
     "SIGTERM the process group of a service started by `deploy` (not our child any more) and wait for it to go."
@@ -813,7 +804,7 @@ def deploy(name: str, bento: str, version: str = "", settings: Settings | None =
     log = settings.runs_dir / f"deploy-{name}-{time.strftime('%Y%m%dT%H%M%S')}-{instance[:6]}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     proc = start_service(bento, host, port, settings, log, extra_env={"MLKIT_SERVE__SHARE_PORT": "true", INSTANCE_ENV: instance})
-    try: waited = _wait_instance(f"http://{host}:{port}", instance, proc, settings.serve.ready_timeout)
+    try: waited = wait_ready(f"http://{host}:{port}", proc, settings.serve.ready_timeout, instance=instance)
     except BaseException:
         stop_service(proc)  # the old service, if any, never stopped serving
         raise
@@ -821,11 +812,7 @@ def deploy(name: str, bento: str, version: str = "", settings: Settings | None =
            "instance": instance, "log": str(log), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "ready_seconds": round(waited, 2), "replaced": old and {k: old[k] for k in ("bento", "version", "pid")},
            "tcp_migrate_req": migrate}
-    f = deployment_file(name, settings)
-    f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, f)
+    atomic_write(deployment_file(name, settings), lambda p: p.write_text(json.dumps(rec, indent=1)))
     if old: _stop_pid(old["pid"])
     append_ledger(settings.ledger_path, model=name, action="deploy", alias="serving", from_version=old and old["version"],
                   to_version=str(version), reason=f"bento {bento} on {host}:{port}")
