@@ -20,7 +20,7 @@ from .config import SettingsError, configure, env_exports, load_settings
 # %% auto #0
 __all__ = ['DEMO_ROWS', 'cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_models_promote',
            'cmd_models_rollback', 'cmd_models_retire', 'cmd_models_history', 'cmd_models_lineage', 'cmd_build',
-           'cmd_serve', 'cmd_deploy', 'cmd_monitor', 'cmd_models_card', 'cmd_data_check', 'cmd_data_snapshot',
+           'cmd_serve', 'cmd_deploy', 'cmd_monitor', 'cmd_gc', 'cmd_models_card', 'cmd_data_check', 'cmd_data_snapshot',
            'cmd_data_profile', 'build', 'post_json', 'cmd_demo', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #088b0ee5
@@ -243,6 +243,15 @@ def cmd_monitor(args) -> int:
         elif done.get("action") == "flag-retire": _out(f"enforced: version {done['version']} flagged for retirement (audit ledger)")
     return 1 if rep["alert"] else 0
 
+def cmd_gc(args) -> int:
+    "Apply the `[retention]` settings (or with --dry-run, only show what would go); one record in the audit ledger."
+    from mlkit.retention import gc
+    s = configure()
+    plan, rec = gc(dry_run=args.dry_run, settings=s)
+    if args.json: _out(json.dumps({"dry_run": args.dry_run, **plan.to_dict(), "ledger_seq": rec and rec["seq"]}, indent=1))
+    else: _out(plan.table(dry_run=args.dry_run) + ("" if rec is None else f"\nrecorded in the audit ledger (record {rec['seq']})"))
+    return 0
+
 def cmd_models_card(args) -> int:
     "Write the HTML model card of NAME@ALIAS (or NAME/VERSION)."
     from mlkit.data import atomic_write
@@ -432,6 +441,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--html", help="write the self-contained HTML report here")
     sp.add_argument("--log", action="store_true", help="log the report to MLflow (experiment `monitoring`)")
     sp.add_argument("--enforce", action="store_true", help="apply the retirement criteria: roll champion back or flag the version")
+    sp = add("gc", cmd_gc, "remove what [retention] lets go: old snapshots, retired Bentos, old prediction logs, deleted runs")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be removed and why; delete nothing")
+    sp.add_argument("--json", action="store_true")
     data = sub.add_parser("data", help="check, snapshot and profile data files", description="check, snapshot and profile data files")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     sp = dsub.add_parser("check", help="validate DATA against a contract (exit 0 pass, 1 failed check, 2 unreadable)")

@@ -23,6 +23,7 @@ SETTINGS_ENV = "MLKIT_SETTINGS"  # names the settings file explicitly
 
 _positive = (lambda v: v > 0, "must be > 0")
 _port = (lambda v: 0 < v < 65536, "must be a port number 1-65535")
+_days = (lambda v: v >= 0, "must be >= 0 (days)")
 
 _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, optional (check, message))
     "project": {"state_dir": (Path, ".mlkit"), "train_dir": (Path, "nbs/train"), "bentos_dir": (Path, "bentos")},
@@ -46,6 +47,8 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
                 "min_rows": (int, 500, _positive), "window": (str, "1h"),
                 "accuracy_floor": (float, 0.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")),
                 "retire_after_windows": (int, 3, _positive)},
+    "retention": {"snapshot_days": (float, 30.0, _days), "prediction_log_days": (float, 90.0, _days),
+                  "deleted_run_days": (float, 7.0, _days), "keep_retired_bentos": (bool, False)},
     "gate": {"metric": (str, "test_accuracy"), "direction": (str, "max", (lambda v: v in ("max", "min"), "must be max or min")),
              "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")), "floors": (str, "")},
 }
