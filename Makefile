@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## train -> register -> promote -> build -> serve -> predict, on the embedded default
 	$(BIN)/mlkit demo
 
-test: $(STAMP)  ## nbdev discipline, nbdev-test, ruff, pytest
+test: $(STAMP)  ## nbdev discipline, nbdev-test, ruff, pytest (installs Debian's chromium when missing: the HTML render test)
 	bash .ci/test
 
 lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1 (root, as in containers and CI, needs --allow-root)
