@@ -217,7 +217,9 @@ def cmd_monitor(args) -> int:
     if args.until: log = log.filter(pl.col("time") < stamp(args.until))
     if log.is_empty(): raise ValueError(f"no logged predictions of {args.name!r} between {args.since or 'the start'} and {args.until or 'now'}")
     version = args.version or max(log["version"].unique().to_list(), key=lambda v: int(v) if str(v).isdigit() else -1)
+    versions = sorted(map(str, log["version"].unique().to_list()))
     log = log.filter(pl.col("version") == str(version))
+    if log.is_empty(): raise ValueError(f"no logged predictions of {args.name!r} version {version} (logged versions: {', '.join(versions)})")
     with fetched_bundle(args.name, version=version) as (bundle, _):
         profile, contract = (json.loads((bundle / f).read_text()) for f in ("profile.json", "contract.json"))
     labels = read_labels(args.labels) if args.labels else None

@@ -168,6 +168,8 @@ class Contract:
             if spec.get("dtype") not in DTYPES: raise DataError(f"{where}: column {c!r}: dtype {spec.get('dtype')!r} not one of {DTYPES}")
         for c in [self.label, *self.slices]:
             if c is not None and c not in self.columns: raise DataError(f"{where}: {c!r} is named as label or slice but is not a column")
+            if c is not None and self.columns[c].get("pii"):  # metrics per slice and class name its values in reports and cards
+                raise DataError(f"{where}: column {c!r} is pii: it cannot be the label or a slice (its values would appear in reports)")
 
     @classmethod
     def load(cls, path: str | Path) -> Contract:
@@ -371,13 +373,17 @@ class Snapshot:
     @property
     def short(self) -> str: return self.id.split(":")[1][:12]
 
-def atomic_write(path: Path, write) -> None:
-    "Write through a temp file in the same folder, then rename into place."
+_UMASK = os.umask(0o022); os.umask(_UMASK)  # the process's umask, read once (it can only be read by setting it)
+
+def atomic_write(path: Path, write, mode: int | None = None) -> None:
+    """Write through a temp file in the same folder, then rename into place. The file gets `mode`, by default what
+    `open()` would give it (0666 less the umask; `mkstemp`'s temp files are owner-only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -412,12 +418,13 @@ def load_snapshot(id_or_path: str, folder: Path | str | None = None, verify: boo
 # %% ../nbs/10_data.ipynb #08e7e959
 PROFILE_QUANTILES = [i / 10 for i in range(11)]
 
-def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100) -> dict:
-    "Reference statistics of every column (JSON-able), in two passes over the data."
+def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100, pii: list | tuple = ()) -> dict:
+    """Reference statistics of every column (JSON-able), in two passes over the data.
+    `pii` columns (`Contract.pii`) get their null rate only: no value of theirs (category, quantile) enters a profile."""
     lf = data.lazy()
     schema = lf.collect_schema()
-    nums = [c for c, t in schema.items() if t.is_numeric()]
-    cats = [c for c in schema.names() if c not in nums]
+    nums = [c for c, t in schema.items() if t.is_numeric() and c not in pii]
+    cats = [c for c in schema.names() if c not in nums and c not in pii]
     exprs = [pl.len().alias("__rows")] + [pl.col(c).null_count().alias(f"{c}__nulls") for c in schema.names()]
     for c in nums:
         x = _finite(c, schema[c])
@@ -438,6 +445,8 @@ def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100) 
         freqs = {str(k): v / total for k, v in zip(g[c].head(max_categories).to_list(), g["__n"].head(max_categories).to_list())}
         cols[c] = {"dtype": str(schema[c]), "null_rate": stats[f"{c}__nulls"] / n if n else 0.0, "kind": "category",
                    "frequencies": freqs, "n_categories": len(g), "other_share": max(0.0, 1 - sum(freqs.values()))}
+    for c in pii:
+        if c in schema: cols[c] = {"dtype": str(schema[c]), "null_rate": stats[f"{c}__nulls"] / n if n else 0.0, "kind": "pii"}
     if nums:  # share of values in each reference bin, for PSI later: a second pass of counts `x <= edge`, edges from the first
         edges = {c: sorted({v for q, v in cols[c]["quantiles"].items() if q not in ("0.0", "1.0") and v is not None}) for c in nums}
         sums = []
@@ -455,7 +464,7 @@ def _finite(c: str, dtype: pl.DataType) -> pl.Expr:
     "Column `c` without missing or non-finite values (integers as they are: cheaper quantiles)."
     return pl.col(c).cast(pl.Float64).filter(pl.col(c).is_finite()) if dtype.is_float() else pl.col(c).drop_nulls()
 
-# %% ../nbs/10_data.ipynb #f1f1467e
+# %% ../nbs/10_data.ipynb #b1ecbb3a
 def encode_labels(df: pl.DataFrame, contract: Contract):
     "Integer codes (int64 numpy) of the label column of `df`, in the order of `contract.classes`."
     name, classes = contract.label, contract.classes

@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import random
+import secrets
 import shutil
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +36,13 @@ from .features import FeatureSpec
 from .models import Bundle, bundle_sha256, load_bundle
 
 # %% auto #0
-__all__ = ['NUMBER_LIMIT', 'FEATURE_BOUND', 'ERROR_SCHEMA', 'ERROR_ANSWERS', 'API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS',
-           'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'MIGRATE_REQ', 'InvalidInput',
-           'validate_records', 'Predictor', 'PredictionLog', 'prediction_log', 'request_id', 'read_prediction_log',
-           'request_schema', 'response_schema', 'openapi_doc', 'api_key_hashes', 'ServiceGuard', 'guard_service',
-           'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento', 'JSONFormatter', 'request_logger',
-           'service_config', 'Overloaded', 'ModelServer', 'model_server', 'build_bento', 'free_port', 'start_service',
-           'wait_ready', 'stop_service', 'deployment_file', 'current_deployment', 'deploy', 'undeploy']
+__all__ = ['NUMBER_LIMIT', 'FEATURE_BOUND', 'PII_KEY_ENV', 'ERROR_SCHEMA', 'ERROR_ANSWERS', 'API_KEYS_ENV', 'OPEN_PATHS',
+           'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'MIGRATE_REQ',
+           'InvalidInput', 'validate_records', 'Predictor', 'pii_key', 'PredictionLog', 'prediction_log', 'request_id',
+           'read_prediction_log', 'request_schema', 'response_schema', 'openapi_doc', 'api_key_hashes', 'ServiceGuard',
+           'guard_service', 'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento', 'JSONFormatter',
+           'request_logger', 'service_config', 'Overloaded', 'ModelServer', 'model_server', 'build_bento', 'free_port',
+           'start_service', 'wait_ready', 'stop_service', 'deployment_file', 'current_deployment', 'deploy', 'undeploy']
 
 # %% ../nbs/70_serving.ipynb #5b35395d
 class InvalidInput(ValueError):
@@ -110,6 +112,16 @@ class Predictor:
         cls = self.classes
         return [{"label": cls[i], "probabilities": dict(zip(cls, p))} for i, p in zip(proba.argmax(1).tolist(), proba.tolist())]
 
+    def format_json(self, proba: np.ndarray) -> str:
+        "`json.dumps(self.format(proba))` (the same text), written directly: half the time of building the dicts first."
+        if not np.isfinite(proba).all(): return json.dumps(self.format(proba))
+        if not hasattr(self, "_json_parts"):
+            self._json_parts = ([f'{{"label": {json.dumps(c)}, "probabilities": {{' for c in self.classes],
+                                [f"{json.dumps(c)}: " for c in self.classes])
+        heads, keys = self._json_parts
+        return "[" + ", ".join(heads[i] + ", ".join([k + repr(v) for k, v in zip(keys, p)]) + "}}"
+                               for i, p in zip(proba.argmax(1).tolist(), proba.tolist())) + "]"
+
     def predict(self, rows: list[dict], max_rows: int | None = None) -> list[dict]:
         "Validate `rows` and return one `{label, probabilities}` per row."
         return self.format(self.predict_proba(validate_records(self.contract, rows, max_rows)))
@@ -142,19 +154,40 @@ class Predictor:
         return out
 
 # %% ../nbs/70_serving.ipynb #e6b25dfe
+PII_KEY_ENV = "MLKIT_PII_KEY"
+
+def pii_key(settings: Settings | None = None, env: dict | None = None) -> bytes:
+    """The secret that keys the hashes of `pii` values: `MLKIT_PII_KEY`, else `<state>/pii.key`, made once (owner-only).
+    A plain SHA-256 of a name or an e-mail address is undone by hashing a list of candidates; a keyed one is not, and
+    the same value still gets the same hash within a project (joins and counts keep working)."""
+    env = os.environ if env is None else env
+    if env.get(PII_KEY_ENV): return env[PII_KEY_ENV].encode()
+    path = (settings or current_settings()).state_dir / "pii.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pii.key.")  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f: f.write(secrets.token_hex(32))
+            os.link(tmp, path)  # atomic and exclusive: a worker that lost the race reads the winner's key
+        except FileExistsError: pass
+        finally: os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
+
 class PredictionLog:
-    "Append served rows to Parquet parts in the background; `pii` columns hashed."
+    "Append served rows to Parquet parts in the background; `pii` columns as keyed hashes (HMAC-SHA256), never raw."
     def __init__(self,
                  folder: Path | str,  # `<state>/predictions/<model>` normally
                  contract: dict,  # the bundle's contract: feature columns, classes and pii flags
                  flush_rows: int = 5_000,  # write a part once this many rows are queued...
                  flush_seconds: float = 2.0,  # ...or this long after the first queued row
+                 pii_key: bytes | None = None,  # the key of the pii hashes (default: the project's, `pii_key()`)
                  ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.label = contract["label"]
         self.features = [c for c in contract["columns"] if c != self.label]
         self.pii = {c for c, s in contract["columns"].items() if s.get("pii")}
+        self._pii_key = (pii_key or globals()["pii_key"]()) if self.pii else b""
         self.classes = list(contract["columns"][self.label]["categories"])
         import polars as pl  # raw values as the contract types them (ints in a float column become floats)
         kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
@@ -165,11 +198,12 @@ class PredictionLog:
         self._thread.start()
 
     def log(self, rows: list[dict], response: dict, request_id: str, answered_by: str = "champion",
-            proba: np.ndarray | None = None):
-        "Queue one request's rows and predictions (returns at once; `proba`, the class probabilities, saves a re-read)."
+            proba: np.ndarray | None = None, labels: list | None = None):
+        """Queue one request's rows and predictions (returns at once). `response` is the answer (`model`, `version`,
+        `predictions`); given the class probabilities `proba` and predicted `labels`, it needs only `model` and `version`."""
         if proba is None: proba = np.array([[p["probabilities"][k] for k in self.classes] for p in response["predictions"]])
-        self._q.put((time.time(), request_id, answered_by, response["model"], response["version"], rows,
-                     [p["label"] for p in response["predictions"]], proba))
+        if labels is None: labels = [p["label"] for p in response["predictions"]]
+        self._q.put((time.time(), request_id, answered_by, response["model"], response["version"], rows, labels, proba))
 
     def _frame(self, batch: list):
         "One frame of queued requests, built column-wise (this runs beside serving: it must stay cheap per row)."
@@ -182,7 +216,7 @@ class PredictionLog:
                 "row": [i for k in n for i in range(k)], "answered_by": rep(2), "model": rep(3), "version": rep(4)}
         for c in self.features:
             vals = feats[c]
-            if c in self.pii: vals = [None if v is None else hashlib.sha256(str(v).encode()).hexdigest() for v in vals.to_list()]
+            if c in self.pii: vals = [None if v is None else hmac.digest(self._pii_key, str(v).encode(), "sha256").hex() for v in vals.to_list()]
             cols[c] = vals
         cols["prediction"] = [x for b in batch for x in b[6]]
         P = np.concatenate([b[7] for b in batch]).astype("float64", copy=False)
@@ -217,7 +251,8 @@ class PredictionLog:
 def prediction_log(predictor: Predictor, settings: Settings | None = None) -> PredictionLog:
     "The prediction log of a served predictor: `<state>/predictions/<model>/`."
     settings = settings or current_settings()
-    return PredictionLog(settings.predictions_dir / (predictor.name or "model"), predictor.contract)
+    return PredictionLog(settings.predictions_dir / (predictor.name or "model"), predictor.contract,
+                         pii_key=pii_key(settings) if any(s.get("pii") for s in predictor.contract["columns"].values()) else None)
 
 _ids = random.Random()  # seeded from os.urandom in each worker process
 
@@ -232,7 +267,7 @@ def read_prediction_log(folder: Path | str):
     parts = sorted(Path(folder).glob("part-*.parquet"))
     return pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed") if parts else pl.DataFrame()
 
-# %% ../nbs/70_serving.ipynb #db222ee0
+# %% ../nbs/70_serving.ipynb #d83c9859
 ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"], "properties": {
     "error": {"type": "string", "description": "what went wrong, as a code (e.g. invalid_input, unauthorized)"},
     "detail": {"description": "what exactly, naming the field (a string, or the parser's list of errors for a 400)"},
@@ -303,7 +338,7 @@ def openapi_doc(spec: dict, contract: dict, max_rows: int, secured: bool, route:
         op["security"] = [{"bearer": []}]
     return spec
 
-# %% ../nbs/70_serving.ipynb #73bb6298
+# %% ../nbs/70_serving.ipynb #4064f9c7
 API_KEYS_ENV = "MLKIT_API_KEYS"  # comma-separated API keys (a secret: never in settings.ini, never logged)
 OPEN_PATHS = ("/healthz", "/livez", "/readyz", "/metrics")
 DOCS_PATHS = ("/", "/docs.json", "/schema.json", "/docs")
@@ -421,7 +456,7 @@ def guard_service(service, settings: Settings | None = None, models: dict | None
                                 docs_need_key=settings.serve.docs_need_key, openapi=openapi if models else None)
     return service
 
-# %% ../nbs/70_serving.ipynb #aba5b6d1
+# %% ../nbs/70_serving.ipynb #ffe7e4a2
 BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # development: the model tag `bentoml serve bentos/<name>` packs (else `<name>:latest`)
 MODELS_FILE = "mlkit-models.json"  # written into a Bento's build context by `build_bento`
 
@@ -457,7 +492,7 @@ def predictor_from_bento(stored) -> Predictor:
     return Predictor.from_bundle(Path(stored.path) / "bundle", name=labels.get("mlkit_model", stored.tag.name),
                                  version=labels.get("mlkit_version", ""), expected_sha256=labels.get("mlkit_bundle_sha256"))
 
-# %% ../nbs/70_serving.ipynb #0489974d
+# %% ../nbs/70_serving.ipynb #07e0b114
 _METRICS: dict = {}
 
 def _metrics() -> dict:
@@ -535,6 +570,9 @@ class ModelServer:
         self.log = prediction_log(champion, settings) if log else None
         self._series = {role: self._labelled(role) for role in self.models}
         self._batch = {role: self._batcher(p, self._series[role]["batch"], s) for role, p in self.models.items()} if s.batching else {}
+        # unbatched, each request's forward pass runs on one model thread, as BentoML runs a sync API: the event loop never
+        # runs model code, so probes, metrics and request parsing do not wait for a forward pass (a bigger model's or a GPU's)
+        self._model_thread = None if s.batching else ThreadPoolExecutor(1, thread_name_prefix="mlkit-model")
         self._pending: set = set()
         self._rng = random.Random()
         self.request_log = s.request_log
@@ -566,7 +604,7 @@ class ModelServer:
         "Class probabilities for validated rows: batched with other requests' rows, or alone."
         if role in self._batch: return await self._batch[role](rows)
         self._series[role]["batch"].observe(len(rows))
-        return self.models[role].predict_proba(rows)
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.models[role].predict_proba, rows)
 
     def route(self) -> str:
         "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
@@ -574,6 +612,11 @@ class ModelServer:
 
     async def respond(self, rows: list, request_id: str) -> dict:
         "Validate, score (batched) and log one request; raises `InvalidInput` (a 4xx) or `Overloaded` (a 503)."
+        role, p, proba = await self._answer(rows, request_id)
+        return {"model": p.name, "version": p.version, "answered_by": role, "predictions": p.format(proba)}
+
+    async def _answer(self, rows: list, request_id: str) -> tuple[str, Predictor, np.ndarray]:
+        "`respond` before its answer is formatted: who answered, and the class probabilities."
         role = self.route()
         p, m = self.models[role], self._series[role]
         t0 = time.perf_counter()
@@ -585,17 +628,18 @@ class ModelServer:
         except Overloaded:
             m["overloaded"].inc()
             raise
-        res = {"model": p.name, "version": p.version, "answered_by": role, "predictions": p.format(proba)}
         m["ok"].inc()
         m["rows"].inc(len(rows))
-        for k, n in enumerate(np.bincount(proba.argmax(1), minlength=len(p.classes)).tolist()):
+        top = proba.argmax(1)
+        for k, n in enumerate(np.bincount(top, minlength=len(p.classes)).tolist()):
             if n: m["classes"][k].inc(n)
         m["latency"].observe(time.perf_counter() - t0)
-        if self.log: self.log.log(rows, res, request_id, role, proba)
+        labels = [p.classes[i] for i in top.tolist()]
+        if self.log: self.log.log(rows, {"model": p.name, "version": p.version}, request_id, role, proba, labels)
         if self.shadow and role == "champion":  # scored after the answer, off the request's path
-            task = asyncio.get_running_loop().create_task(self._shadow(rows, res, request_id))
+            task = asyncio.get_running_loop().create_task(self._shadow(rows, labels, request_id))
             self._pending.add(task); task.add_done_callback(self._pending.discard)
-        return res
+        return role, p, proba
 
     async def handle(self, rows: list, ctx):
         """Answer one `/predict` of a BentoML service: status, headers, a JSON error body naming the field, a log line.
@@ -605,41 +649,43 @@ class ModelServer:
         headers = ctx.response.headers
         headers["x-request-id"] = rid
         try:
-            res = await self.respond(rows, rid)
+            role, p, proba = await self._answer(rows, rid)
         except InvalidInput as e:
             status, res = 422, {"error": "invalid_input", "detail": str(e), "field": e.field, "row": e.row}
         except Overloaded as e:
             status, res = 503, {"error": "overloaded", "detail": str(e)}
             headers["retry-after"] = "1"
         else:
-            status = 200
-            headers["x-mlkit-model"], headers["x-mlkit-answered-by"] = f"{res['model']}/{res['version']}", res["answered_by"]
+            status, res = 200, {"model": p.name, "version": p.version, "answered_by": role}
+            headers["x-mlkit-model"], headers["x-mlkit-answered-by"] = f"{p.name}/{p.version}", role
         ctx.response.status_code = status
         if self.request_log == "all" or (self.request_log == "errors" and status != 200):
-            p = self.models["champion"]
-            fields = {"request_id": rid, "status": status, "model": res.get("model", p.name), "version": res.get("version", p.version),
+            champ = self.models["champion"]
+            fields = {"request_id": rid, "status": status, "model": res.get("model", champ.name), "version": res.get("version", champ.version),
                       "answered_by": res.get("answered_by"), "rows": len(rows) if isinstance(rows, list) else None,
                       "ms": round((time.perf_counter() - t0) * 1000, 3)}
             if status != 200: fields.update(error=res["error"], detail=res["detail"], field=res.get("field"), row=res.get("row"))
             self._logger.log(logging.INFO if status == 200 else logging.WARNING, "predict", extra={"fields": fields})
-        return self._response(json.dumps(res).encode(), status_code=status, media_type="application/json")
+        body = json.dumps(res) if status != 200 else json.dumps(res)[:-1] + ', "predictions": ' + p.format_json(proba) + "}"
+        return self._response(body.encode(), status_code=status, media_type="application/json")
 
-    async def _shadow(self, rows: list, champion_res: dict, request_id: str):
+    async def _shadow(self, rows: list, champion_labels: list, request_id: str):
         c = self.models["challenger"]
         try:
             validate_records(c.contract, rows, self.max_rows)
             proba = await self._scores("challenger", rows)
-            res = {"model": c.name, "version": c.version, "answered_by": "shadow", "predictions": c.format(proba)}
+            labels = [c.classes[i] for i in proba.argmax(1).tolist()]
         except Exception:  # a shadow never affects serving; it is counted
             self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc(); return
         self.metrics["requests"].labels(c.name, c.version, "shadow", "ok").inc()
-        differ = sum(a["label"] != b["label"] for a, b in zip(res["predictions"], champion_res["predictions"]))
+        differ = sum(a != b for a, b in zip(labels, champion_labels))
         if differ: self.metrics["shadow"].labels(c.name, c.version).inc(differ)
-        if self.log: self.log.log(rows, res, request_id, "shadow", proba)
+        if self.log: self.log.log(rows, {"model": c.name, "version": c.version}, request_id, "shadow", proba, labels)
 
     async def aclose(self):
         "Finish shadow scoring still in flight, then write everything the prediction log holds."
         if self._pending: await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._model_thread: self._model_thread.shutdown()
         if self.log: self.log.close()
 
 def model_server(service, settings: Settings | None = None) -> ModelServer:
@@ -651,7 +697,7 @@ def model_server(service, settings: Settings | None = None) -> ModelServer:
     gc.collect(); gc.freeze()  # the loaded frameworks' objects leave the GC's generations: no long pauses under load
     return server
 
-# %% ../nbs/70_serving.ipynb #07e0b114
+# %% ../nbs/70_serving.ipynb #f70db368
 def _run_bentoml(args: list[str], settings: Settings, extra_env: dict | None = None, cwd: Path | None = None) -> str:
     bentoml = Path(sys.executable).parent / "bentoml"
     env = {**os.environ, **tool_env(settings), **(extra_env or {})}
@@ -746,7 +792,7 @@ def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
             os.killpg(proc.pid, signal.SIGKILL); proc.wait()
     return proc.returncode
 
-# %% ../nbs/70_serving.ipynb #c65cc6e7
+# %% ../nbs/70_serving.ipynb #8bb466e3
 def _alive(pid: int) -> bool:
     "Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."
     try: os.kill(pid, 0)

@@ -1,5 +1,6 @@
 """A real `bentoml serve` of the Bento built from the registry, called over HTTP on 127.0.0.1."""
 import json
+import re
 import urllib.request
 
 import pytest
@@ -160,11 +161,32 @@ def test_both_configured_keys_work_and_bentoml_client_sends_the_token(service):
     assert out["model"] == "penguins" and len(out["predictions"]) == 1
 
 
+def _partial_post(url: str, length: int, first: bytes, headers: dict) -> tuple[int, dict]:
+    "POST announcing `length` body bytes but sending only `first`; the status and JSON body of the answer."
+    import socket
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{u.hostname}:{u.port}", "Content-Length": length, **headers}.items())
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall(f"POST /predict HTTP/1.1\r\n{head}\r\n".encode() + first)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(re.search(rb"(?i)content-length: (\d+)", data).group(1)):
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed after {data!r}"
+            data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)
+
+
 def test_oversized_body_is_413_before_reading(service):
-    big = json.dumps({"rows": [ROW] * 12_000}).encode()  # > 1 MiB
-    assert len(big) > 1_048_576
-    status, body = _raw(service["url"], "/predict", big, {"Content-Type": "application/json", **AUTH})
-    assert status == 413 and "exceeds the limit" in json.loads(body)["detail"]
+    "A body announced over the limit is refused at its headers: the 413 arrives while most of the body was never sent."
+    big = 12_000 * len(json.dumps(ROW))  # > 1 MiB
+    assert big > 1_048_576
+    h = {"Content-Type": "application/json", **AUTH}
+    status, body = _partial_post(service["url"], big, b"", {**h, "Expect": "100-continue"})  # as curl sends large bodies
+    assert status == 413 and "exceeds the limit" in body["detail"] and body["error"] == "payload_too_large"
+    status, body = _partial_post(service["url"], big, b'{"rows": [' + b" " * 65536, h)  # a client that does not wait
+    assert status == 413 and "exceeds the limit" in body["detail"]
 
 
 def test_oversized_chunked_body_is_413(service):
