@@ -53,6 +53,27 @@ def test_batch_and_records_agree(train, serve):
     assert np.isfinite(batch).all()  # every odd value follows a policy: no NaN or inf reaches the model
 
 
+# the encoders a served record takes without a frame (mlkit.features._transform_values): numeric chains and one-hot
+DIRECT_STEPS = [
+    {"op": "impute", "column": "x", "strategy": "median"}, {"op": "clip", "column": "x", "q_lower": 0.1, "q_upper": 0.9},
+    {"op": "standardize", "column": "x"}, {"op": "minmax", "column": "n"}, {"op": "passthrough", "column": "flag"},
+    {"op": "one_hot", "column": "cat", "unknown": "bucket"},
+    {"op": "impute", "column": "cat", "strategy": "most_frequent"}, {"op": "one_hot", "column": "cat", "name": "cat_filled"},
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(train=frames(min_rows=2), serve=frames(cats=("a", "b", "zz", "")))
+def test_records_without_a_frame_agree_with_the_frame_path(train, serve):
+    "A request's records skip polars (numpy encoders fed the values): bit for bit what `transform` gives on a frame."
+    from mlkit.features import _transform_values
+    spec = FeatureSpec(DIRECT_STEPS, INPUTS).fit(train)
+    direct = _transform_values(spec, serve.to_dicts())
+    assert direct is not None  # the spec is one the direct path takes
+    same(direct, spec.transform(serve))
+    same(spec.transform_records(serve.to_dicts()), direct)
+
+
 def test_records_with_missing_keys_and_ints():
     train = pl.DataFrame({"x": [1.0, 2.0, 3.0], "n": [1, 2, 3], "cat": ["a", "b", "a"], "flag": [True, False, True]})
     spec = FeatureSpec(STEPS, INPUTS).fit(train)
