@@ -781,18 +781,6 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
         time.sleep(0.1 if instance else 0.25)
     raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s")
 
-def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
-    "Stop a service started by `start_service` (its whole process group); returns its exit code."
-    import signal
-    if proc.poll() is None:
-        try: os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError: pass
-        try: proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
-    return proc.returncode
-
-# %% ../nbs/70_serving.ipynb #8bb466e3
 def _alive(pid: int) -> bool:
     "Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."
     try: os.kill(pid, 0)
@@ -801,6 +789,42 @@ def _alive(pid: int) -> bool:
     try: return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
     except (OSError, IndexError): return True
 
+def _descendants(pid: int) -> list[int]:
+    "Every process below `pid`, from /proc (circus starts each BentoML worker in a session of its own)."
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try: kids.setdefault(int(stat.read_text().rsplit(") ", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError): continue
+    out, todo = [], [pid]
+    while todo: out += (k := kids.get(todo.pop(), [])); todo += k
+    return out
+
+def _stop_leftovers(pids: list[int], grace: float = 10.0):
+    "SIGTERM, then SIGKILL after `grace` s, the processes of `pids` still running: workers whose arbiter died without them."
+    import signal
+    for pid in (live := [p for p in pids if _alive(p)]):
+        try: os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+    deadline = time.monotonic() + grace
+    while (live := [p for p in live if _alive(p)]) and time.monotonic() < deadline: time.sleep(0.1)
+    for pid in live:
+        try: os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+
+def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    "Stop a service started by `start_service` (its process group, and its workers, which have sessions of their own); returns its exit code."
+    import signal
+    if proc.poll() is None:
+        workers = _descendants(proc.pid)
+        try: os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+        try: proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+        _stop_leftovers(workers)  # the arbiter stops its workers; if it died first, they would serve on as orphans
+    return proc.returncode
+
+# %% ../nbs/70_serving.ipynb #8bb466e3
 def deployment_file(name: str, settings: Settings | None = None) -> Path:
     return (settings or current_settings()).state_dir / "deployments" / f"{name}.json"
 
@@ -814,6 +838,7 @@ def current_deployment(name: str, settings: Settings | None = None) -> dict | No
 def _stop_pid(pid: int, timeout: float = 60.0):
     "SIGTERM the process group of a service started by `deploy` (not our child any more) and wait for it to go."
     import signal
+    workers = _descendants(pid)
     try: os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError: return
     deadline = time.monotonic() + timeout
@@ -821,6 +846,7 @@ def _stop_pid(pid: int, timeout: float = 60.0):
     if _alive(pid):
         try: os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError: pass
+    _stop_leftovers(workers)
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 

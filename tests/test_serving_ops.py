@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO, mlkit
@@ -153,7 +154,7 @@ def test_corrupt_bundle_never_serves(trained, tmp_path):
 def test_prediction_log_parts_survive_kill_9(trained, tmp_path):
     "After `kill -9` mid-traffic every finished prediction-log part is readable and no half-written file is picked up."
     from mlkit.config import load_settings, tool_env
-    from mlkit.serving import free_port, read_prediction_log, wait_ready
+    from mlkit.serving import _descendants, free_port, read_prediction_log, wait_ready
     bento = mlkit("build", "penguins", "--version", "1", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
     env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
     port = free_port()
@@ -174,9 +175,12 @@ def test_prediction_log_parts_survive_kill_9(trained, tmp_path):
         t.start()
         time.sleep(2.5)  # some parts written while requests keep coming
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        workers = _descendants(proc.pid)  # circus starts each worker in a session of its own: killpg misses them
+        for pid in [proc.pid, *workers]: os.kill(pid, signal.SIGKILL)
         proc.wait(30)
     stop.set(); t.join()
+    alive = lambda: [pid for pid in workers if Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert workers and _wait(lambda: not alive(), 10), f"the worker that writes the log was not killed: {alive()}"
     parts = sorted(folder.glob("part-*.parquet"))
     assert parts and sent
     import polars as pl
