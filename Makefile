@@ -28,10 +28,21 @@ test: $(STAMP)  ## nbdev discipline, nbdev-test, ruff, pytest (installs Debian's
 lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1 (root, as in containers and CI, needs --allow-root)
 	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --notebook-dir . $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
-bench: $(STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
+# Evidently, the monitoring benchmark's peer, from the `bench` extra into a venv of its own (it needs pandas < 3).
+BENCH_VENV ?= .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.mlkit-bench-installed
+
+$(BENCH_STAMP): pyproject.toml
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench']))" \
+	  > $(BENCH_VENV)/requirements.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet -r $(BENCH_VENV)/requirements.txt
+	@touch $@
+
+bench: $(STAMP) $(BENCH_STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
 	@command -v ab >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q apache2-utils >/dev/null; } \
 	  || { echo "make bench needs ab (apt-get install apache2-utils)"; exit 2; }
-	$(BIN)/python bench/run.py
+	DO_NOT_TRACK=1 MLKIT_BENCH_EVIDENTLY_PYTHON=$(BENCH_VENV)/bin/python $(BIN)/python bench/run.py
 
 clean-state:  ## remove the embedded state folder (.mlkit/)
 	rm -rf .mlkit

@@ -4,6 +4,7 @@
 
 A benchmark prints nothing required; it writes a JSON list of figures to the path given by --out:
     {"name", "unit", "value", "baseline", "baseline_label", "target": {"of": "value"|"ratio", "op": "<="|">=", "limit"}}
+and optionally "text" / "baseline_text" (a verdict in words, shown in the report instead of the numbers) and "detail".
 The harness adds ratio = value / baseline and ok, writes bench/reports/latest.{json,md}, and exits 1 when a target is
 missed or a benchmark fails.
 """
@@ -81,8 +82,10 @@ def markdown(report: dict) -> str:
         t = f.get("target")
         tgt = f"{t['of']} {t['op']} {t['limit']}" if t else "-"
         base = f"{fmt(f.get('baseline'), f['unit'])} ({f.get('baseline_label', '')})" if f.get("baseline") is not None else "-"
+        base = f.get("baseline_text", base).replace("|", "\\|")  # a verdict in words: text / baseline_text
+        value = f.get("text", fmt(f["value"], f["unit"])).replace("|", "\\|")
         ratio = f"{f['ratio']:.2f}x" if f.get("ratio") is not None else "-"
-        lines.append(f"| {f['name']} | {fmt(f['value'], f['unit'])} | {base} | {ratio} | {tgt} | "
+        lines.append(f"| {f['name']} | {value} | {base} | {ratio} | {tgt} | "
                      f"{'yes' if f['ok'] else '**MISSED**'} |")
     return "\n".join(lines) + "\n"
 

@@ -16,8 +16,8 @@ import polars as pl
 from .config import Settings, current_settings
 
 # %% auto #0
-__all__ = ['EPS', 'psi', 'numeric_shares', 'category_shares', 'column_drift', 'thresholds', 'drift', 'read_labels', 'join_labels',
-           'performance', 'monitor', 'retirement', 'enforce', 'render_html', 'log_report', 'card_data', 'render_card']
+__all__ = ['EPS', 'psi', 'tally', 'column_drift', 'thresholds', 'drift', 'read_labels', 'join_labels', 'performance', 'monitor',
+           'retirement', 'enforce', 'render_html', 'log_report', 'card_data', 'render_card']
 
 # %% ../nbs/80_monitoring.ipynb #6d742c40
 EPS = 1e-4  # floor of a bin share in PSI
@@ -26,43 +26,74 @@ def psi(ref: list[float], live: list[float]) -> float:
     "Population stability index of two share vectors over the same bins."
     return float(sum((max(a, EPS) - max(e, EPS)) * math.log(max(a, EPS) / max(e, EPS)) for e, a in zip(ref, live)))
 
-def numeric_shares(s: pl.Series, edges: list[float]) -> tuple[list[float], int]:
-    "Shares of the finite values of `s` in the bins `(-inf, e0], (e0, e1], ..., (ek, inf)`, and how many values counted."
-    x = s.cast(pl.Float64)
-    x = x.filter(x.is_finite())
-    n = len(x)
-    if n == 0: return [0.0] * (len(edges) + 1), 0
-    cum = [int((x <= e).sum()) for e in edges] + [n]
-    return [(b - a) / n for a, b in zip([0, *cum[:-1]], cum)], n
+def _bin(c: str, edges: list[float] | None) -> pl.Expr:
+    "Bin of each value of `c`: 0..k for `(-inf, e0], (e0, e1], ..., (ek, inf)`, -1 for NaN or infinite, -2 for null."
+    if edges is None: return pl.when(pl.col(c).is_null()).then(-2).otherwise(-1)  # a number column profiled without bins
+    x = pl.col(c).cast(pl.Float64)
+    inside = pl.sum_horizontal([(x > e).cast(pl.Int32) for e in edges]) if edges else pl.lit(0, pl.Int32)
+    return pl.when(x.is_null()).then(-2).when(x.is_finite()).then(inside).otherwise(-1)
 
-def category_shares(s: pl.Series, ref: dict[str, float]) -> tuple[dict[str, float], float, int]:
-    "Shares of the reference categories among the non-null values of `s`, the share of unseen ones, and the count."
-    vals = s.drop_nulls()
-    n = len(vals)
-    if n == 0: return {k: 0.0 for k in ref}, 0.0, 0
-    vc = vals.value_counts()
-    counts = dict(zip(map(str, vc[:, 0].to_list()), vc["count"].to_list()))
-    shares = {k: counts.get(k, 0) / n for k in ref}
-    return shares, max(0.0, 1.0 - sum(shares.values())), n
+def _empty(profile: dict, columns: dict[str, str]) -> dict:
+    "A tally of no rows."
+    n_bins = lambda ref: len(ref["bins"]["edges"]) + 1 if "bins" in ref else 0
+    return {"rows": 0, "columns": {c: {"nulls": 0, "counts": [0] * n_bins(profile["columns"][r]) if profile["columns"][r]["kind"] == "number" else {}}
+                                   for c, r in columns.items()}}
 
-# %% ../nbs/80_monitoring.ipynb #21fcddf6
-def column_drift(name: str, ref: dict, live: pl.Series) -> dict:
-    "PSI, null-rate change and (categories) unseen share of one live column against its reference profile entry."
-    n = len(live)
-    null_rate = live.null_count() / n if n else 0.0
-    out = {"column": name, "kind": ref["kind"], "rows": n, "null_rate": null_rate, "ref_null_rate": ref["null_rate"],
+def tally(
+    live: pl.DataFrame,  # live rows
+    profile: dict,  # the reference profile (`mlkit.data.profile_frame`)
+    columns: dict[str, str],  # live column -> the profile column it is compared with
+    by: pl.Series | None = None,  # a group key per row (e.g. the time window); none: one group, `None`
+) -> dict:
+    "Per group: rows, and for each column its nulls and its counts in the reference bins (numbers) or per category."
+    group = (by if by is not None else pl.repeat(None, len(live), eager=True)).alias("__group")
+    frame = (live.select(*columns).with_columns(group) if columns else group.to_frame()).lazy()
+    keys = [_bin(c, profile["columns"][r].get("bins", {}).get("edges")) if profile["columns"][r]["kind"] == "number" else pl.col(c)
+            for c, r in columns.items()]
+    rows, *counted = pl.collect_all([frame.group_by("__group").len("__n"),
+                                     *(frame.group_by("__group", k.alias("__value")).len("__n") for k in keys)])
+    out = {g: {**_empty(profile, columns), "rows": n} for g, n in rows.iter_rows()}
+    for (c, r), t in zip(columns.items(), counted):
+        number = profile["columns"][r]["kind"] == "number"
+        for g, v, n in t.iter_rows():
+            d = out[g]["columns"][c]
+            if v is None or (number and v == -2): d["nulls"] += n
+            elif not number: d["counts"][str(v)] = d["counts"].get(str(v), 0) + n
+            elif v >= 0: d["counts"][v] += n
+    return out
+
+def _sum(tallies: list[dict], profile: dict, columns: dict[str, str]) -> dict:
+    "The tally of several groups together."
+    out = _empty(profile, columns)
+    for t in tallies:
+        out["rows"] += t["rows"]
+        for c, d in t["columns"].items():
+            o = out["columns"][c]
+            o["nulls"] += d["nulls"]
+            if isinstance(d["counts"], list): o["counts"] = [a + b for a, b in zip(o["counts"], d["counts"])]
+            else: o["counts"] = {k: o["counts"].get(k, 0) + d["counts"].get(k, 0) for k in {**o["counts"], **d["counts"]}}
+    return out
+
+# %% ../nbs/80_monitoring.ipynb #53535bec
+def column_drift(name: str, ref: dict, rows: int, counted: dict) -> dict:
+    "PSI, null-rate change and (categories) unseen share of one live column (its `tally`) against its reference profile entry."
+    null_rate = counted["nulls"] / rows if rows else 0.0
+    out = {"column": name, "kind": ref["kind"], "rows": rows, "null_rate": null_rate, "ref_null_rate": ref["null_rate"],
            "null_rate_change": abs(null_rate - ref["null_rate"])}
     if ref["kind"] == "number":
         if "bins" not in ref: return {**out, "psi": None}
-        shares, _ = numeric_shares(live, ref["bins"]["edges"])
+        n = sum(counted["counts"])
+        shares = [v / n for v in counted["counts"]] if n else [0.0] * len(counted["counts"])
         out.update(psi=psi(ref["bins"]["shares"], shares), ref_shares=ref["bins"]["shares"], live_shares=shares,
                    edges=ref["bins"]["edges"])
     else:
-        freqs = ref["frequencies"]
-        shares, unseen, _ = category_shares(live, freqs)
-        out.update(psi=psi([*freqs.values(), ref.get("other_share", 0.0)], [*shares.values(), unseen]),
-                   unseen_rate=unseen if ref.get("other_share", 0.0) == 0.0 else None,
-                   ref_shares={**freqs, "(unseen)": ref.get("other_share", 0.0)}, live_shares={**shares, "(unseen)": unseen})
+        freqs, n = ref["frequencies"], sum(counted["counts"].values())
+        other = ref.get("other_share", 0.0)
+        other = other if other > 1e-9 else 0.0  # 1 - sum(frequencies) is ~1e-16, not 0, for some complete profiles
+        shares = {k: counted["counts"].get(k, 0) / n if n else 0.0 for k in freqs}
+        unseen = max(0.0, 1.0 - sum(shares.values())) if n else 0.0
+        out.update(psi=psi([*freqs.values(), other], [*shares.values(), unseen]), unseen_rate=unseen if other == 0.0 else None,
+                   ref_shares={**freqs, "(unseen)": other}, live_shares={**shares, "(unseen)": unseen})
     return out
 
 def thresholds(settings: Settings | None = None) -> dict:
@@ -71,12 +102,11 @@ def thresholds(settings: Settings | None = None) -> dict:
     return {"psi": m.psi_threshold, "null_rate_change": m.null_rate_change, "unseen_rate": m.unseen_rate,
             "prediction_psi": m.prediction_psi, "min_rows": m.min_rows}
 
-def drift(profile: dict, live: pl.DataFrame, columns: list[str], limits: dict, class_column: str | None = None,
-          class_ref: str | None = None) -> dict:
-    "Drift of one window of `live` against `profile` for `columns` (+ the class distribution `class_column` vs `class_ref`)."
-    cols = [column_drift(c, profile["columns"][c], live[c]) for c in columns if c in profile["columns"] and c in live.columns]
+def _verdict(profile: dict, t: dict, columns: list[str], limits: dict, class_column: str | None, class_ref: str | None) -> dict:
+    "Drift of one tally: every column's `column_drift` (+ the class distribution), the alerts, and whether it was judged."
+    cols = [column_drift(c, profile["columns"][c], t["rows"], t["columns"][c]) for c in columns]
     alerts = []
-    judged = len(live) >= limits["min_rows"]
+    judged = t["rows"] >= limits["min_rows"]
     for d in cols:
         if d.get("psi") is not None and d["psi"] > limits["psi"]: alerts.append(f"{d['column']}: PSI {d['psi']:.3f} > {limits['psi']}")
         if d["null_rate_change"] > limits["null_rate_change"]:
@@ -84,15 +114,27 @@ def drift(profile: dict, live: pl.DataFrame, columns: list[str], limits: dict, c
         if d.get("unseen_rate") is not None and d["unseen_rate"] > limits["unseen_rate"]:
             alerts.append(f"{d['column']}: {d['unseen_rate']:.1%} of values never seen in training")
     classes = None
-    if class_column is not None and class_column in live.columns and class_ref in profile["columns"]:
-        ref = profile["columns"][class_ref]
-        classes = column_drift(class_column, ref, live[class_column])
+    if class_column is not None:
+        classes = column_drift(class_column, profile["columns"][class_ref], t["rows"], t["columns"][class_column])
         if classes["psi"] > limits["prediction_psi"]:
             alerts.append(f"{class_column}: class distribution PSI {classes['psi']:.3f} > {limits['prediction_psi']}")
-    return {"rows": len(live), "judged": judged, "alerts": alerts if judged else [], "alert": judged and bool(alerts),
+    return {"rows": t["rows"], "judged": judged, "alerts": alerts if judged else [], "alert": judged and bool(alerts),
             "columns": cols, "classes": classes}
 
-# %% ../nbs/80_monitoring.ipynb #dac81fd5
+def _compared(profile: dict, live: pl.DataFrame, columns: list[str], class_column: str | None, class_ref: str | None):
+    "The columns of `live` that have a profile entry (+ the class column, when both sides have it): live name -> profile name."
+    cols = [c for c in columns if c in profile["columns"] and c in live.columns]
+    has_classes = class_column is not None and class_column in live.columns and class_ref in profile["columns"]
+    return cols, (class_column if has_classes else None), {**{c: c for c in cols}, **({class_column: class_ref} if has_classes else {})}
+
+def drift(profile: dict, live: pl.DataFrame, columns: list[str], limits: dict, class_column: str | None = None,
+          class_ref: str | None = None) -> dict:
+    "Drift of one window of `live` against `profile` for `columns` (+ the class distribution `class_column` vs `class_ref`)."
+    cols, class_column, pairs = _compared(profile, live, columns, class_column, class_ref)
+    t = _sum(list(tally(live, profile, pairs).values()), profile, pairs)
+    return _verdict(profile, t, cols, limits, class_column, class_ref)
+
+# %% ../nbs/80_monitoring.ipynb #a76a9229
 def read_labels(path) -> pl.DataFrame:
     "A labels file (CSV, Parquet or NDJSON) with `request_id`, an optional `row`, and `label`."
     from mlkit.data import read_data
@@ -120,16 +162,18 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
     limits, window = thresholds(settings), window or settings.monitor.window
     label = contract["label"]
     feats = [c for c in contract["columns"] if c != label and not contract["columns"][c].get("pii")]
-    log = log.filter(pl.col("answered_by") != "shadow") if "answered_by" in log.columns else log
+    if "answered_by" in log.columns and (log["answered_by"].null_count() or (log["answered_by"] == "shadow").any()):
+        log = log.filter(pl.col("answered_by") != "shadow")  # copied only when there is something to drop
+    cols, classes, pairs = _compared(profile, log, feats, "prediction", label)
+    windows = tally(log, profile, pairs, log["time"].dt.truncate(window)) if len(log) else {}
     report = {"rows": len(log), "thresholds": limits, "window": window, "versions": sorted(map(str, log["version"].unique().to_list())) if len(log) else [],
               "since": str(log["time"].min()) if len(log) else None, "until": str(log["time"].max()) if len(log) else None,
-              **drift(profile, log, feats, limits, "prediction", label), "windows": []}
-    if len(log):
-        for start, part in _windows(log, window):
-            w = drift(profile, part, feats, limits, "prediction", label)
-            report["windows"].append({"start": str(start), "rows": w["rows"], "alert": w["alert"], "alerts": w["alerts"],
-                                      "psi": {d["column"]: d.get("psi") for d in w["columns"]},
-                                      "prediction_psi": w["classes"]["psi"] if w["classes"] else None})
+              **_verdict(profile, _sum(list(windows.values()), profile, pairs), cols, limits, classes, label), "windows": []}
+    for start in sorted(windows, key=lambda s: (s is not None, s)):  # in time order (a row without a time first)
+        w = _verdict(profile, windows[start], cols, limits, classes, label)
+        report["windows"].append({"start": str(start), "rows": w["rows"], "alert": w["alert"], "alerts": w["alerts"],
+                                  "psi": {d["column"]: d.get("psi") for d in w["columns"]},
+                                  "prediction_psi": w["classes"]["psi"] if w["classes"] else None})
     if labels is not None:
         truth = join_labels(log, labels)
         report["performance"] = performance(truth)
@@ -142,13 +186,7 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
             report["alerts"] = [*report["alerts"], f"live accuracy {acc:.3f} < floor {floor}"]; report["alert"] = True
     return report
 
-def _windows(log: pl.DataFrame, every: str):
-    "(start, rows) of each time window of `every` (a polars duration such as `1h`, `15m`, `1d`)."
-    log = log.with_columns(pl.col("time").dt.truncate(every).alias("_window"))
-    for (start,), part in log.sort("_window").group_by("_window", maintain_order=True):
-        yield start, part.drop("_window")
-
-# %% ../nbs/80_monitoring.ipynb #95ba3a72
+# %% ../nbs/80_monitoring.ipynb #254a73bb
 def retirement(report: dict, settings: Settings | None = None) -> dict:
     "Whether a monitoring report meets the retirement criteria, and why."
     m = (settings or current_settings()).monitor
@@ -179,7 +217,7 @@ def enforce(name: str, version: str, verdict: dict, settings: Settings | None = 
     _client().set_model_version_tag(name, str(version), "mlkit.retirement_flag", reason[:4900])
     return {"action": "flag-retire", "version": str(version), "reason": reason}
 
-# %% ../nbs/80_monitoring.ipynb #c36fa6f8
+# %% ../nbs/80_monitoring.ipynb #58789ba9
 def _bars(ref: list[float], live: list[float], labels: list[str], width: int = 360, height: int = 90) -> str:
     "Inline SVG: reference (grey) and live (blue) shares side by side per bin."
     k, top = max(len(ref), 1), max([*ref, *live, 1e-9])
@@ -246,7 +284,7 @@ def log_report(report: dict, html: str, settings: Settings | None = None) -> str
             mlf.log_artifacts(d, "monitoring")
     return run.info.run_id
 
-# %% ../nbs/80_monitoring.ipynb #cd15b653
+# %% ../nbs/80_monitoring.ipynb #18e31b57
 def _artifact_json(client, run_id: str, path: str):
     try:
         with tempfile.TemporaryDirectory() as d: return json.loads(Path(client.download_artifacts(run_id, path, d)).read_text())
