@@ -37,12 +37,13 @@ from .models import Bundle, bundle_sha256, load_bundle
 
 # %% auto #0
 __all__ = ['NUMBER_LIMIT', 'FEATURE_BOUND', 'PII_KEY_ENV', 'ERROR_SCHEMA', 'ERROR_ANSWERS', 'API_KEYS_ENV', 'OPEN_PATHS',
-           'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'MIGRATE_REQ',
-           'InvalidInput', 'validate_records', 'Predictor', 'pii_key', 'PredictionLog', 'prediction_log', 'request_id',
-           'read_prediction_log', 'request_schema', 'response_schema', 'openapi_doc', 'api_key_hashes', 'ServiceGuard',
-           'guard_service', 'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento', 'JSONFormatter',
-           'request_logger', 'service_config', 'Overloaded', 'ModelServer', 'model_server', 'build_bento', 'free_port',
-           'start_service', 'wait_ready', 'stop_service', 'deployment_file', 'current_deployment', 'deploy', 'undeploy']
+           'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'SERVER', 'BENTO_MODEL_ENV', 'MODELS_FILE',
+           'MIGRATE_REQ', 'InvalidInput', 'validate_records', 'Predictor', 'pii_key', 'PredictionLog', 'prediction_log',
+           'request_id', 'read_prediction_log', 'request_schema', 'response_schema', 'openapi_doc', 'api_key_hashes',
+           'ServiceGuard', 'guard_service', 'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento',
+           'JSONFormatter', 'request_logger', 'service_config', 'Overloaded', 'ModelServer', 'model_server',
+           'build_bento', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'deployment_file',
+           'current_deployment', 'deploy', 'undeploy']
 
 # %% ../nbs/70_serving.ipynb #5b35395d
 class InvalidInput(ValueError):
@@ -366,11 +367,16 @@ async def _reply(send, status: int, error: str, detail: str, headers: list | Non
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
 
+SERVER = None  # this worker process's `ModelServer`, set by `model_server` once its bundles are loaded and verified
+
 class ServiceGuard:
-    "ASGI middleware: API-key auth, body size limit (413) and JSON-only bodies (415), with JSON error bodies."
-    def __init__(self, app, key_hashes: list[bytes], max_body_bytes: int, docs_need_key: bool = False, openapi=None):
+    """ASGI middleware: API-key auth, body size limit (413) and JSON-only bodies (415), with JSON error bodies; and,
+    once the worker's `ModelServer` is up, `/predict` itself (`_predict`)."""
+    def __init__(self, app, key_hashes: list[bytes], max_body_bytes: int, docs_need_key: bool = False, openapi=None,
+                 predict_path: str = "/predict"):
         self.app, self.keys, self.max_body, self.docs_need_key = app, key_hashes, max_body_bytes, docs_need_key
         self.openapi, self._doc = openapi, None  # openapi: BentoML's spec (a dict) -> the spec to serve
+        self.predict_path = predict_path
 
     def _open(self, path: str) -> bool:
         return path in OPEN_PATHS or (not self.docs_need_key and (path in DOCS_PATHS or path.startswith("/static_content/")))
@@ -411,7 +417,36 @@ class ServiceGuard:
                     if seen > self.max_body:
                         return await _reply(send, 413, "payload_too_large", f"body exceeds the limit of {self.max_body} bytes")
                 receive = self._replay(b"".join(chunks), receive)
+            if scope["path"] == self.predict_path and SERVER is not None:
+                return await self._predict(SERVER, headers, receive, send)
         await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _predict(server, headers: dict, receive, send):
+        """`/predict` answered here rather than by BentoML's API route: the body parsed once by `json`, then
+        `ModelServer.answer`. The route (its context and exception layers, a pydantic model of the body, a bound method
+        and its signature looked up per call) costs ~40% of a 1-row request's CPU; tracing, BentoML's metrics and
+        its request timeout are middleware outside this one and still apply."""
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request": return  # the client went away
+            chunks.append(msg.get("body", b"")); more = msg.get("more_body", False)
+        rows, bad = None, None
+        try: payload = json.loads(b"".join(chunks))
+        except ValueError as e: bad = f"the body is not JSON: {e}"  # UnicodeDecodeError included
+        else:
+            rows = payload.get("rows") if isinstance(payload, dict) else None
+            if not isinstance(payload, dict): bad = 'the body must be a JSON object {"rows": [...]}'
+            elif not isinstance(rows, list): bad = "rows: expected a list of objects"
+            elif (i := next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)) is not None:
+                bad = f"rows[{i}]: expected an object"
+        rid = request_id({"x-request-id": headers.get(b"x-request-id", b"").decode("latin-1")})
+        status, out, body = await server.answer(rows, rid, bad)
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            *((k.encode(), v.encode("latin-1")) for k, v in out.items())]})
+        await send({"type": "http.response.body", "body": body})
 
     @staticmethod
     def _tagged(send):
@@ -454,6 +489,7 @@ def guard_service(service, settings: Settings | None = None, models: dict | None
         return openapi_doc(spec, bento_contract(models["champion"]), settings.serve.max_rows, secured=bool(keys))
     service.add_asgi_middleware(ServiceGuard, key_hashes=keys, max_body_bytes=settings.serve.max_body_bytes,
                                 docs_need_key=settings.serve.docs_need_key, openapi=openapi if models else None)
+    # the service's `/predict` is answered by the guard once `model_server` has run (see `ServiceGuard._predict`)
     return service
 
 # %% ../nbs/70_serving.ipynb #ffe7e4a2
@@ -641,24 +677,25 @@ class ModelServer:
             self._pending.add(task); task.add_done_callback(self._pending.discard)
         return role, p, proba
 
-    async def handle(self, rows: list, ctx):
-        """Answer one `/predict` of a BentoML service: status, headers, a JSON error body naming the field, a log line.
-        Returns a finished JSON response (BentoML passes a returned Response through and adds `ctx`'s status and headers):
-        its generic output path re-derives a JSON schema for every answer, ~15% of a small request's CPU."""
-        rid, t0 = request_id(ctx.request.headers), time.perf_counter()
-        headers = ctx.response.headers
-        headers["x-request-id"] = rid
-        try:
-            role, p, proba = await self._answer(rows, rid)
-        except InvalidInput as e:
-            status, res = 422, {"error": "invalid_input", "detail": str(e), "field": e.field, "row": e.row}
-        except Overloaded as e:
-            status, res = 503, {"error": "overloaded", "detail": str(e)}
-            headers["retry-after"] = "1"
+    async def answer(self, rows, rid: str, bad_request: str | None = None) -> tuple[int, dict, bytes]:
+        """One `/predict` answer: status, headers and JSON body (a 4xx body names the field), and its request-log line.
+        `bad_request`: the body was not `{"rows": [objects]}` (the parser's message): a 400, nothing scored."""
+        t0 = time.perf_counter()
+        headers = {"x-request-id": rid}
+        if bad_request is not None:
+            status, res = 400, {"error": "bad_request", "detail": bad_request}
+            self._series["champion"]["invalid"].inc()
         else:
-            status, res = 200, {"model": p.name, "version": p.version, "answered_by": role}
-            headers["x-mlkit-model"], headers["x-mlkit-answered-by"] = f"{p.name}/{p.version}", role
-        ctx.response.status_code = status
+            try:
+                role, p, proba = await self._answer(rows, rid)
+            except InvalidInput as e:
+                status, res = 422, {"error": "invalid_input", "detail": str(e), "field": e.field, "row": e.row}
+            except Overloaded as e:
+                status, res = 503, {"error": "overloaded", "detail": str(e)}
+                headers["retry-after"] = "1"
+            else:
+                status, res = 200, {"model": p.name, "version": p.version, "answered_by": role}
+                headers["x-mlkit-model"], headers["x-mlkit-answered-by"] = f"{p.name}/{p.version}", role
         if self.request_log == "all" or (self.request_log == "errors" and status != 200):
             champ = self.models["champion"]
             fields = {"request_id": rid, "status": status, "model": res.get("model", champ.name), "version": res.get("version", champ.version),
@@ -667,7 +704,17 @@ class ModelServer:
             if status != 200: fields.update(error=res["error"], detail=res["detail"], field=res.get("field"), row=res.get("row"))
             self._logger.log(logging.INFO if status == 200 else logging.WARNING, "predict", extra={"fields": fields})
         body = json.dumps(res) if status != 200 else json.dumps(res)[:-1] + ', "predictions": ' + p.format_json(proba) + "}"
-        return self._response(body.encode(), status_code=status, media_type="application/json")
+        return status, headers, body.encode()
+
+    async def handle(self, rows: list, ctx):
+        """Answer one `/predict` of a BentoML service through BentoML's API route (`answer`, with `ctx`'s headers).
+        Returns a finished JSON response (BentoML passes a returned Response through and adds `ctx`'s status and headers):
+        its generic output path re-derives a JSON schema for every answer, ~15% of a small request's CPU. `ServiceGuard`
+        answers `/predict` itself, without this route, once the service has registered its server (`model_server`)."""
+        status, headers, body = await self.answer(rows, request_id(ctx.request.headers))
+        ctx.response.status_code = status
+        ctx.response.headers.update(headers)
+        return self._response(body, status_code=status, media_type="application/json")
 
     async def _shadow(self, rows: list, champion_labels: list, request_id: str):
         c = self.models["challenger"]
@@ -695,6 +742,8 @@ def model_server(service, settings: Settings | None = None) -> ModelServer:
     server = ModelServer(predictor_from_bento(service.champion),
                          predictor_from_bento(challenger) if challenger is not None else None, settings)
     gc.collect(); gc.freeze()  # the loaded frameworks' objects leave the GC's generations: no long pauses under load
+    global SERVER
+    SERVER = server  # the worker's server: `ServiceGuard` answers `/predict` with it directly
     return server
 
 # %% ../nbs/70_serving.ipynb #f70db368
