@@ -6,8 +6,10 @@ unseen categories, the shift of the predicted (or true) class distribution, per 
 # %% ../nbs/80_monitoring.ipynb #ae31b602
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 
@@ -171,7 +173,7 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
               **_verdict(profile, _sum(list(windows.values()), profile, pairs), cols, limits, classes, label), "windows": []}
     for start in sorted(windows, key=lambda s: (s is not None, s)):  # in time order (a row without a time first)
         w = _verdict(profile, windows[start], cols, limits, classes, label)
-        report["windows"].append({"start": str(start), "rows": w["rows"], "alert": w["alert"], "alerts": w["alerts"],
+        report["windows"].append({"start": str(start), "rows": w["rows"], "judged": w["judged"], "alert": w["alert"], "alerts": w["alerts"],
                                   "psi": {d["column"]: d.get("psi") for d in w["columns"]},
                                   "prediction_psi": w["classes"]["psi"] if w["classes"] else None})
     if labels is not None:
@@ -218,54 +220,115 @@ def enforce(name: str, version: str, verdict: dict, settings: Settings | None = 
     return {"action": "flag-retire", "version": str(version), "reason": reason}
 
 # %% ../nbs/80_monitoring.ipynb #58789ba9
-def _bars(ref: list[float], live: list[float], labels: list[str], width: int = 360, height: int = 90) -> str:
-    "Inline SVG: reference (grey) and live (blue) shares side by side per bin."
-    k, top = max(len(ref), 1), max([*ref, *live, 1e-9])
-    bw = width / k
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 14}" role="img">']
-    for i, (e, a) in enumerate(zip(ref, live)):
-        for j, (v, color) in enumerate(((e, "#9aa0a6"), (a, "#1a73e8"))):
-            h = v / top * height
-            parts.append(f'<rect x="{i * bw + j * bw * 0.45 + 1:.1f}" y="{height - h:.1f}" width="{bw * 0.42:.1f}" height="{h:.1f}" fill="{color}">'
-                         f'<title>{_esc(labels[i] if i < len(labels) else "")}: {"reference" if j == 0 else "live"} {v:.3f}</title></rect>')
-    parts.append(f'<line x1="0" y1="{height}" x2="{width}" y2="{height}" stroke="#444"/></svg>')
-    return "".join(parts)
+_REF_COLOR, _LIVE_COLOR = "#9aa0a6", "#1a73e8"  # the bars of the reference (training) and the live shares
 
 def _esc(s) -> str:
     import html
     return html.escape(str(s))
 
+def _num(x, digits: int = 4) -> str:
+    "A number for display: floats to `digits` significant digits (whole when larger), `None` as nothing, the rest as text."
+    if x is None: return ""
+    if isinstance(x, bool) or not isinstance(x, float) or not math.isfinite(x): return str(x)
+    return f"{x:.0f}" if 10 ** digits <= abs(x) < 1e15 else f"{x:.{digits}g}"
+
+_SUBSECOND = re.compile(r"(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d:\d\d)(?:\.\d+)?")
+
+def _time(t) -> str:
+    "A time for display: to the second, a space between date and time, the zone kept."
+    return "" if t is None else _SUBSECOND.sub(r"\1 \2", str(t))
+
+def _bars(
+    ref: list[float],  # reference shares per bin
+    live: list[float],  # live shares per bin
+    labels: list[str],  # a name per bin (its tooltip, and the text under it without `ticks`)
+    ticks: dict[int, str] | None = None,  # numeric bins: edge index -> text, marked between bin i and i + 1
+    width: int = 420, height: int = 80,  # of the plot area, in px
+) -> str:
+    "Inline SVG of reference (grey) and live (blue) shares per bin; under the bins their `labels`, or the edges in `ticks` when given."
+    left, top, k = 34, 6, max(len(ref), 1)
+    peak, bw, base = max([*ref, *live, 1e-9]), (width - left) / k, top + height
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{base + 16}" role="img" font-size="10" fill="#5f6368">',
+           f'<text x="{left - 4}" y="{top + 7}" text-anchor="end">{peak:.0%}</text><text x="{left - 4}" y="{base}" text-anchor="end">0</text>',
+           f'<line x1="{left}" y1="{top}" x2="{width}" y2="{top}" stroke="#e8eaed"/>']
+    for i, (e, a) in enumerate(zip(ref, live)):
+        x, label = left + i * bw, labels[i] if i < len(labels) else ""
+        for j, (v, color) in enumerate(((e, _REF_COLOR), (a, _LIVE_COLOR))):
+            h = v / peak * height
+            svg.append(f'<rect x="{x + j * bw * 0.45 + 1:.1f}" y="{base - h:.1f}" width="{bw * 0.42:.1f}" height="{h:.1f}" fill="{color}">'
+                       f'<title>{_esc(label)}: {"reference" if j == 0 else "live"} {v:.1%}</title></rect>')
+        if ticks is None:  # a category name under its bars, cut to the room it has
+            room = max(1, int(bw / 6))
+            svg.append(f'<text x="{x + bw / 2:.1f}" y="{base + 12}" text-anchor="middle">{_esc(label if len(label) <= room else label[:room - 1] + "…")}</text>')
+    for i, text in (ticks or {}).items():  # an edge lies between bin i and bin i + 1
+        x = left + (i + 1) * bw
+        svg.append(f'<line x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 3}" stroke="#444"/>'
+                   f'<text x="{x:.1f}" y="{base + 13}" text-anchor="middle">{_esc(text)}</text>')
+    svg.append(f'<line x1="{left}" y1="{base}" x2="{width}" y2="{base}" stroke="#444"/></svg>')
+    return "".join(svg)
+
+def _plot(d: dict) -> str:
+    "The bars of one column's `column_drift`: numeric bins with their first, middle and last edge, or categories by name."
+    if d["kind"] == "number":
+        ed = d["edges"]
+        labels = [f"<= {ed[0]:.4g}", *[f"{a:.4g} .. {b:.4g}" for a, b in zip(ed, ed[1:])], f"> {ed[-1]:.4g}"] if ed else ["all"]
+        return _bars(d["ref_shares"], d["live_shares"], labels, {i: f"{ed[i]:.4g}" for i in sorted({0, len(ed) // 2, len(ed) - 1}) if ed})
+    return _bars(list(d["ref_shares"].values()), list(d["live_shares"].values()), list(d["ref_shares"]))
+
+_LIMIT_NAMES = {"psi": "PSI of a feature", "null_rate_change": "null-rate change", "unseen_rate": "unseen share",
+                "prediction_psi": "PSI of the classes", "min_rows": "rows to judge a window"}
+
+def _psi_cell(v, limit) -> str:
+    "A PSI as a table cell, red when it crosses `limit` (none: never)."
+    if v is None: return '<td class="n">-</td>'
+    return f'<td class="n{" hi" if limit is not None and v > limit else ""}">{v:.3f}</td>'
+
 def render_html(report: dict) -> str:
     "A self-contained HTML page of a monitoring report."
-    e = _esc
-    status = f'<p class="bad">ALERT: {e("; ".join(report["alerts"]))}</p>' if report["alert"] else '<p class="ok">No threshold crossed.</p>'
-    rows = []
-    for d in report["columns"] + ([report["classes"]] if report.get("classes") else []):
-        if d.get("ref_shares") is None: continue
-        if d["kind"] == "number":
-            ed = d["edges"]
-            labels = [f"<= {ed[0]:.4g}", *[f"{a:.4g} .. {b:.4g}" for a, b in zip(ed, ed[1:])], f"> {ed[-1]:.4g}"]
-            ref, live = d["ref_shares"], d["live_shares"]
-        else:
-            labels, ref, live = list(d["ref_shares"]), list(d["ref_shares"].values()), list(d["live_shares"].values())
-        psi = "-" if d.get("psi") is None else f"{d['psi']:.3f}"
-        rows.append(f"<tr><td>{e(d['column'])}</td><td>{psi}</td><td>{d['ref_null_rate']:.3f} &rarr; {d['null_rate']:.3f}</td>"
-                    f"<td>{_bars(ref, live, labels)}</td></tr>")
+    e, limits = _esc, report["thresholds"]
+    min_rows = limits.get("min_rows", 0)
+    if report["alert"]: status = f'<p class="bad">ALERT: {e("; ".join(report["alerts"]))}</p>'
+    elif not report.get("judged", True): status = f'<p class="dim">Not judged: {report["rows"]} rows, fewer than the {min_rows} a verdict needs.</p>'
+    else: status = '<p class="ok">No threshold crossed.</p>'
+    plotted = [(d, limits["psi"]) for d in report["columns"]] + [(d, limits["prediction_psi"]) for d in (report.get("classes"), report.get("label_drift")) if d]
+    rows = "".join(f"<tr><td>{e(d['column'])}</td>{_psi_cell(d.get('psi'), limit)}<td class='n'>{d['ref_null_rate']:.3f} &rarr; {d['null_rate']:.3f}</td>"
+                   f"<td>{_plot(d)}</td></tr>" for d, limit in plotted if d.get("ref_shares") is not None)
     cols = [d["column"] for d in report["columns"]]
-    win = "".join(f"<tr><td>{e(w['start'])}</td><td>{w['rows']}</td><td>{'ALERT' if w['alert'] else 'ok'}</td>"
-                  + "".join(f"<td>{'-' if w['psi'].get(c) is None else format(w['psi'][c], '.3f')}</td>" for c in cols) + "</tr>"
-                  for w in report.get("windows", []))
-    perf = report.get("performance")
-    perf_html = "" if not perf else (f"<h2>Live performance</h2><p>accuracy {perf['accuracy']} on {perf['labelled_rows']} labelled rows; "
-                                     f"recall per class: {e(perf['recall'])}</p>")
+    windows = report.get("windows", [])
+    classes = any(w.get("prediction_psi") is not None for w in windows)
+    win = []
+    for w in windows:
+        judged = w.get("judged", w["rows"] >= min_rows)
+        verdict = (f'<td class="bad" title="{e("; ".join(w["alerts"]))}">ALERT</td>' if w["alert"] else
+                   "<td>ok</td>" if judged else f'<td>not judged <span class="t">(&lt; {min_rows} rows)</span></td>')
+        win.append(f'<tr{"" if judged else " class=dim"}><td class="t">{e(_time(w["start"]))}</td><td class="n">{w["rows"]}</td>{verdict}'
+                   + "".join(_psi_cell(w["psi"].get(c), limits["psi"] if judged else None) for c in cols)
+                   + (_psi_cell(w.get("prediction_psi"), limits["prediction_psi"] if judged else None) if classes else "") + "</tr>")
+    perf, perf_html = report.get("performance"), ""
+    if perf:
+        if not perf["labelled_rows"]: perf_html = "<p>No logged prediction has a label yet.</p>"
+        else:
+            few = f" (fewer than {min_rows}: not judged)" if perf["labelled_rows"] < min_rows else ""
+            perf_html = (f"<p>accuracy <b>{_num(perf['accuracy'])}</b> on {perf['labelled_rows']} labelled rows{few}.</p>"
+                         "<table><tr><th>class</th><th>recall</th></tr>"
+                         + "".join(f"<tr><td>{e(k)}</td><td class='n'>{_num(v)}</td></tr>" for k, v in perf["recall"].items()) + "</table>")
+        perf_html = "<h2 id=\"performance\">Live performance</h2>" + perf_html
+    limits_html = ("<table class='limits'><tr>" + "".join(f"<th>{e(_LIMIT_NAMES.get(k, k))}</th>" for k in limits)
+                   + "</tr><tr>" + "".join(f"<td class='n'>{e(_num(v))}</td>" for v in limits.values()) + "</tr></table>")
+    swatch = lambda color: f'<span class="sw" style="background:{color}"></span>'
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mlkit monitoring: {e(report.get('model', ''))}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#202124}}table{{border-collapse:collapse}}td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left}}
-.bad{{color:#b00020;font-weight:bold}}.ok{{color:#137333;font-weight:bold}}</style></head><body>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#202124}}table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ddd;padding:4px 8px;text-align:left}}
+.n{{text-align:right;font-variant-numeric:tabular-nums}}.t{{white-space:nowrap}}.bad{{color:#b00020;font-weight:bold}}.ok{{color:#137333;font-weight:bold}}
+.hi{{color:#b00020;font-weight:600}}.dim,.dim td{{color:#80868b}}.limits th{{font-weight:normal;color:#5f6368;font-size:.9em}}
+.legend{{color:#5f6368}}.sw{{display:inline-block;width:.9em;height:.9em;vertical-align:-.1em;margin:0 .3em 0 .6em}}</style></head><body>
 <h1 id="verdict">Monitoring: {e(report.get('model', ''))} version {e(report.get('version', ''))}</h1>
-<p>{report['rows']} served rows from {e(report['since'])} to {e(report['until'])}; windows of {e(report['window'])};
-thresholds {e(report['thresholds'])}.</p>{status}
-<h2 id="features">Reference (grey) vs live (blue)</h2><table><tr><th>column</th><th>PSI</th><th>null rate</th><th>shares</th></tr>{''.join(rows)}</table>
-<h2 id="windows">Drift over time</h2><table><tr><th>window</th><th>rows</th><th>verdict</th>{''.join(f'<th>PSI {e(c)}</th>' for c in cols)}</tr>{win}</table>
+<p>{report['rows']} served rows from {e(_time(report['since']))} to {e(_time(report['until']))}, in windows of {e(report['window'])}. Thresholds:</p>
+{limits_html}{status}
+<h2 id="features">Reference (grey) vs live (blue)</h2>
+<p class="legend">{swatch(_REF_COLOR)}reference (training data){swatch(_LIVE_COLOR)}live (served): the share of rows in each bin. Numeric bins are
+the training data's deciles, a few of their edges marked under the axis; categories are named. Hover a bar for its share.</p>
+<table><tr><th>column</th><th>PSI</th><th>null rate</th><th>shares</th></tr>{rows}</table>
+<h2 id="windows">Drift over time</h2><table><tr><th>window</th><th>rows</th><th>verdict</th>{''.join(f'<th>PSI {e(c).replace("_", "_<wbr>")}</th>' for c in cols)}{'<th>PSI classes</th>' if classes else ''}</tr>{''.join(win)}</table>
 {perf_html}</body></html>"""
 
 def log_report(report: dict, html: str, settings: Settings | None = None) -> str:
@@ -284,26 +347,93 @@ def log_report(report: dict, html: str, settings: Settings | None = None) -> str
             mlf.log_artifacts(d, "monitoring")
     return run.info.run_id
 
-# %% ../nbs/80_monitoring.ipynb #18e31b57
+# %% ../nbs/80_monitoring.ipynb #649e2b2c
 def _artifact_json(client, run_id: str, path: str):
     try:
         with tempfile.TemporaryDirectory() as d: return json.loads(Path(client.download_artifacts(run_id, path, d)).read_text())
     except Exception: return None
 
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")  # CSI (colours), OSC, and 2-byte escapes
+_IMAGES = ("data:image/png;", "data:image/jpeg;", "data:image/gif;", "data:image/webp;")  # what a card may show inline
+
+def _plain(text) -> str:
+    "Terminal text as it last looked: escape codes dropped, each line what its last carriage return left."
+    s = _ANSI.sub("", "".join(text) if isinstance(text, list) else str(text))
+    return "\n".join(line.rstrip("\r").rsplit("\r", 1)[-1] for line in s.split("\n"))
+
+@functools.cache
+def _markdown_parser():
+    "A mistune (3.x) parser for the card: raw HTML escaped, headings h4-h6, links as text, only inline images; None without it."
+    import html
+    try: import mistune
+    except ImportError: return None
+    if int(mistune.__version__.split(".")[0]) < 3: return None
+
+    class CardRenderer(mistune.HTMLRenderer):
+        def heading(self, text, level, **attrs): return f"<h{min(level + 3, 6)}>{text}</h{min(level + 3, 6)}>\n"
+        def link(self, text, url, title=None): return text if _esc(url) == text else f'{text} <span class="url">({_esc(url)})</span>'
+        def image(self, text, url, title=None):
+            if url.lower().startswith(_IMAGES): return f'<img alt="{_esc(html.unescape(re.sub("<[^>]*>", "", text)))}" src="{_esc(url)}">'
+            return f'<span class="dim">[image: {text}]</span>'
+    return mistune.create_markdown(renderer=CardRenderer(escape=True), plugins=["strikethrough", "table"])
+
+def _markdown(src: str) -> str:
+    "A markdown cell as safe, self-contained HTML (escaped text in `<pre>` without mistune 3)."
+    md = _markdown_parser()
+    return md(src) if md else f"<pre>{_esc(src)}</pre>"
+
+def _widget_text(state: dict, model_id: str, depth: int = 0) -> str | None:
+    "The saved last state of a widget (a tqdm bar: its text and a bar of `#`) as one line; None when it is not text."
+    import html
+    m = state.get(model_id.removeprefix("IPY_MODEL_"))
+    if m is None or depth > 8: return None
+    s = m.get("state", {})
+    if isinstance(s.get("children"), list):
+        parts = [_widget_text(state, c, depth + 1) for c in s["children"] if isinstance(c, str)]
+        return "".join(p for p in parts if p) or None
+    if m.get("model_name", "").endswith("ProgressModel") and s.get("max"):
+        n = max(0, min(10, round(10 * (s.get("value") or 0) / s["max"])))
+        return "|" + "█" * n + " " * (10 - n) + "|"
+    if isinstance(s.get("value"), str): return html.unescape(re.sub("<[^>]*>", "", s["value"])).replace("\u2007", " ")
+    return None
+
+def _outputs(outputs: list[dict], widgets: dict) -> list[str]:
+    "The outputs of one code cell as HTML: stdout and results plain, stderr folded, widgets as their last state."
+    merged = []  # consecutive pieces of one stream as one
+    for o in outputs:
+        if o.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream" and merged[-1].get("name") == o.get("name"):
+            merged[-1] = {**merged[-1], "text": _plain(merged[-1]["text"]) + "\n" + _plain(o.get("text", ""))}
+        else: merged.append(o)
+    out = []
+    for o in merged:
+        data, kind = o.get("data", {}), o.get("output_type")
+        if kind == "stream":
+            text = _plain(o.get("text", "")).strip("\n")
+            if o.get("name") != "stderr": out.append(f'<pre class="out">{_esc(text)}</pre>'); continue
+            lines = text.split("\n")
+            first = re.sub(r"^\S*:\d+: (?=\w+: )", "", lines[0])  # a warning without its file and line
+            first = first if len(first) <= 110 else first[:109] + "…"
+            out.append(f'<details class="stderr"><summary>stderr, {len(lines)} line{"s" * (len(lines) != 1)}: {_esc(first)}</summary>'
+                       f'<pre class="out">{_esc(text)}</pre></details>')
+        elif "image/png" in data or "image/jpeg" in data:
+            mime = "image/png" if "image/png" in data else "image/jpeg"
+            out.append(f'<img alt="output" src="data:{mime};base64,{"".join(data[mime]).strip()}">')
+        elif "application/vnd.jupyter.widget-view+json" in data and (w := _widget_text(widgets, data["application/vnd.jupyter.widget-view+json"].get("model_id", ""))):
+            out.append(f'<pre class="out dim">{_esc(w)}</pre>')
+        elif "text/plain" in data: out.append(f'<pre class="out">{_esc(_plain(data["text/plain"]))}</pre>')
+        elif kind == "error":
+            out.append(f'<pre class="out bad">{_esc(o.get("ename"))}: {_esc(_plain(o.get("evalue", "")))}</pre>')
+            if o.get("traceback"): out.append(f'<details class="stderr"><summary>traceback</summary><pre class="out">{_esc(_plain(chr(10).join(o["traceback"])))}</pre></details>')
+    return out
+
 def _notebook_html(nb: dict) -> str:
     "Code, markdown, text and PNG outputs of an executed notebook as plain inline HTML (no script, no external URL)."
-    e, out = _esc, []
+    widgets = nb.get("metadata", {}).get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    out = []
     for c in nb.get("cells", []):
         src = "".join(c.get("source", []))
-        if c["cell_type"] == "markdown": out.append(f'<div class="md"><pre>{e(src)}</pre></div>'); continue
-        if c["cell_type"] != "code": continue
-        out.append(f'<pre class="code">{e(src)}</pre>')
-        for o in c.get("outputs", []):
-            data = o.get("data", {})
-            if o.get("output_type") == "stream": out.append(f'<pre class="out">{e("".join(o.get("text", [])))}</pre>')
-            elif "image/png" in data: out.append(f'<img alt="output" src="data:image/png;base64,{"".join(data["image/png"]).strip()}">')
-            elif "text/plain" in data: out.append(f'<pre class="out">{e("".join(data["text/plain"]))}</pre>')
-            elif o.get("output_type") == "error": out.append(f'<pre class="out">{e(o.get("ename"))}: {e(o.get("evalue"))}</pre>')
+        if c["cell_type"] == "markdown": out.append(f'<div class="md">{_markdown(src)}</div>')
+        elif c["cell_type"] == "code": out += [f'<pre class="code">{_esc(src)}</pre>', *_outputs(c.get("outputs", []), widgets)]
     return "\n".join(out)
 
 def card_data(name: str, alias: str | None = "champion", version: str | None = None, settings: Settings | None = None) -> dict:
@@ -336,21 +466,41 @@ def card_data(name: str, alias: str | None = "champion", version: str | None = N
             "history": [{k: r.get(k) for k in ("seq", "time", "who", "action", "alias", "from_version", "to_version", "reason")} for r in hist],
             "notebook": nb, "monitoring": mon}
 
+_LONG_DECIMAL = re.compile(r"\d+\.\d{5,}")
+
+def _cell(v, column: str = "") -> str:
+    "One table cell of a card: nothing for `None`, numbers rounded (whole in the tooltip), times to the second and unwrapped."
+    if v is None: return "<td></td>"
+    if column == "time": return f'<td class="t">{_esc(_time(v))}</td>'
+    if isinstance(v, float): return f'<td class="n" title="{v!r}">{_esc(_num(v))}</td>'
+    if isinstance(v, int) and not isinstance(v, bool): return f'<td class="n">{v}</td>'
+    text = str(v)
+    short = _LONG_DECIMAL.sub(lambda m: _num(float(m.group())), text)  # e.g. a gate's "test_accuracy = 0.9130434782608695"
+    return f"<td>{_esc(short)}</td>" if short == text else f'<td title="{_esc(text)}">{_esc(short)}</td>'
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    "An HTML table of `rows` in the columns `cols`."
+    return ("<table><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in cols) + "</tr>"
+            + "".join("<tr>" + "".join(_cell(r.get(c), c) for c in cols) + "</tr>" for r in rows) + "</table>")
+
 def render_card(d: dict) -> str:
     "A self-contained HTML model card."
-    e = _esc
-    table = lambda rows, cols: ("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>"
-                                + "".join("<tr>" + "".join(f"<td>{e(r.get(c, ''))}</td>" for c in cols) + "</tr>" for r in rows) + "</table>")
+    e, table = _esc, _table
     slices = "".join(f"<h3>{e(s)}</h3>" + table([{"group": g, **v} for g, v in groups.items()], ["group", *next(iter(groups.values()), {}).keys()])
                      for s, groups in (d["slices"] or {}).items() if s != "overall" and isinstance(groups, dict))
     gate = table(d["gate"]["checks"], ["name", "passed", "detail"]) if d["gate"] else "<p>No gate recorded for this version.</p>"
     mon = d["monitoring"]
     mon_html = (f"<p>Latest monitoring run {e(mon['run_id'])}: {'ALERT' if mon.get('alert') == 'true' else 'no alert'}, "
-                f"{e(int(mon.get('rows', 0)))} rows, largest PSI {e(round(mon.get('max_psi', 0.0), 4))}.</p>") if mon else "<p>Not monitored yet.</p>"
+                f"{e(int(mon.get('rows', 0)))} rows, largest PSI {e(_num(mon.get('max_psi', 0.0)))}.</p>") if mon else "<p>Not monitored yet.</p>"
     lineage = "".join(f"<pre>{e(json.dumps(x, indent=1, default=str))}</pre>" for x in d["lineage"])
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Model card: {e(d['name'])} v{e(d['version'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#202124}}table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}}pre{{background:#f6f8fa;padding:.5em;overflow:auto}}img{{max-width:100%}}</style></head><body>
+td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}}pre{{background:#f6f8fa;padding:.5em;overflow:auto}}img{{max-width:100%}}
+.n{{text-align:right;font-variant-numeric:tabular-nums}}.t{{white-space:nowrap}}.dim{{color:#80868b}}.bad{{color:#b00020}}.url{{color:#5f6368;font-size:.9em}}
+.md{{margin:1em 0}}.md h4{{font-size:1.25em;margin:.6em 0 .3em}}.md h5{{font-size:1.1em;margin:.6em 0 .3em}}.md h6{{font-size:1em;margin:.6em 0 .3em}}
+.md blockquote{{margin:.3em 0;padding-left:1em;border-left:3px solid #ddd;color:#5f6368}}.md code{{background:#f6f8fa;padding:0 .2em}}
+details.stderr{{margin:.3em 0 .6em}}details.stderr summary{{color:#80868b;font-size:.85em;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;cursor:pointer}}
+details.stderr pre{{color:#5f6368;font-size:.85em}}</style></head><body>
 <h1 id="model">Model card: {e(d['name'])} version {e(d['version'])}</h1>
 <p>Aliases: {e(', '.join(d['aliases']) or 'none')}. Owner: {e(d['owner'] or 'not set ([card] owner)')}.</p>
 <h2 id="purpose">Purpose</h2><p>{e(d['purpose'] or 'not set ([card] purpose)')}</p>

@@ -129,6 +129,15 @@ def test_model_card_renders_every_section(browser, pages):
     for shown in ("test_accuracy", "beats_champion", "Latest monitoring run", "ALERT", "sha256:", "epochs",
                   "The executed training notebook", "model_name = "):  # the last: the unfolded notebook's code
         assert shown in text, shown
+    html = pages["card"].read_text(encoding="utf-8")
+    assert "\x1b" not in html and "[33m" not in text  # no terminal colour codes
+    history = html.split('id="history"')[1].split("<h2")[0]
+    assert ">None<" not in history and '<td class="t">' in history and not re.search(r":\d\d\.\d", history)  # empty, unwrapped, to the second
+    metrics = html.split('id="metrics"')[1].split('id="lineage"')[0]
+    assert "test_accuracy" in metrics and not re.search(r">[^<]*\d\.\d{6,}[^<]*<", metrics)  # shown rounded (whole in the tooltip)
+    assert "<h4>Train the penguins classifier</h4>" in html  # markdown rendered, below the card's own headings
+    assert '<details class="stderr">' in html and all("UserWarning" not in part.split("</details>")[-1]  # warnings folded away
+                                                      for part in html.split('<details class="stderr">')[1:])
 
 
 def test_monitoring_report_renders_plots_windows_and_verdict(browser, pages):
@@ -140,6 +149,12 @@ def test_monitoring_report_renders_plots_windows_and_verdict(browser, pages):
     assert dom["svgs"] >= len(features) + 1 and dom["svg_rects"] > 0  # one plot per feature, and the predicted classes
     text = dom["text"]
     assert "ALERT: bill_length_mm: PSI" in text and "accuracy" in text
+    assert "reference (training data)" in text and "live (served)" in text  # the legend
+    html = pages["report"].read_text(encoding="utf-8")
+    assert re.search(r"<text[^>]*>Biscoe</text>", html) and re.search(r"<text[^>]*>Adelie</text>", html)  # bins are named
+    assert "{'" not in text and not re.search(r"\d\.\d{8,}", text) and not re.search(r":\d\d\.\d", text)  # no dict repr, rounded
+    windows = html.split('id="windows"')[1].split("</table>")[0]
+    assert windows.count("<tr") - 1 == text.count("not judged (< 500 rows)") >= 4 and ">ok<" not in windows  # < 500 rows each
     assert all(f"PSI {c}" in text for c in features)  # the windows table's columns
     assert dom["table_rows"] >= 2 + len(features) + 1 + 4  # header + features + classes, header + four windows
 
@@ -150,3 +165,21 @@ def test_training_notebook_page_renders_cells_and_outputs(browser, pages):
     for section in ("Data: contract check", "Train, tracked", "Evaluate on the held-out split", "Bundle, log, register"):
         assert any(h.startswith(section) for h in dom["h2"]), (section, dom["h2"])
     assert dom["code_cells"] >= 6 and "epochs = 3" in dom["text"]  # papermill's injected parameters are shown
+
+
+def test_notebook_markdown_in_a_card_stays_inert(browser, tmp_path):
+    "A training notebook whose markdown holds a script, an event handler and a remote image: the card runs and loads none."
+    from mlkit.monitoring import render_card
+    hostile = ["# Notes\n", "<script>console.error('ran')</script>\n\n", "<img src=x onerror=\"console.error('handler')\">\n\n",
+               "![remote](https://example.invalid/i.png) [link](javascript:console.error('link'))\n"]
+    nb = {"cells": [{"cell_type": "markdown", "source": hostile},
+                    {"cell_type": "code", "source": ["x"], "outputs": [{"output_type": "stream", "name": "stderr", "text": ["\x1b[33mwarn\x1b[0m\n"]}]}]}
+    card = {"name": "m", "version": "1", "aliases": [], "owner": "", "purpose": "", "run_id": "r", "dataset_version": "", "params": {},
+            "metrics": {}, "slices": None, "contract": {}, "checks": [], "gate": None, "lineage": [], "history": [], "notebook": nb,
+            "monitoring": None}
+    path = tmp_path / "card.html"
+    path.write_text(render_card(card), encoding="utf-8")
+    assert not EXTERNAL.search(path.read_text())
+    page = browser.open(path, before=OPEN_DETAILS)
+    assert page.problems == [] and page.dom["scripts"] == 0 and page.dom["images"] == [], page.problems
+    assert "<script>console.error('ran')</script>" in page.dom["text"] and "\x1b" not in page.dom["text"]  # shown as text
