@@ -71,16 +71,12 @@ def reset_peak():
 
 def mlkit_monitor(folder: Path, d: Path) -> dict:
     "What `mlkit monitor churn --html F -o F` does after fetching the bundle; returns rows and the log's size."
-    import polars as pl
-
     from mlkit.config import load_settings
-    from mlkit.monitoring import monitor, render_html, retirement
-    from mlkit.serving import read_prediction_log
+    from mlkit.monitoring import monitor, render_html, retirement, served_log
     settings = load_settings(d / "settings.ini", env={})
     profile, contract = (json.loads((d / f).read_text()) for f in ("profile.json", "contract.json"))
     t0 = time.perf_counter()
-    log = read_prediction_log(folder)
-    log = log.filter(pl.col("version") == "1")
+    log, _ = served_log(folder, version="1", model="churn")
     t1 = time.perf_counter()
     rep = {"model": "churn", "version": "1", **monitor(log, profile, contract, settings)}
     rep["retirement"] = retirement(rep, settings)

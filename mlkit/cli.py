@@ -79,10 +79,10 @@ def cmd_predict(args) -> int:
     "Score a data file with a registered model (offline, in batches) and write predictions beside the input rows."
     import polars as pl
     from mlkit.data import atomic_write, read_data
-    from mlkit.registry import fetched_bundle
+    from mlkit.registry import fetched_bundle, parse_ref
     from mlkit.serving import Predictor
     configure()
-    name, alias, version = _model_ref(args.model)
+    name, alias, version = parse_ref(args.model)
     with fetched_bundle(name, alias=alias, version=version) as (bundle, mv):
         pred = Predictor.from_bundle(bundle, name=name, version=str(mv.version))
     df = read_data(args.input)
@@ -186,7 +186,7 @@ def cmd_deploy(args) -> int:
     mv = get_version(args.name, alias="champion")
     bento = mv.tags.get("mlkit.bento")
     if not bento or _bento_champion(s, bento) != f"{args.name}_v{mv.version}":
-        bento = build(args.name, alias="champion")  # none yet, gone from the store, or one that packs this version as challenger
+        bento = build(args.name, version=mv.version)  # the version recorded below, even if the alias moves meanwhile; none yet, gone from the store, or one that packs this version as challenger
     cur = current_deployment(args.name, s)
     if cur and cur["bento"] == bento and not args.restart:
         _out(f"{args.name} version {cur['version']} ({bento}) already serves on http://{cur['host']}:{cur['port']}")
@@ -202,24 +202,11 @@ def cmd_deploy(args) -> int:
 
 def cmd_monitor(args) -> int:
     "Drift of a served model's traffic against its training profile; exit 1 when a `[monitor]` threshold is crossed."
-    import polars as pl
-
     from mlkit.data import atomic_write
-    from mlkit.monitoring import enforce, log_report, monitor, read_labels, render_html, retirement
+    from mlkit.monitoring import enforce, log_report, monitor, read_labels, render_html, retirement, served_log
     from mlkit.registry import fetched_bundle
-    from mlkit.serving import read_prediction_log
     s = configure()
-    folder = s.predictions_dir / args.name
-    log = read_prediction_log(folder) if folder.is_dir() else pl.DataFrame()
-    if log.is_empty(): raise ValueError(f"{folder}: no prediction log for model {args.name!r} (serve it first)")
-    stamp = lambda t: pl.lit(t).str.to_datetime(time_zone=None)
-    if args.since: log = log.filter(pl.col("time") >= stamp(args.since))
-    if args.until: log = log.filter(pl.col("time") < stamp(args.until))
-    if log.is_empty(): raise ValueError(f"no logged predictions of {args.name!r} between {args.since or 'the start'} and {args.until or 'now'}")
-    version = args.version or max(log["version"].unique().to_list(), key=lambda v: int(v) if str(v).isdigit() else -1)
-    versions = sorted(map(str, log["version"].unique().to_list()))
-    log = log.filter(pl.col("version") == str(version))
-    if log.is_empty(): raise ValueError(f"no logged predictions of {args.name!r} version {version} (logged versions: {', '.join(versions)})")
+    log, version = served_log(s.predictions_dir / args.name, args.since, args.until, args.version, model=args.name)
     with fetched_bundle(args.name, version=version) as (bundle, _):
         profile, contract = (json.loads((bundle / f).read_text()) for f in ("profile.json", "contract.json"))
     labels = read_labels(args.labels) if args.labels else None
@@ -258,21 +245,14 @@ def cmd_models_card(args) -> int:
     "Write the HTML model card of NAME@ALIAS (or NAME/VERSION)."
     from mlkit.data import atomic_write
     from mlkit.monitoring import card_data, render_card
+    from mlkit.registry import parse_ref
     s = configure()
-    name, alias, version = _model_ref(args.ref)
+    name, alias, version = parse_ref(args.ref)
     d = card_data(name, alias=alias, version=version, settings=s)
     out = Path(args.output or f"{name}-v{d['version']}-card.html")
     atomic_write(out, lambda p: p.write_text(render_card(d)))
     _out(f"model card of {name} version {d['version']} -> {out}")
     return 0
-
-def _model_ref(ref: str) -> tuple[str, str | None, str | None]:
-    "NAME@ALIAS, NAME@v/VERSION or NAME/VERSION (NAME alone: the champion) -> (name, alias, version)."
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return (name, None, alias[2:]) if alias.startswith("v/") else (name, alias or "champion", None)
-    if "/" in ref: name, version = ref.split("/", 1); return name, None, version
-    return ref, "champion", None
 
 # %% ../nbs/90_cli.ipynb #b290e144
 def cmd_data_check(args) -> int:

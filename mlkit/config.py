@@ -126,6 +126,8 @@ class Settings:
     def ledger_path(self) -> Path: return self.state_dir / "ledger.jsonl"
     @property
     def predictions_dir(self) -> Path: return self.state_dir / "predictions"
+    @property
+    def deployments_dir(self) -> Path: return self.state_dir / "deployments"
 
     def __repr__(self): return f"Settings(file={self.file}, state_dir={self.state_dir})"
 

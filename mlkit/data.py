@@ -400,8 +400,7 @@ def snapshot(
     folder = Path(folder)
     pq, meta = folder / f"{hexid}.parquet", folder / f"{hexid}.json"
     if pq.exists() and meta.exists(): return Snapshot(**json.loads(meta.read_text()))
-    atomic_write(pq, lambda p: df.write_parquet(p, statistics=True))
-    os.chmod(pq, 0o444)
+    atomic_write(pq, lambda p: df.write_parquet(p, statistics=True), mode=0o444)
     snap = Snapshot(vid, str(pq), len(df), df.width, "sha256:" + hashlib.sha256(_schema_repr(df.schema).encode()).hexdigest(),
                     source, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     atomic_write(meta, lambda p: p.write_text(json.dumps(asdict(snap), indent=1)))

@@ -405,20 +405,22 @@ def _blocks(x: pl.Series, size: int):
 def _numeric_into(x: pl.Series, ops: list[tuple], out: np.ndarray, block: int = 1 << 17) -> None:
     "Numeric `ops` on the number (or bool) column `x` into the float32 column `out`, a cache-sized block at a time (NaN inputs read as missing, as in polars' path)."
     if x.dtype == pl.Boolean: x = x.cast(pl.UInt8)
-    fast = [o for o in ops if o[0] is not None]
-    # nulls become what the leading impute fills in (polars fills them without a mask), or NaN
-    fill = (ops[0][1] if ops and ops[0][0] is None else math.nan) if x.null_count() else None
+    fill = _missing_fill(ops) if x.null_count() else None
     buf = np.empty(min(len(x), block))
     o = 0
     for part in _blocks(x, block):
         src = (part if fill is None else part.cast(pl.Float64).fill_null(fill)).to_numpy()
-        _numeric_block(src, ops, fast, out[o:o + len(src)], buf[:len(src)])
+        _numeric_block(src, ops, out[o:o + len(src)], buf[:len(src)])
         o += len(src)
 
-def _numeric_block(src: np.ndarray, ops: list[tuple], fast: list[tuple], dst: np.ndarray, buf: np.ndarray) -> None:
-    "Numeric `ops` on one block `src` (missing values already filled) into `dst`; `fast` is `ops` without the imputes."
+def _missing_fill(ops: list[tuple]) -> float:
+    "What a missing value becomes before numeric `ops`: the leading impute's value (polars fills nulls without a mask), or NaN."
+    return ops[0][1] if ops and ops[0][0] is None else math.nan
+
+def _numeric_block(src: np.ndarray, ops: list[tuple], dst: np.ndarray, buf: np.ndarray) -> None:
+    "Numeric `ops` on one block `src` (missing values already filled) into `dst`."
     with np.errstate(all="ignore"):
-        _ufuncs(fast, src, dst, buf)  # without the imputes: right where no NaN is left to fill
+        _ufuncs([o for o in ops if o[0] is not None], src, dst, buf)  # without the imputes: right where no NaN is left to fill
         # a NaN left in `src` stays NaN to the end and a non-finite value stays non-finite (a sum of finite float32
         # rarely overflows, and then the check is merely pessimistic): only then redo the block with imputes and policy
         if not math.isfinite(np.add.reduce(dst)):
@@ -440,14 +442,22 @@ def _missing_code(cats: list, fill: str | None) -> int:
     "The one-hot code of a missing value: the imputed category's, else the `<unknown>` bucket's (k), or k + 1 without an impute."
     return cats.index(fill) if fill in cats else len(cats) + (fill is None)
 
+def _direct(s: dict, chain: list[dict] | None, kind: str) -> tuple[str, object] | None:
+    """How encoder `s` (after `chain`, on a column of `kind`) runs without polars' expressions: `("one_hot", fill)`
+    (the impute value or None), `("numeric", ops)` (`_numeric_ops`), or None where only the expressions compute it."""
+    if chain is None: return None
+    if s["op"] == "one_hot" and kind == "string" and all(t["op"] == "impute" for t in chain):
+        return "one_hot", str(chain[0]["value"]) if chain else None
+    if s["op"] in ("standardize", "minmax", "passthrough") and kind != "string" and (ops := _numeric_ops(chain, s)) is not None:
+        return "numeric", ops
+    return None
+
 def _column_job(s: dict, chain: list[dict] | None, df: pl.DataFrame, kind: str, out: np.ndarray):
     "A job filling encoder `s`'s output columns `out` from its input column directly, or None where polars' expressions must."
-    if chain is None: return None
+    if (how := _direct(s, chain, kind)) is None: return None
     x = df.get_column(s["column"])
-    if s["op"] == "one_hot" and kind == "string" and all(t["op"] == "impute" for t in chain) and isinstance(x.dtype, (pl.String, pl.Categorical, pl.Enum)):
-        return partial(_one_hot_into, x, s, str(chain[0]["value"]) if chain else None, out)
-    if s["op"] in ("standardize", "minmax", "passthrough") and kind != "string" and (x.dtype in _NUMBER_DTYPES or x.dtype == pl.Boolean) and (ops := _numeric_ops(chain, s)) is not None:
-        return partial(_numeric_into, x, ops, out[:, 0])
+    if how[0] == "one_hot" and isinstance(x.dtype, (pl.String, pl.Categorical, pl.Enum)): return partial(_one_hot_into, x, s, how[1], out)
+    if how[0] == "numeric" and (x.dtype in _NUMBER_DTYPES or x.dtype == pl.Boolean): return partial(_numeric_into, x, how[1], out[:, 0])
     return None
 
 def _expressions_into(spec: FeatureSpec, df: pl.DataFrame, cols: list[int], out: np.ndarray) -> None:
@@ -523,24 +533,23 @@ def _transform_values(spec: FeatureSpec, records: list[dict]) -> np.ndarray | No
     The serving path: building a polars frame and running its expressions costs ~0.5 ms a call, whatever the rows.
     The encoders are the ones `transform` runs with numpy (`_column_job`), fed the same values, so the output is the same."""
     if not spec.fitted: raise ValueError("feature spec is not fitted: call .fit(train_frame) first")
-    kinds, chains, n = _kinds(spec), _chains(spec), len(records)
-    if any(chain is None for _, chain in chains): return None
+    kinds, n = _kinds(spec), len(records)
+    plan = [(s, _direct(s, chain, kinds[s["column"]])) for s, chain in _chains(spec)]
+    if any(how is None or (how[0] == "one_hot" and not all(isinstance(c, str) for c in s["categories"])) for s, how in plan): return None
     values = dict(zip([i["name"] for i in spec.inputs], _record_values(spec, records)))
-    widths = [len(_step_outputs(s)) for s, _ in chains]
+    widths = [len(_step_outputs(s)) for s, _ in plan]
     out, j = np.empty((n, sum(widths)), np.float32, order="F"), 0
-    for (s, chain), w in zip(chains, widths):
-        x, kind = values[s["column"]], kinds[s["column"]]
-        if s["op"] == "one_hot" and kind == "string" and all(t["op"] == "impute" for t in chain) and all(isinstance(c, str) for c in s["categories"]):
+    for (s, (op, arg)), w in zip(plan, widths):
+        x = values[s["column"]]
+        if op == "one_hot":
             cats = s["categories"]
-            index, missing = {}, _missing_code(cats, str(chain[0]["value"]) if chain else None)
+            index, missing = {}, _missing_code(cats, arg)
             for c, v in enumerate(cats): index.setdefault(v, c)  # the first of duplicates, as polars' when-chain
             codes = np.array([missing if v is None else index.get(v, len(cats)) for v in x], np.int64)
             for c in range(w): np.equal(codes, c, out=out[:, j + c])
-        elif s["op"] in ("standardize", "minmax", "passthrough") and kind != "string" and (ops := _numeric_ops(chain, s)) is not None:
-            fill = ops[0][1] if ops and ops[0][0] is None else math.nan
-            src = np.array([fill if v is None else float(v) for v in x], np.float64)
-            _numeric_block(src, ops, [o for o in ops if o[0] is not None], out[:, j], np.empty(n))
-        else: return None
+        else:
+            fill = _missing_fill(arg)
+            _numeric_block(np.array([fill if v is None else float(v) for v in x], np.float64), arg, out[:, j], np.empty(n))
         j += w
     return out
 

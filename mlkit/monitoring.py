@@ -18,8 +18,8 @@ import polars as pl
 from .config import Settings, current_settings
 
 # %% auto #0
-__all__ = ['EPS', 'psi', 'tally', 'column_drift', 'thresholds', 'drift', 'read_labels', 'join_labels', 'performance', 'monitor',
-           'retirement', 'enforce', 'render_html', 'log_report', 'card_data', 'render_card']
+__all__ = ['EPS', 'psi', 'tally', 'column_drift', 'thresholds', 'drift', 'served_log', 'read_labels', 'join_labels',
+           'performance', 'monitor', 'retirement', 'enforce', 'render_html', 'log_report', 'card_data', 'render_card']
 
 # %% ../nbs/80_monitoring.ipynb #6d742c40
 EPS = 1e-4  # floor of a bin share in PSI
@@ -137,6 +137,24 @@ def drift(profile: dict, live: pl.DataFrame, columns: list[str], limits: dict, c
     return _verdict(profile, t, cols, limits, class_column, class_ref)
 
 # %% ../nbs/80_monitoring.ipynb #a76a9229
+def served_log(folder: Path | str, since: str | None = None, until: str | None = None, version: str | None = None,
+               model: str = "") -> tuple[pl.DataFrame, str]:
+    """The prediction log in `folder` (`<state>/predictions/<model>`) between `since` and `until` (ISO times), of one
+    `version` (default: the newest logged): the frame `monitor` takes, and that version. A clear error when nothing is left."""
+    from mlkit.serving import read_prediction_log
+    folder, model = Path(folder), model or Path(folder).name
+    log = read_prediction_log(folder) if folder.is_dir() else pl.DataFrame()
+    if log.is_empty(): raise ValueError(f"{folder}: no prediction log for model {model!r} (serve it first)")
+    stamp = lambda t: pl.lit(t).str.to_datetime(time_zone=None)
+    if since: log = log.filter(pl.col("time") >= stamp(since))
+    if until: log = log.filter(pl.col("time") < stamp(until))
+    if log.is_empty(): raise ValueError(f"no logged predictions of {model!r} between {since or 'the start'} and {until or 'now'}")
+    versions = sorted(map(str, log["version"].unique().to_list()), key=lambda v: int(v) if v.isdigit() else -1)
+    version = str(version or versions[-1])
+    log = log.filter(pl.col("version") == version)
+    if log.is_empty(): raise ValueError(f"no logged predictions of {model!r} version {version} (logged versions: {', '.join(versions)})")
+    return log, version
+
 def read_labels(path) -> pl.DataFrame:
     "A labels file (CSV, Parquet or NDJSON) with `request_id`, an optional `row`, and `label`."
     from mlkit.data import read_data
@@ -192,7 +210,7 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
 def retirement(report: dict, settings: Settings | None = None) -> dict:
     "Whether a monitoring report meets the retirement criteria, and why."
     m = (settings or current_settings()).monitor
-    judged = [w for w in report.get("windows", []) if w["rows"] >= report["thresholds"]["min_rows"]]
+    judged = [w for w in report.get("windows", []) if w["judged"]]
     reasons = []
     last = judged[-m.retire_after_windows:]
     if len(last) == m.retire_after_windows and all(w["alert"] for w in last):

@@ -24,7 +24,8 @@ from .tracking import mlflow
 # %% auto #0
 __all__ = ['CHAMPION', 'CHALLENGER', 'read_ledger', 'append_ledger', 'verify_ledger', 'register', 'get_version', 'alias_version',
            'versions_of_run', 'download_bundle', 'fetched_bundle', 'GateCheck', 'GateResult', 'GateFailed',
-           'parse_floors', 'evaluate_gate', 'promote', 'rollback', 'retire', 'unretire', 'history', 'lineage']
+           'parse_floors', 'evaluate_gate', 'promote', 'rollback', 'retire', 'unretire', 'history', 'parse_ref',
+           'lineage']
 
 # %% ../nbs/51_registry.ipynb #e97e80cb
 def _who() -> str: return os.environ.get("MLKIT_USER") or getpass.getuser()
@@ -288,15 +289,20 @@ def _version_lineage(client, mv) -> dict:
             "feature_spec": t.get("mlkit.feature_spec"), "bundle_sha256": mv.tags.get("mlkit.bundle_sha256"),
             "metrics": dict(run.data.metrics), "bentos": [v for k, v in sorted(mv.tags.items()) if k.startswith("mlkit.bento")]}
 
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    "`NAME@ALIAS`, `NAME@v/VERSION` or `NAME/VERSION` (`NAME` alone: the champion) -> (name, alias, version)."
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return (name, None, alias[2:]) if alias.startswith("v/") else (name, alias or CHAMPION, None)
+    if "/" in ref: name, version = ref.split("/", 1); return name, None, version
+    return ref, CHAMPION, None
+
 def lineage(ref: str) -> list[dict]:
     "Lineage of every registered version `ref` leads to: `NAME@ALIAS`, `NAME/VERSION`, a run id or a dataset version id."
     client = _client()
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        mvs = [client.get_model_version_by_alias(name, alias)]
-    elif "/" in ref:
-        name, v = ref.split("/", 1)
-        mvs = [client.get_model_version(name, v)]
+    if "@" in ref or "/" in ref:
+        name, alias, version = parse_ref(ref)
+        mvs = [client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)]
     else:
         mvs = []
         for rm in client.search_registered_models():

@@ -210,7 +210,7 @@ def registered_versions(settings: Settings | None = None) -> list[dict]:
 
 def deployments(settings: Settings | None = None) -> list[dict]:
     "The records `mlkit deploy` keeps in `<state>/deployments/` (name, Bento, version, ...)."
-    folder = (settings or current_settings()).state_dir / "deployments"
+    folder = (settings or current_settings()).deployments_dir
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 def recent_run_datasets(since: float, settings: Settings | None = None) -> dict[str, str]:
@@ -359,13 +359,12 @@ def apply_gc(
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise
     finally:
-        counts: dict[str, int] = {}
-        for i in gone: counts[i.kind] = counts.get(i.kind, 0) + 1
+        done = Plan(remove=gone)
         r = settings.retention
         rec = append_ledger(settings.ledger_path, model=None, action="gc", alias="", from_version=None, to_version=None,
                             reason=f"retention: snapshot_days={r.snapshot_days:g}, prediction_log_days={r.prediction_log_days:g}, "
                                    f"deleted_run_days={r.deleted_run_days:g}, keep_retired_bentos={str(r.keep_retired_bentos).lower()}",
-                            removed=counts, bytes_freed=sum(i.bytes for i in gone), kept=len(plan.keep), error=error)
+                            removed=done.counts(), bytes_freed=done.bytes, kept=len(plan.keep), error=error)
     return rec
 
 def gc(

@@ -93,6 +93,9 @@ class Predictor:
         self.classes = list(self.contract["columns"][self.contract["label"]]["categories"])
         self.spec = FeatureSpec.from_dict(bundle["features"])
         self.columns = [c for c in self.contract["columns"] if c != self.contract["label"]]
+        # JSON text of each row's head (by predicted class) and of each probability key, for `format_json`
+        self._json_heads = [f'{{"label": {json.dumps(c)}, "probabilities": {{' for c in self.classes]
+        self._json_keys = [f"{json.dumps(c)}: " for c in self.classes]
 
     @classmethod
     def from_bundle(cls, path: Path | str, name: str = "", version: str = "", expected_sha256: str | None = None) -> Predictor:
@@ -113,15 +116,13 @@ class Predictor:
         cls = self.classes
         return [{"label": cls[i], "probabilities": dict(zip(cls, p))} for i, p in zip(proba.argmax(1).tolist(), proba.tolist())]
 
-    def format_json(self, proba: np.ndarray) -> str:
-        "`json.dumps(self.format(proba))` (the same text), written directly: half the time of building the dicts first."
+    def format_json(self, proba: np.ndarray, top: list[int] | None = None) -> str:
+        """`json.dumps(self.format(proba))` (the same text), written directly: half the time of building the dicts first.
+        `top`: the predicted class of each row, when the caller has it already (`proba.argmax(1)`)."""
         if not np.isfinite(proba).all(): return json.dumps(self.format(proba))
-        if not hasattr(self, "_json_parts"):
-            self._json_parts = ([f'{{"label": {json.dumps(c)}, "probabilities": {{' for c in self.classes],
-                                [f"{json.dumps(c)}: " for c in self.classes])
-        heads, keys = self._json_parts
+        heads, keys = self._json_heads, self._json_keys
         return "[" + ", ".join(heads[i] + ", ".join([k + repr(v) for k, v in zip(keys, p)]) + "}}"
-                               for i, p in zip(proba.argmax(1).tolist(), proba.tolist())) + "]"
+                               for i, p in zip(proba.argmax(1).tolist() if top is None else top, proba.tolist())) + "]"
 
     def predict(self, rows: list[dict], max_rows: int | None = None) -> list[dict]:
         "Validate `rows` and return one `{label, probabilities}` per row."
@@ -174,6 +175,8 @@ def pii_key(settings: Settings | None = None, env: dict | None = None) -> bytes:
         finally: os.unlink(tmp)
     return bytes.fromhex(path.read_text().strip())
 
+_project_pii_key = pii_key  # `PredictionLog`'s default, under a name its `pii_key` argument does not hide
+
 class PredictionLog:
     "Append served rows to Parquet parts in the background; `pii` columns as keyed hashes (HMAC-SHA256), never raw."
     def __init__(self,
@@ -188,7 +191,7 @@ class PredictionLog:
         self.label = contract["label"]
         self.features = [c for c in contract["columns"] if c != self.label]
         self.pii = {c for c, s in contract["columns"].items() if s.get("pii")}
-        self._pii_key = (pii_key or globals()["pii_key"]()) if self.pii else b""
+        self._pii_key = (pii_key or _project_pii_key()) if self.pii else b""
         self.classes = list(contract["columns"][self.label]["categories"])
         import polars as pl  # raw values as the contract types them (ints in a float column become floats)
         kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
@@ -646,13 +649,9 @@ class ModelServer:
         "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
         return "challenger" if self.canary and self._rng.random() < self.canary else "champion"
 
-    async def respond(self, rows: list, request_id: str) -> dict:
-        "Validate, score (batched) and log one request; raises `InvalidInput` (a 4xx) or `Overloaded` (a 503)."
-        role, p, proba = await self._answer(rows, request_id)
-        return {"model": p.name, "version": p.version, "answered_by": role, "predictions": p.format(proba)}
-
-    async def _answer(self, rows: list, request_id: str) -> tuple[str, Predictor, np.ndarray]:
-        "`respond` before its answer is formatted: who answered, and the class probabilities."
+    async def _answer(self, rows: list, request_id: str) -> tuple[str, Predictor, np.ndarray, list[int]]:
+        """Validate, score (batched), count and log one request: who answered, the class probabilities and each row's
+        predicted class; raises `InvalidInput` (a 4xx) or `Overloaded` (a 503)."""
         role = self.route()
         p, m = self.models[role], self._series[role]
         t0 = time.perf_counter()
@@ -666,16 +665,16 @@ class ModelServer:
             raise
         m["ok"].inc()
         m["rows"].inc(len(rows))
-        top = proba.argmax(1)
+        top = proba.argmax(1).tolist()
         for k, n in enumerate(np.bincount(top, minlength=len(p.classes)).tolist()):
             if n: m["classes"][k].inc(n)
         m["latency"].observe(time.perf_counter() - t0)
-        labels = [p.classes[i] for i in top.tolist()]
+        labels = [p.classes[i] for i in top]
         if self.log: self.log.log(rows, {"model": p.name, "version": p.version}, request_id, role, proba, labels)
         if self.shadow and role == "champion":  # scored after the answer, off the request's path
             task = asyncio.get_running_loop().create_task(self._shadow(rows, labels, request_id))
             self._pending.add(task); task.add_done_callback(self._pending.discard)
-        return role, p, proba
+        return role, p, proba, top
 
     async def answer(self, rows, rid: str, bad_request: str | None = None) -> tuple[int, dict, bytes]:
         """One `/predict` answer: status, headers and JSON body (a 4xx body names the field), and its request-log line.
@@ -687,7 +686,7 @@ class ModelServer:
             self._series["champion"]["invalid"].inc()
         else:
             try:
-                role, p, proba = await self._answer(rows, rid)
+                role, p, proba, top = await self._answer(rows, rid)
             except InvalidInput as e:
                 status, res = 422, {"error": "invalid_input", "detail": str(e), "field": e.field, "row": e.row}
             except Overloaded as e:
@@ -703,7 +702,7 @@ class ModelServer:
                       "ms": round((time.perf_counter() - t0) * 1000, 3)}
             if status != 200: fields.update(error=res["error"], detail=res["detail"], field=res.get("field"), row=res.get("row"))
             self._logger.log(logging.INFO if status == 200 else logging.WARNING, "predict", extra={"fields": fields})
-        body = json.dumps(res) if status != 200 else json.dumps(res)[:-1] + ', "predictions": ' + p.format_json(proba) + "}"
+        body = json.dumps(res) if status != 200 else json.dumps(res)[:-1] + ', "predictions": ' + p.format_json(proba, top) + "}"
         return status, headers, body.encode()
 
     async def handle(self, rows: list, ctx):
@@ -860,32 +859,9 @@ def _stop_leftovers(pids: list[int], grace: float = 10.0):
         try: os.kill(pid, signal.SIGKILL)
         except ProcessLookupError: pass
 
-def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
-    "Stop a service started by `start_service` (its process group, and its workers, which have sessions of their own); returns its exit code."
-    import signal
-    if proc.poll() is None:
-        workers = _descendants(proc.pid)
-        try: os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError: pass
-        try: proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
-        _stop_leftovers(workers)  # the arbiter stops its workers; if it died first, they would serve on as orphans
-    return proc.returncode
-
-# %% ../nbs/70_serving.ipynb #8bb466e3
-def deployment_file(name: str, settings: Settings | None = None) -> Path:
-    return (settings or current_settings()).state_dir / "deployments" / f"{name}.json"
-
-def current_deployment(name: str, settings: Settings | None = None) -> dict | None:
-    "The record of the local service `deploy` started for `name`, if it is still running."
-    f = deployment_file(name, settings)
-    if not f.is_file(): return None
-    rec = json.loads(f.read_text())
-    return rec if _alive(rec["pid"]) else None
-
 def _stop_pid(pid: int, timeout: float = 60.0):
-    "SIGTERM the process group of a service started by `deploy` (not our child any more) and wait for it to go."
+    """SIGTERM the process group of a `bentoml serve` (ours, or one `deploy` started earlier), SIGKILL it after `timeout` s,
+    then stop its workers if they outlived it (each has a session of its own: the group's signal misses them)."""
     import signal
     workers = _descendants(pid)
     try: os.killpg(pid, signal.SIGTERM)
@@ -895,7 +871,23 @@ def _stop_pid(pid: int, timeout: float = 60.0):
     if _alive(pid):
         try: os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError: pass
-    _stop_leftovers(workers)
+    _stop_leftovers(workers)  # the arbiter stops its workers; if it died first, they would serve on as orphans
+
+def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    "Stop a service started by `start_service` (its process group and its workers); returns its exit code."
+    if proc.poll() is None: _stop_pid(proc.pid, timeout)
+    return proc.wait()
+
+# %% ../nbs/70_serving.ipynb #8bb466e3
+def deployment_file(name: str, settings: Settings | None = None) -> Path:
+    return (settings or current_settings()).deployments_dir / f"{name}.json"
+
+def current_deployment(name: str, settings: Settings | None = None) -> dict | None:
+    "The record of the local service `deploy` started for `name`, if it is still running."
+    f = deployment_file(name, settings)
+    if not f.is_file(): return None
+    rec = json.loads(f.read_text())
+    return rec if _alive(rec["pid"]) else None
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
