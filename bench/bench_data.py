@@ -57,13 +57,13 @@ def run_mlkit(task, path):
     from mlkit.features import FeatureSpec
     contract = synthetic_contract()
 
-    def work(df, warm=False):
-        if task == "validate": assert validate(df, contract).passed or warm
+    def work(df):
+        if task == "validate": assert validate(df, contract).passed
         elif task == "profile": profile_frame(df)
         else:
             X = FeatureSpec.from_contract(contract, NUMS + CATS).fit(df).transform(df)
             assert X.shape == (len(df), 4 + 5 + 3)
-    work(pl.read_parquet(warm_path(path)), warm=True)
+    work(pl.read_parquet(warm_path(path)))
     base = rss_mib()
     df = pl.read_parquet(path)
     size = df.estimated_size() / 2**20
@@ -73,7 +73,7 @@ def run_mlkit(task, path):
 
 def run_pandas(task, path):
     import pandas as pd
-    pandas_work(task, pd.read_parquet(warm_path(path)), warm=True)
+    pandas_work(task, pd.read_parquet(warm_path(path)))
     base = rss_mib()
     df = pd.read_parquet(path)
     size = df.memory_usage(deep=True).sum() / 2**20
@@ -81,7 +81,7 @@ def run_pandas(task, path):
     return best_of(lambda: pandas_work(task, df)), len(df), size, base
 
 
-def pandas_work(task, df, warm: bool = False):
+def pandas_work(task, df):
     import numpy as np
     import pandas as pd
 
@@ -95,7 +95,7 @@ def pandas_work(task, df, warm: bool = False):
             "region": (df["region"].isna() | ~df["region"].isin(SYNTHETIC_REGIONS)).sum(),
             "plan": (df["plan"].notna() & ~df["plan"].isin(SYNTHETIC_PLANS)).sum(), "churned": df["churned"].isna().sum(),
         }
-        assert (bad["id_dup"] == 0 and bad["region"] == 0) or warm
+        assert bad["id_dup"] == 0 and bad["region"] == 0
     elif task == "profile":
         nulls = df.isna().mean()
         num = df[["id", *NUMS]].astype("float64")

@@ -46,14 +46,11 @@ S = current_settings().serve  # the same [serve] settings as mlkit's service: wo
 
 @bentoml.service(name="identity", **serving.service_config())
 class Identity:
-    if S.batching:  # BentoML's own adaptive batching with mlkit's limits, rows merged across requests
-        @bentoml.api(batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
-        async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return rows
-    else:
-        @bentoml.api
-        async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return rows
+    # BentoML's own adaptive batching with mlkit's limits (rows merged across requests), or none
+    @(bentoml.api(batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
+      if S.batching else bentoml.api)
+    async def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return rows
 '''
 
 RAW = '''
@@ -154,7 +151,7 @@ def main(out: Path):
         subprocess.run([sys.executable, "-c", f"import mlkit.config as c; c.configure(); from mlkit.registry import download_bundle; "
                         f"download_bundle('penguins', alias='champion', dst={str(bundle)!r})"], env=env, check=True)
         logs = root / "state" / "predictions" / "penguins"
-        results, logged, rounds = {}, {}, {}
+        logged, rounds = {}, {}
         bentoml_serve = lambda target: lambda p: [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(p)]
         servers = [
             ("mlkit batched", bentoml_serve(bento), {"MLKIT_SERVE__BATCHING": "true"}, "/readyz", "rows"),

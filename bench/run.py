@@ -115,12 +115,13 @@ def main(argv: list[str]) -> int:
         figures += run_one(path, timeout=float(os.environ.get("MLKIT_BENCH_TIMEOUT", 3000)))
     report = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "figures": figures}
     REPORTS.mkdir(exist_ok=True)
-    for suffix, text in (("json", json.dumps(report, indent=1)), ("md", markdown(report))):
+    md = markdown(report)
+    for suffix, text in (("json", json.dumps(report, indent=1)), ("md", md)):
         tmp = REPORTS / f".latest.{suffix}.tmp"
         tmp.write_text(text)
         tmp.replace(REPORTS / f"latest.{suffix}")
-    print(markdown(report))
-    if not argv: update_readme(markdown(report))  # a full run: the README shows its table
+    print(md)
+    if not argv: update_readme(md)  # a full run: the README shows its table
     missed = [f["name"] for f in figures if not f["ok"]]
     if missed: print(f"targets missed or benchmarks failed: {missed}", file=sys.stderr)
     return 1 if missed else 0

@@ -127,10 +127,8 @@ def _deploy_under_load(canary, env, port):
     assert not failed, failed[:5]
     versions = [v for _, v in results]
     assert "1" in versions and versions[-10:] == ["2"] * 10, versions[-20:]
-    import os
-    try: os.kill(first_pid, 0); alive = True
-    except ProcessLookupError: alive = False
-    assert not alive, "the previous service still runs"
+    from mlkit.serving import _alive
+    assert not _alive(first_pid), "the previous service still runs"
     assert "already serves" in mlkit("deploy", "penguins", "--port", port, env=env, check=True).stdout
     hist = json.loads(mlkit("models", "history", "penguins", "--json", env=env, check=True).stdout)
     deploys = [(r["from_version"], r["to_version"]) for r in hist if r["action"] == "deploy"]

@@ -40,6 +40,12 @@ def frames(draw, min_rows=1, cats=("a", "b", "c")):
 def same(a, b): np.testing.assert_array_equal(a, b)  # NaN == NaN for array_equal on floats
 
 
+def exact_median(ordered: list) -> float:
+    "The correctly rounded median of sorted values: the mean of the middle one or two in exact (Fraction) arithmetic."
+    middle = ordered[(len(ordered) - 1) // 2:len(ordered) // 2 + 1]
+    return float(sum(map(Fraction, middle)) / len(middle))
+
+
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(train=frames(min_rows=2), serve=frames(cats=("a", "b", "zz", "")))
 def test_batch_and_records_agree(train, serve):
@@ -117,7 +123,7 @@ def test_fit_statistics_match_polars(values):
     middle = ordered[(len(ordered) - 1) // 2:len(ordered) // 2 + 1]
     if middle and all(map(math.isfinite, middle)):
         # exactly the correctly rounded mean of the middle values; polars' own median can be off by an ulp of them
-        assert spec.steps[0]["value"] == float(sum(map(Fraction, middle)) / len(middle))
+        assert spec.steps[0]["value"] == exact_median(ordered)
         assert spec.steps[0]["value"] == pytest.approx(median, rel=1e-15, abs=1e-15 * max(map(abs, middle)))
     else: assert spec.steps[0]["value"] == 0.0 and (median is None or not np.isfinite(median))  # no finite statistic: 0.0
     imputed = df.select(pl.col("x").fill_nan(None).fill_null(spec.steps[0]["value"])).to_series().to_list()
@@ -195,5 +201,5 @@ def test_large_column_statistics_are_exact(kind):
     spec = FeatureSpec([{"op": "impute", "column": "x"}], inputs).fit(x.to_frame())
     v = np.sort(x.cast(pl.Float64).to_numpy())
     v = v[~np.isnan(v)]
-    exact = float(sum(map(Fraction, v[(len(v) - 1) // 2:len(v) // 2 + 1].tolist())) / (2 - len(v) % 2)) if len(v) else 0.0
+    exact = exact_median(v.tolist()) if len(v) else 0.0
     assert spec.steps[0]["value"] == exact

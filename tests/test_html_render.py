@@ -111,7 +111,7 @@ def _open(browser, pages, name: str, **kw):
     "Open one of mlkit's pages: it must load nothing else, log no error, and show what it says."
     html = pages[name].read_text(encoding="utf-8")
     assert not EXTERNAL.search(html), (pages[name], EXTERNAL.search(html))
-    page = browser.open(pages[name], screenshot=pages["dir"] / f"{name}.png", **kw)
+    page = browser.open(pages[name], **kw)
     assert page.problems == [], f"{pages[name]}:\n" + "\n".join(page.problems)
     assert page.dom["ready"] == "complete" and page.dom["scripts"] == 0
     assert all(i["loaded"] for i in page.dom["images"]), page.dom["images"]

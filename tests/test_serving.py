@@ -352,7 +352,6 @@ def test_monitor_flags_the_drift_of_served_traffic(service, trained, tmp_path):
 
 def test_model_card_is_one_self_contained_page(service, trained, tmp_path):
     "`mlkit models card penguins@champion`: every section, the contract's slices, the gate, no script or external URL."
-    import re
     out = tmp_path / "card.html"
     r = mlkit("models", "card", "penguins@champion", "-o", out, env=trained["env"], check=True)
     assert "model card of penguins version 1" in r.stdout

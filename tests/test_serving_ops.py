@@ -8,7 +8,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO, mlkit
@@ -154,7 +153,7 @@ def test_corrupt_bundle_never_serves(trained, tmp_path):
 def test_prediction_log_parts_survive_kill_9(trained, tmp_path):
     "After `kill -9` mid-traffic every finished prediction-log part is readable and no half-written file is picked up."
     from mlkit.config import load_settings, tool_env
-    from mlkit.serving import _descendants, free_port, read_prediction_log, wait_ready
+    from mlkit.serving import _alive, _descendants, free_port, read_prediction_log, wait_ready
     bento = mlkit("build", "penguins", "--version", "1", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
     env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
     port = free_port()
@@ -179,7 +178,7 @@ def test_prediction_log_parts_survive_kill_9(trained, tmp_path):
         for pid in [proc.pid, *workers]: os.kill(pid, signal.SIGKILL)
         proc.wait(30)
     stop.set(); t.join()
-    alive = lambda: [pid for pid in workers if Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    alive = lambda: [pid for pid in workers if _alive(pid)]
     assert workers and _wait(lambda: not alive(), 10), f"the worker that writes the log was not killed: {alive()}"
     parts = sorted(folder.glob("part-*.parquet"))
     assert parts and sent
