@@ -277,9 +277,9 @@ def cmd_data_snapshot(args) -> int:
     return 0
 
 def cmd_data_profile(args) -> int:
-    "Write (or print) the reference profile of a data file."
-    from mlkit.data import atomic_write, profile_frame, read_data
-    prof = profile_frame(read_data(args.data))
+    "Write (or print) the reference profile of a data file (with `--contract`, its `pii` columns keep no value)."
+    from mlkit.data import Contract, atomic_write, profile_frame, read_data
+    prof = profile_frame(read_data(args.data), pii=Contract.load(args.contract).pii if args.contract else ())
     text = json.dumps(prof, indent=1)
     if args.output: atomic_write(Path(args.output), lambda p: p.write_text(text))
     if args.json or not args.output: _out(text)
@@ -436,6 +436,7 @@ def parser() -> argparse.ArgumentParser:
     sp = dsub.add_parser("profile", help="reference statistics of DATA as JSON")
     sp.set_defaults(fn=cmd_data_profile); sp.add_argument("data"); sp.add_argument("--json", action="store_true")
     sp.add_argument("-o", "--output", help="write the profile to this file")
+    sp.add_argument("--contract", help="the data's contract: its pii columns get a null rate only, no values")
     sp = add("demo", cmd_demo, "train, register, promote, build, serve and query the penguins model")
     sp.add_argument("-f", "--file", help="YAML parameter file for the training notebook")
     sp.add_argument("--port", type=int, help="port for the demo server (default: a free one)")

@@ -71,3 +71,15 @@ def test_the_prediction_log_holds_keyed_hashes_of_pii_values(tmp_path):
     assert not any(e.encode() in blob for e in EMAILS)
     # the key is the project's: the same on the next call, another with another key (no rainbow table across projects)
     assert pii_key(settings, env={}) == key and pii_key(settings, env={PII_KEY_ENV: "other"}) != key
+
+
+def test_mlkit_data_profile_with_the_contract_keeps_no_pii_value(tmp_path):
+    "`mlkit data profile DATA --contract C`: the CLI's profile follows the contract's pii flags too."
+    import subprocess
+    import sys
+    from pathlib import Path
+    frame().write_parquet(data := tmp_path / "customers.parquet")
+    (c := tmp_path / "customers.contract.json").write_text(json.dumps(contract().to_dict()))
+    mlkit = Path(sys.executable).parent / "mlkit"
+    out = subprocess.run([str(mlkit), "data", "profile", str(data), "--contract", str(c)], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["columns"]["email"]["kind"] == "pii" and raw_values_in(out) == []
