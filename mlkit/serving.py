@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import json
 import logging
 import math
 import os
-import queue
 import random
 import secrets
 import shutil
@@ -197,7 +197,10 @@ class PredictionLog:
         kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
         self._dtypes = {c: kinds.get(contract["columns"][c]["dtype"], pl.String) for c in self.features}
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
-        self._q: queue.Queue = queue.Queue()
+        # requests wait in a deque (appends are atomic): the writer wakes every flush_seconds, or when flush_rows rows
+        # are queued, never once per request (a queue.Queue woke it per put: ~15 us of a small request's CPU)
+        self._q: collections.deque = collections.deque()
+        self._queued, self._wake, self._closing = 0, threading.Event(), False
         self._thread = threading.Thread(target=self._run, name="mlkit-prediction-log", daemon=True)
         self._thread.start()
 
@@ -207,7 +210,10 @@ class PredictionLog:
         `predictions`); given the class probabilities `proba` and predicted `labels`, it needs only `model` and `version`."""
         if proba is None: proba = np.array([[p["probabilities"][k] for k in self.classes] for p in response["predictions"]])
         if labels is None: labels = [p["label"] for p in response["predictions"]]
-        self._q.put((time.time(), request_id, answered_by, response["model"], response["version"], rows, labels, proba))
+        if self._closing: raise RuntimeError("the prediction log is closed")
+        self._q.append((time.time(), request_id, answered_by, response["model"], response["version"], rows, labels, proba))
+        self._queued += len(rows)  # advisory (a lost update only delays a write to the next tick)
+        if self._queued >= self.flush_rows: self._wake.set()
 
     def _frame(self, batch: list):
         "One frame of queued requests, built column-wise (this runs beside serving: it must stay cheap per row)."
@@ -234,22 +240,20 @@ class PredictionLog:
         atomic_write(self.folder / name, lambda p: frame.write_parquet(p, compression="lz4"))
 
     def _run(self):
-        batch, first, queued = [], None, 0
         while True:
-            timeout = None if first is None else max(0.0, self.flush_seconds - (time.monotonic() - first))
-            try: item = self._q.get(timeout=timeout)
-            except queue.Empty: item = []
-            if item is None: break
-            if item and first is None: first = time.monotonic()
-            if item: batch.append(item); queued += len(item[5])
-            if batch and (queued >= self.flush_rows or time.monotonic() - first >= self.flush_seconds):
-                self._write(batch)
-                batch, first, queued = [], None, 0
-        self._write(batch)
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            closing = self._closing  # read before draining: every request queued before close() is in this drain
+            batch = []
+            while self._q: batch.append(self._q.popleft())
+            self._queued = 0
+            self._write(batch)
+            if closing: break
 
     def close(self, timeout: float = 30.0):
         "Write everything queued and stop the writer."
-        self._q.put(None)
+        self._closing = True
+        self._wake.set()
         self._thread.join(timeout)
 
 def prediction_log(predictor: Predictor, settings: Settings | None = None) -> PredictionLog:
@@ -578,10 +582,31 @@ def _share_port():
         if not self.is_unix: self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     CircusSocket.__init__, CircusSocket._mlkit_shared = __init__, True
 
+def _lean_tracing(io_spans: bool):
+    """Tracing that costs what it delivers, set before BentoML builds its tracer and ASGI middleware (at the service import).
+    - Unsampled requests get non-recording spans. BentoML's sampler (`ParentBasedTraceIdRatio`) *records* every span it
+      does not sample (RECORD_ONLY): attributes, events and an end for spans no exporter ever sees, ~15% of a small
+      request's CPU with tracing off (sample rate 0). OpenTelemetry's own `ParentBased(TraceIdRatioBased)` samples the same
+      requests at the same rate, and the others' spans still carry the trace and span ids BentoML's log lines show (only
+      BentoML's `trace_context.request_id`, set by a hook that needs a recording span, stays unset: in a `@bentoml.service`
+      nothing but `bentoml.monitor` reads it; mlkit's request id is `x-request-id`).
+    - `[serve] tracing_io_spans = false`: OpenTelemetry's ASGI middleware opens no child span per receive and send
+      (its `exclude_spans` option, which BentoML does not pass): one server span a request instead of four."""
+    from bentoml._internal.utils import telemetry  # BentoML builds its tracer provider with this, after the service import
+    from opentelemetry.instrumentation import asgi
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    telemetry.ParentBasedTraceIdRatio = lambda rate: ParentBased(TraceIdRatioBased(rate))
+    mw = asgi.OpenTelemetryMiddleware
+    init = getattr(mw, "_mlkit_init", mw.__init__)
+    def __init__(self, *a, exclude_spans=None, **kw):
+        init(self, *a, exclude_spans=exclude_spans if exclude_spans is not None or io_spans else ["receive", "send"], **kw)
+    mw.__init__, mw._mlkit_init = __init__, init
+
 def service_config(settings: Settings | None = None) -> dict:
     "`@bentoml.service(**service_config())`: loopback host, workers, request timeout, access log and tracing from `[serve]`."
     s = (settings or current_settings()).serve
     if s.share_port: _share_port()
+    _lean_tracing(s.tracing_io_spans)
     cfg = {"http": {"host": s.host}, "workers": s.workers, "traffic": {"timeout": 30},
            "logging": {"access": {"enabled": s.access_log, "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}}}
     if s.tracing_exporter:
@@ -607,11 +632,14 @@ class ModelServer:
         torch.set_num_threads(s.threads)
         self.metrics = _metrics()
         self.log = prediction_log(champion, settings) if log else None
-        self._series = {role: self._labelled(role) for role in self.models}
-        self._batch = {role: self._batcher(p, self._series[role]["batch"], s) for role, p in self.models.items()} if s.batching else {}
-        # unbatched, each request's forward pass runs on one model thread, as BentoML runs a sync API: the event loop never
-        # runs model code, so probes, metrics and request parsing do not wait for a forward pass (a bigger model's or a GPU's)
-        self._model_thread = None if s.batching else ThreadPoolExecutor(1, thread_name_prefix="mlkit-model")
+        # lanes: who scores a request's rows, each with its metric series and batcher; a shadow challenger has its own lane,
+        # so its rows are counted as answered_by="shadow" and never batched with the canary requests it answers
+        self._lanes = {**self.models, **({"shadow": challenger} if self.shadow else {})}
+        self._series = {lane: self._labelled(lane) for lane in self._lanes}
+        # forward passes (a batch's, or one request's unbatched) run on one model thread: the event loop never runs model
+        # code, so probes, metrics and request parsing do not wait for a forward pass (a bigger model's or a GPU's)
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="mlkit-model")
+        self._batch = {lane: self._batcher(lane, s) for lane in self._lanes} if s.batching else {}
         self._pending: set = set()
         self._rng = random.Random()
         self.request_log = s.request_log
@@ -619,31 +647,39 @@ class ModelServer:
         from starlette.responses import Response  # BentoML's web stack
         self._response = Response
 
-    def _labelled(self, role: str) -> dict:
-        "The metric series of one role, labelled once (a `labels()` lookup per request and metric costs a lock and a dict)."
-        p, m = self.models[role], self.metrics
-        lab = (p.name, p.version, role)
+    def _labelled(self, lane: str) -> dict:
+        "The metric series of one lane, labelled once (a `labels()` lookup per request and metric costs a lock and a dict)."
+        p, m = self._lanes[lane], self.metrics
+        lab = (p.name, p.version, lane)
         return {**{k: m["requests"].labels(*lab, k) for k in ("ok", "invalid", "overloaded")}, "rows": m["rows"].labels(*lab),
                 "latency": m["latency"].labels(*lab), "classes": [m["classes"].labels(*lab, c) for c in p.classes],
                 "batch": m["batch"].labels(p.name, p.version)}
 
-    def _batcher(self, p: Predictor, hist, s):
+    def _forward(self, lane: str, parts: list[list]) -> list[np.ndarray]:
+        """One feature transform and forward pass for the rows of one or more requests, split back per request, and
+        counted once for them all: requests answered, rows, rows per pass and predicted classes (so batching amortises
+        the counting with the pass; only each request's latency is observed per request)."""
+        p, m = self._lanes[lane], self._series[lane]
+        rows = [r for part in parts for r in part] if len(parts) > 1 else parts[0]
+        P = p.predict_proba(rows)
+        m["ok"].inc(len(parts)); m["rows"].inc(len(rows)); m["batch"].observe(len(rows))
+        for k, n in enumerate(np.bincount(P.argmax(1), minlength=len(p.classes)).tolist()):
+            if n: m["classes"][k].inc(n)
+        return np.split(P, np.cumsum([len(x) for x in parts])[:-1]) if len(parts) > 1 else [P]
+
+    def _batcher(self, lane: str, s):
         from bentoml._internal.marshal.dispatcher import CorkDispatcher
-        def infer(parts):  # one feature transform and forward pass for every queued request's rows, split back per request
-            # (a sync callback: BentoML runs it in a thread; inline on the event loop, 1-row throughput fell by ~40%)
-            rows = [r for part in parts for r in part] if len(parts) > 1 else parts[0]
-            hist.observe(len(rows))
-            P = p.predict_proba(rows)
-            return np.split(P, np.cumsum([len(x) for x in parts])[:-1])
+        async def infer(parts):  # every queued request's rows in one pass, on the model thread (inline on the event loop,
+            # 1-row throughput fell by ~40%; a sync callback runs on anyio's worker threads, at more cost per pass)
+            return await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, lane, parts)
         def overloaded(): raise Overloaded("the model is overloaded: retry later")
         d = CorkDispatcher(s.max_latency_ms, s.max_batch_size, fallback=overloaded, get_batch_size=len, batch_dim=(0, 0))
         return d(infer)
 
-    async def _scores(self, role: str, rows: list) -> np.ndarray:
+    async def _scores(self, lane: str, rows: list) -> np.ndarray:
         "Class probabilities for validated rows: batched with other requests' rows, or alone."
-        if role in self._batch: return await self._batch[role](rows)
-        self._series[role]["batch"].observe(len(rows))
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, self.models[role].predict_proba, rows)
+        if lane in self._batch: return await self._batch[lane](rows)
+        return (await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, lane, [rows]))[0]
 
     def route(self) -> str:
         "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
@@ -663,11 +699,7 @@ class ModelServer:
         except Overloaded:
             m["overloaded"].inc()
             raise
-        m["ok"].inc()
-        m["rows"].inc(len(rows))
         top = proba.argmax(1).tolist()
-        for k, n in enumerate(np.bincount(top, minlength=len(p.classes)).tolist()):
-            if n: m["classes"][k].inc(n)
         m["latency"].observe(time.perf_counter() - t0)
         labels = [p.classes[i] for i in top]
         if self.log: self.log.log(rows, {"model": p.name, "version": p.version}, request_id, role, proba, labels)
@@ -716,14 +748,15 @@ class ModelServer:
         return self._response(body, status_code=status, media_type="application/json")
 
     async def _shadow(self, rows: list, champion_labels: list, request_id: str):
-        c = self.models["challenger"]
+        c, m = self._lanes["shadow"], self._series["shadow"]
         try:
             validate_records(c.contract, rows, self.max_rows)
-            proba = await self._scores("challenger", rows)
+            proba = await self._scores("shadow", rows)  # counted as answered_by="shadow" there
             labels = [c.classes[i] for i in proba.argmax(1).tolist()]
-        except Exception:  # a shadow never affects serving; it is counted
-            self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc(); return
-        self.metrics["requests"].labels(c.name, c.version, "shadow", "ok").inc()
+        except Exception as e:  # a shadow never affects serving; it is counted
+            if isinstance(e, (InvalidInput, Overloaded)): m["invalid" if isinstance(e, InvalidInput) else "overloaded"].inc()
+            else: self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc()
+            return
         differ = sum(a != b for a, b in zip(labels, champion_labels))
         if differ: self.metrics["shadow"].labels(c.name, c.version).inc(differ)
         if self.log: self.log.log(rows, {"model": c.name, "version": c.version}, request_id, "shadow", proba, labels)
@@ -731,7 +764,7 @@ class ModelServer:
     async def aclose(self):
         "Finish shadow scoring still in flight, then write everything the prediction log holds."
         if self._pending: await asyncio.gather(*self._pending, return_exceptions=True)
-        if self._model_thread: self._model_thread.shutdown()
+        self._model_thread.shutdown()
         if self.log: self.log.close()
 
 def model_server(service, settings: Settings | None = None) -> ModelServer:

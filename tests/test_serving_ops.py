@@ -59,9 +59,9 @@ def ops(trained):
         collector.shutdown()
 
 
-def _post(url, rows, rid):
+def _post(url, rows, rid, headers=None):
     req = urllib.request.Request(url + "/predict", json.dumps({"rows": rows}).encode(),
-                                 {"Content-Type": "application/json", "x-request-id": rid})
+                                 {"Content-Type": "application/json", "x-request-id": rid, **(headers or {})})
     with urllib.request.urlopen(req, timeout=30) as r: return r.status, json.loads(r.read())
 
 
@@ -75,10 +75,12 @@ def _wait(check, timeout=30.0):
 
 
 def test_traces_reach_the_otlp_collector(ops):
-    assert _post(ops["url"], [ROW], "trace-check-1")[0] == 200
-    got = _wait(lambda: [b for path, b in ops["collector"].bodies if path == "/v1/traces" and b"/predict" in b], 30)
-    assert got, f"no span for /predict exported (exports seen: {len(ops['collector'].bodies)})"
-    assert b"penguins" in got[0]  # the service name is in the resource
+    "The request's span is exported, in the caller's trace when it sends a W3C `traceparent`."
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert _post(ops["url"], [ROW], "trace-check-1", {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"})[0] == 200
+    got = _wait(lambda: [b for path, b in ops["collector"].bodies if path == "/v1/traces" and bytes.fromhex(trace_id) in b], 30)
+    assert got, f"no span of the caller's trace exported (exports seen: {len(ops['collector'].bodies)})"
+    assert b"/predict" in got[0] and b"penguins" in got[0]  # the route's span; the service name is in the resource
 
 
 def test_request_log_all_and_access_log(ops):
