@@ -40,8 +40,8 @@ $(BENCH_STAMP): pyproject.toml
 	@touch $@
 
 bench: $(STAMP) $(BENCH_STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
-	@command -v ab >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q apache2-utils >/dev/null; } \
-	  || { echo "make bench needs ab (apt-get install apache2-utils)"; exit 2; }
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } \
+	  || { echo "make bench needs wrk (apt-get install wrk)"; exit 2; }
 	DO_NOT_TRACK=1 MLKIT_BENCH_EVIDENTLY_PYTHON=$(BENCH_VENV)/bin/python $(BIN)/python bench/run.py
 
 clean-state:  ## remove the embedded state folder (.mlkit/)
