@@ -24,10 +24,13 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +93,6 @@ end
 
 def load(url: str, body: Path, concurrency: int, seconds: int) -> dict:
     "Run `wrk` (one thread, `concurrency` keep-alive connections) pinned to the client CPU; its summary and its own CPU use."
-    import resource
     script = body.parent / "post.lua"
     if not script.exists(): script.write_text(WRK_SCRIPT)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -109,8 +111,6 @@ def load(url: str, body: Path, concurrency: int, seconds: int) -> dict:
 def answered_rows(url: str) -> float:
     """Rows the service answered (its `mlkit_rows_total`, every model and role but the shadow), from `/metrics`, once the
     count holds still for a second (requests queued when wrk stopped are still scored, counted and logged)."""
-    import time
-    import urllib.request
     def read():
         with urllib.request.urlopen(url + "/metrics", timeout=30) as f: text = f.read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
@@ -237,8 +237,8 @@ def main(out: Path):
                      "detail": {"requests": total, "non_2xx_or_failed": bad}, "target": {"of": "value", "op": "<=", "limit": 0.1}})
         # the service's own count of answered rows: wrk stops with requests in flight that it never counts (the client's
         # count of 2xx rows, a lower bound, is in the detail)
-        seen = sum((r["complete"] - r["non_2xx"] - r["failed"]) * rows for (c, rows), r in results[label].items()) + \
-            sum(r["complete"] - r["non_2xx"] - r["failed"] for r in warmups[label])
+        ok = lambda r: r["complete"] - r["non_2xx"] - r["failed"]
+        seen = sum(ok(r) * rows for (c, rows), r in results[label].items()) + sum(ok(r) for r in warmups[label])
         figs.append({"name": f"{label}: rows in the prediction log / rows answered", "unit": "x", "value": logged[label] / answered[label],
                      "baseline": None, "detail": {"logged": logged[label], "answered": answered[label], "client_saw_2xx": seen},
                      "target": {"of": "value", "op": ">=", "limit": 1.0}})

@@ -658,7 +658,8 @@ class ModelServer:
     def _forward(self, lane: str, parts: list[list]) -> list[np.ndarray]:
         """One feature transform and forward pass for the rows of one or more requests, split back per request, and
         counted once for them all: requests answered, rows, rows per pass and predicted classes (so batching amortises
-        the counting with the pass; only each request's latency is observed per request)."""
+        the counting with the pass; only each request's latency is observed per request). Returns arrays only: the
+        batcher splits a request bigger than `max_batch_size` and concatenates its parts' outputs."""
         p, m = self._lanes[lane], self._series[lane]
         rows = [r for part in parts for r in part] if len(parts) > 1 else parts[0]
         P = p.predict_proba(rows)
@@ -752,11 +753,10 @@ class ModelServer:
         try:
             validate_records(c.contract, rows, self.max_rows)
             proba = await self._scores("shadow", rows)  # counted as answered_by="shadow" there
-            labels = [c.classes[i] for i in proba.argmax(1).tolist()]
-        except Exception as e:  # a shadow never affects serving; it is counted
-            if isinstance(e, (InvalidInput, Overloaded)): m["invalid" if isinstance(e, InvalidInput) else "overloaded"].inc()
-            else: self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc()
-            return
+        except InvalidInput: m["invalid"].inc(); return  # a shadow never affects serving; it is counted
+        except Overloaded: m["overloaded"].inc(); return
+        except Exception: self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc(); return
+        labels = [c.classes[i] for i in proba.argmax(1).tolist()]
         differ = sum(a != b for a, b in zip(labels, champion_labels))
         if differ: self.metrics["shadow"].labels(c.name, c.version).inc(differ)
         if self.log: self.log.log(rows, {"model": c.name, "version": c.version}, request_id, "shadow", proba, labels)
