@@ -320,6 +320,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.serving.ServiceGuard._replay': ('serving.html#serviceguard._replay', 'mlkit/serving.py'),
                                'mlkit.serving.ServiceGuard._tagged': ('serving.html#serviceguard._tagged', 'mlkit/serving.py'),
                                'mlkit.serving._alive': ('serving.html#_alive', 'mlkit/serving.py'),
+                               'mlkit.serving._check_record': ('serving.html#_check_record', 'mlkit/serving.py'),
                                'mlkit.serving._descendants': ('serving.html#_descendants', 'mlkit/serving.py'),
                                'mlkit.serving._example_value': ('serving.html#_example_value', 'mlkit/serving.py'),
                                'mlkit.serving._exports': ('serving.html#_exports', 'mlkit/serving.py'),
