@@ -323,7 +323,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.serving._check_record': ('serving.html#_check_record', 'mlkit/serving.py'),
                                'mlkit.serving._descendants': ('serving.html#_descendants', 'mlkit/serving.py'),
                                'mlkit.serving._example_value': ('serving.html#_example_value', 'mlkit/serving.py'),
-                               'mlkit.serving._exports': ('serving.html#_exports', 'mlkit/serving.py'),
                                'mlkit.serving._finite_number': ('serving.html#_finite_number', 'mlkit/serving.py'),
                                'mlkit.serving._lean_tracing': ('serving.html#_lean_tracing', 'mlkit/serving.py'),
                                'mlkit.serving._metrics': ('serving.html#_metrics', 'mlkit/serving.py'),

@@ -605,17 +605,13 @@ def _share_port():
         if not self.is_unix: self.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     CircusSocket.__init__, CircusSocket._mlkit_shared = __init__, True
 
-def _exports(provider) -> bool:
-    "Whether a span of this tracer provider can reach an exporter: an SDK provider with a span processor (unknown: yes)."
-    processors = getattr(getattr(provider, "_active_span_processor", None), "_span_processors", None)
-    return processors is None or len(processors) > 0
-
 def _lean_tracing(io_spans: bool):
     """Tracing that costs what it delivers, set before BentoML builds its tracer and ASGI middleware (at the service import).
-    - No exporter (`[serve] tracing_exporter` empty, the default): BentoML's OpenTelemetry middleware still made a span,
-      its attributes and its metrics for every request, which nothing could receive: ~120 us, a third of a 1-row
-      request's CPU on this box. Without an exporter the middleware hands requests straight on (BentoML's log lines
-      then show trace and span id 0; mlkit's request id is `x-request-id`). With one, everything below applies.
+    - Nothing to send to (`[serve] tracing_exporter` empty, the default, and no OpenTelemetry meter provider): BentoML's
+      OpenTelemetry middleware still made a span, its attributes and its metrics for every request, which nothing could
+      receive: ~120 us, a third of a 1-row request's CPU on this box. Then the middleware hands requests straight on
+      (BentoML's log lines carry no trace id, nor its `X-BentoML-Trace-ID` header one; mlkit's request id,
+      `x-request-id`, is in every answer and `mlkit.requests` line). With an exporter, everything below applies.
     - Unsampled requests get non-recording spans. BentoML's sampler (`ParentBasedTraceIdRatio`) *records* every span it
       does not sample (RECORD_ONLY): attributes, events and an end for spans no exporter ever sees, ~15% of a small
       request's CPU. OpenTelemetry's own `ParentBased(TraceIdRatioBased)` samples the same requests at the same rate,
@@ -628,13 +624,20 @@ def _lean_tracing(io_spans: bool):
     from opentelemetry.instrumentation import asgi
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     telemetry.ParentBasedTraceIdRatio = lambda rate: ParentBased(TraceIdRatioBased(rate))
+    from opentelemetry.metrics import NoOpMeterProvider, get_meter_provider
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+    no_meters = (_ProxyMeterProvider, NoOpMeterProvider)  # what `get_meter_provider()` is until someone sets one up
     mw = asgi.OpenTelemetryMiddleware
     init, call = getattr(mw, "_mlkit_init", mw.__init__), getattr(mw, "_mlkit_call", mw.__call__)
     def __init__(self, *a, exclude_spans=None, **kw):
         init(self, *a, exclude_spans=exclude_spans if exclude_spans is not None or io_spans else ["receive", "send"], **kw)
-        self._mlkit_off = not _exports(kw.get("tracer_provider"))
+        # an SDK provider's span processor (None for any other provider: then always traced), read per request so
+        # that an exporter added after the app was built (at the service's startup) is used
+        self._mlkit_processor = getattr(kw.get("tracer_provider"), "_active_span_processor", None)
     async def __call__(self, scope, receive, send):
-        if getattr(self, "_mlkit_off", False): return await self.app(scope, receive, send)
+        p = getattr(self, "_mlkit_processor", None)
+        if p is not None and not getattr(p, "_span_processors", True) and isinstance(get_meter_provider(), no_meters):
+            return await self.app(scope, receive, send)  # no exporter, no meters: nothing could receive a span
         return await call(self, scope, receive, send)
     mw.__init__, mw.__call__, mw._mlkit_init, mw._mlkit_call = __init__, __call__, init, call
 
