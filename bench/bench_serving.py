@@ -7,7 +7,8 @@ to CPU 0 while `wrk` (one thread) runs pinned to CPU 1 (so client and server do 
   - BentoML identity: a service that echoes its rows with the same `[serve]` settings (workers, access log, batching
     through BentoML's own batchable API with the same limits; BentoML's metrics on in both): the framework's floor;
   - `mlflow models serve --env-manager local` of the same registered version;
-  - raw: the same Predictor in a plain Starlette app on uvicorn (the ceiling).
+  - raw: the same Predictor in a plain Starlette app on uvicorn, no middleware, a forward pass per request (the issue's
+    "raw ceiling"; batched 1-row requests pass it, since it cannot batch).
 Each at 32 and 64 concurrent clients (connections), with 1-row and 100-row requests, for SECONDS each. Figures:
 requests/s and rows/s with p50/p99, non-2xx and socket-error counts and the client's own CPU use in the detail; mlkit's
 share of non-2xx answers; whether every row mlkit answered (its `mlkit_rows_total`, read from `/metrics` before the stop:
@@ -229,7 +230,7 @@ def main(out: Path):
             figs.append(fig(f"mlkit batched req/s vs unbatched, {tag}", "req/s", mk, ub, (c, rows), "rps", 1.5, "mlkit unbatched"))
         else:
             figs.append(fig(f"mlkit batched rows/s vs mlflow models serve, {tag}", "rows/s", mk, mlf, (c, rows), "rows_per_s", 2.0, "mlflow models serve"))
-        figs.append(fig(f"mlkit batched vs raw Starlette ceiling, {tag}", "rows/s", mk, raw, (c, rows), "rows_per_s", None, "raw Starlette"))
+        figs.append(fig(f"mlkit batched vs raw Starlette app, {tag}", "rows/s", mk, raw, (c, rows), "rows_per_s", None, "raw Starlette"))
     for label in ("mlkit batched", "mlkit unbatched"):  # counts summed over every round, warm-ups included
         runs = [*results[label].values(), *warmups[label]]
         total, bad = sum(r["complete"] for r in runs), sum(r["non_2xx"] + r["failed"] for r in runs)
