@@ -53,12 +53,12 @@ class InvalidInput(ValueError):
         self.field, self.row = field, row
 
 NUMBER_LIMIT = 1e300  # |numbers| above are refused: a round decimal, so JSON Schema's decimal `maximum` means the same
+_INT_LIMIT = 10**300  # the same limit for integers, compared exactly (a float64 cannot hold every JSON integer)
 
 def _finite_number(v: int | float) -> bool:
     "Finite and within +-1e300: integers compared exactly with 10**300 (a float64 cannot hold every JSON integer)."
-    return -10**300 <= v <= 10**300 if isinstance(v, int) else math.isfinite(v) and -NUMBER_LIMIT <= v <= NUMBER_LIMIT
+    return -_INT_LIMIT <= v <= _INT_LIMIT if isinstance(v, int) else math.isfinite(v) and -NUMBER_LIMIT <= v <= NUMBER_LIMIT
 
-_INT_LIMIT = 10**300
 _NUMBER = object()  # a number column: an int or float within the limits
 _KINDS = {"int": _NUMBER, "float": _NUMBER, "string": str, "bool": bool}  # what a JSON value of each dtype parses to
 
@@ -622,10 +622,10 @@ def _lean_tracing(io_spans: bool):
       (its `exclude_spans` option, which BentoML does not pass): one server span a request instead of four."""
     from bentoml._internal.utils import telemetry  # BentoML builds its tracer provider with this, after the service import
     from opentelemetry.instrumentation import asgi
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    telemetry.ParentBasedTraceIdRatio = lambda rate: ParentBased(TraceIdRatioBased(rate))
     from opentelemetry.metrics import NoOpMeterProvider, get_meter_provider
     from opentelemetry.metrics._internal import _ProxyMeterProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    telemetry.ParentBasedTraceIdRatio = lambda rate: ParentBased(TraceIdRatioBased(rate))
     no_meters = (_ProxyMeterProvider, NoOpMeterProvider)  # what `get_meter_provider()` is until someone sets one up
     mw = asgi.OpenTelemetryMiddleware
     init, call = getattr(mw, "_mlkit_init", mw.__init__), getattr(mw, "_mlkit_call", mw.__call__)
