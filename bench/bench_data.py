@@ -58,7 +58,8 @@ def warm_path(path) -> Path:
 def run_mlkit(task, path):
     import polars as pl
 
-    from mlkit.data import profile_frame, synthetic_contract, validate
+    from mlkit.contracts import synthetic_contract, validate
+    from mlkit.profiles import profile_frame
     from mlkit.features import FeatureSpec
     contract = synthetic_contract()
 

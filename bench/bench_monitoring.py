@@ -72,7 +72,8 @@ def reset_peak():
 def mlkit_monitor(folder: Path, d: Path) -> dict:
     "What `mlkit monitor churn --html F -o F` does after fetching the bundle; returns rows and the log's size."
     from mlkit.config import load_settings
-    from mlkit.monitoring import monitor, render_html, retirement, served_log
+    from mlkit.monitoring import monitor, retirement, served_log
+    from mlkit.reports import render_report
     settings = load_settings(d / "settings.ini", env={})
     profile, contract = (json.loads((d / f).read_text()) for f in ("profile.json", "contract.json"))
     t0 = time.perf_counter()
@@ -80,7 +81,7 @@ def mlkit_monitor(folder: Path, d: Path) -> dict:
     t1 = time.perf_counter()
     rep = {"model": "churn", "version": "1", **monitor(log, profile, contract, settings)}
     rep["retirement"] = retirement(rep, settings)
-    (d / "mlkit.html").write_text(render_html(rep))
+    (d / "mlkit.html").write_text(render_report(rep))
     (d / "mlkit.json").write_text(json.dumps(rep, indent=1, default=str))
     return {"rows": len(log), "log_mib": log.estimated_size() / 2**20, "windows": len(rep["windows"]), "alert": rep["alert"],
             "read_seconds": t1 - t0}
@@ -207,7 +208,9 @@ def prepare(d: Path) -> dict:
     "Settings (defaults), the training profile and contract, the reference rows for Evidently, the warm-up log."
     import polars as pl
 
-    from mlkit.data import profile_frame, synthetic, synthetic_contract
+    from mlkit.contracts import synthetic_contract
+    from mlkit.data import synthetic
+    from mlkit.profiles import profile_frame
     (d / "settings.ini").write_text("# mlkit's runtime settings: the built-in defaults\n")
     train = synthetic(REF_ROWS, seed=0).select(*FEATURES, LABEL)
     t0 = time.perf_counter()

@@ -46,12 +46,12 @@ SERVER_LOG = REPO / "bench" / "reports" / "serving-servers.log"  # every server'
 IDENTITY = '''
 from typing import Any
 import bentoml
-from mlkit import serving
+from mlkit import service
 from mlkit.config import current_settings
 
 S = current_settings().serve  # the same [serve] settings as mlkit's service: workers, access log, tracing, batching
 
-@bentoml.service(name="identity", **serving.service_config())
+@bentoml.service(name="identity", **service.service_config())
 class Identity:
     # BentoML's own adaptive batching with mlkit's limits (rows merged across requests), or none
     @(bentoml.api(batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
@@ -65,7 +65,7 @@ import json, os
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
-from mlkit.serving import Predictor
+from mlkit.predictor import Predictor
 
 predictor = Predictor.from_bundle(os.environ["RAW_BUNDLE"], "penguins", "1")
 
@@ -143,7 +143,7 @@ def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str, 
             route: str = "/predict", count=None) -> tuple[dict, dict]:
     """Start a server pinned to the server CPU, wait for its probe, warm it up, run every case, stop it. Returns the cases'
     figures and {"warmup": its figures, "answered": `count(url)` read before the stop}."""
-    from mlkit.serving import stop_service, wait_ready
+    from mlkit.deploy import stop_service, wait_ready
     proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], env=env, cwd=cwd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -166,7 +166,8 @@ def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str, 
 
 def main(out: Path):
     from mlkit.config import load_settings, tool_env
-    from mlkit.serving import free_port, read_prediction_log
+    from mlkit.deploy import free_port
+    from mlkit.predlog import read_prediction_log
     if not shutil.which("wrk"): raise SystemExit("wrk is missing: `make bench` installs Debian's wrk")
     SERVER_LOG.parent.mkdir(exist_ok=True)
     SERVER_LOG.write_text("")

@@ -98,6 +98,7 @@ def save_bundle(
         raise
     return path
 
+# %% ../nbs/30_models.ipynb #1575de45
 def bundle_sha256(path: Path | str) -> str:
     "`sha256:<hex>` over the bundle's file names and contents, in name order."
     h, path = hashlib.sha256(), Path(path)

@@ -14,7 +14,7 @@ from mlflow.pyfunc import PythonModel
 class BundleModel(PythonModel):
     "An mlkit bundle as an MLflow pyfunc: raw columns in, `label` and `p_<class>` columns out."
     def load_context(self, context):
-        from mlkit.serving import Predictor
+        from mlkit.predictor import Predictor
         self.predictor = Predictor.from_bundle(context.artifacts["bundle"])
 
     def predict(self, context, model_input, params=None):

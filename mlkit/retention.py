@@ -7,16 +7,17 @@ parts and MLflow's deleted runs go; nothing a registered version, a live alias o
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .config import Settings, current_settings, tool_env
+from ._compat import deleted_logged_models, deleted_runs, tracking_store
+from .config import Settings, current_settings
+from .core import run_tool
+from .ledger import record
+from .tracking import mlflow
 
 # %% auto #0
 __all__ = ['DAY', 'Item', 'human_bytes', 'Plan', 'plan_snapshots', 'part_time', 'plan_prediction_logs', 'bentoml_models',
@@ -194,7 +195,6 @@ _LOGGED_MODEL = re.compile(r"^models:/(m-[0-9a-f]+)$")
 
 def registered_versions(settings: Settings | None = None) -> list[dict]:
     "Every registered version: model, version, run id, logged model id, dataset version, aliases, retired flag."
-    from mlkit.tracking import mlflow
     client = mlflow(settings or current_settings()).MlflowClient()
     out = []
     for rm in _pages(client.search_registered_models):
@@ -216,7 +216,6 @@ def deployments(settings: Settings | None = None) -> list[dict]:
 def recent_run_datasets(since: float, settings: Settings | None = None) -> dict[str, str]:
     "Dataset versions of runs still running or started after `since` (seconds since the epoch) -> a run that used it."
     from mlflow.entities import ViewType
-    from mlkit.tracking import mlflow
     client = mlflow(settings or current_settings()).MlflowClient()
     exps = [e.experiment_id for e in _pages(client.search_experiments, view_type=ViewType.ACTIVE_ONLY)]
     out: dict[str, str] = {}
@@ -235,33 +234,36 @@ def _local_path(uri: str | None) -> Path | None:
     u = urlparse(uri)
     return Path(unquote(u.path)) if u.scheme in ("", "file") else None
 
+def _deleted(client, store, ms: int) -> tuple[list, dict, dict, list, set]:
+    "MLflow's deleted experiments (last updated over `ms` ago) and their runs, the other runs deleted over `ms` ago, the deleted logged models."
+    from mlflow.entities import ViewType
+    threshold = int(time.time() * 1000) - ms
+    exps = list(_pages(client.search_experiments, view_type=ViewType.DELETED_ONLY,
+                       filter_string=f"last_update_time < {threshold}" if ms else None))
+    swept = {r.info.run_id: r for r in _pages(client.search_runs, experiment_ids=[e.experiment_id for e in exps],
+                                               run_view_type=ViewType.DELETED_ONLY)} if exps else {}
+    older = set(deleted_runs(store, ms))  # deleted at least `ms` ago
+    old = {rid: client.get_run(rid) for rid in sorted(older - set(swept))}
+    return exps, swept, old, deleted_logged_models(store, ms), older
+
+# %% ../nbs/85_retention.ipynb #2446dfdd
 def plan_mlflow(
     versions: list[dict],  # `registered_versions()`
     days: float,  # keep deleted runs deleted less than this long ago
     settings: Settings | None = None,
 ) -> tuple[list[Item], list[Item], list[str], list[str]]:
     "Deleted runs, experiments and logged models `mlflow gc` would purge: (remove, keep, notes, `mlflow gc` arguments)."
-    from mlflow.entities import ViewType
-    from mlflow.tracking._tracking_service.utils import _get_store
-    from mlkit.tracking import mlflow
     settings = settings or current_settings()
     uri = settings.tracking_uri
     if uri.split(":", 1)[0].split("+")[0] not in _DATABASES:
         return [], [], [f"MLflow: {uri} is a tracking server; run `mlflow gc` beside its backend store"], []
-    store = _get_store(uri)
+    store = tracking_store(uri)
     if not hasattr(store, "_get_deleted_runs"): return [], [], [f"MLflow: the store at {uri} cannot list deleted runs"], []
     client = mlflow(settings).MlflowClient()
     ms = int(days * DAY * 1000)
     needed_runs = {v["run_id"]: f"{v['model']} v{v['version']}" for v in versions}
     needed_models = {v["model_id"]: f"{v['model']} v{v['version']}" for v in versions if v["model_id"]}
-    threshold = int(time.time() * 1000) - ms
-    exps = list(_pages(client.search_experiments, view_type=ViewType.DELETED_ONLY,
-                       filter_string=f"last_update_time < {threshold}" if ms else None))
-    swept = {r.info.run_id: r for r in _pages(client.search_runs, experiment_ids=[e.experiment_id for e in exps],
-                                               run_view_type=ViewType.DELETED_ONLY)} if exps else {}
-    older = set(store._get_deleted_runs(older_than=ms))  # deleted at least `days` ago
-    old = {rid: client.get_run(rid) for rid in sorted(older - set(swept))}
-    lms = store._get_deleted_logged_models(older_than=ms) if hasattr(store, "_get_deleted_logged_models") else []
+    exps, swept, old, lms, older = _deleted(client, store, ms)
     remove, keep, blockers = [], [], []
     if ms and set(swept) - older: blockers.append("a deleted experiment holds runs deleted less than "
                                                   f"{days:g} days ago (mlflow gc --older-than would refuse)")
@@ -328,28 +330,21 @@ def plan_gc(settings: Settings | None = None, now: float | None = None) -> Plan:
     plan.remove += rm; plan.keep += kp; plan.notes += notes
     return plan
 
-def _tool(name: str, args: list[str], settings: Settings) -> str:
-    "Run `mlflow` or `bentoml` of this environment against mlkit's state; returns its output, raises on failure."
-    exe = Path(sys.executable).parent / name  # this environment's, else the one on PATH
-    r = subprocess.run([str(exe) if exe.exists() else name, *args], env={**os.environ, **tool_env(settings)}, capture_output=True, text=True)
-    if r.returncode: raise RuntimeError(f"{name} {' '.join(args[:2])} failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-2000:]}")
-    return r.stdout
-
+# %% ../nbs/85_retention.ipynb #c9df1bb5
 def apply_gc(
     plan: Plan,  # from `plan_gc`, just before
     settings: Settings | None = None,
 ) -> dict:
     "Remove everything `plan` lists, then record the run in the audit ledger; returns that ledger record."
-    from mlkit.registry import append_ledger
     settings = settings or current_settings()
     by_kind = lambda k: [i for i in plan.remove if i.kind == k]
     gone: list[Item] = []
     error = None
     try:
         for kind, cmd in (("bento", ["delete", "-y"]), ("bentoml_model", ["models", "delete", "-y"])):
-            if items := by_kind(kind): _tool("bentoml", [*cmd, *(i.ref for i in items)], settings); gone += items
+            if items := by_kind(kind): run_tool("bentoml", [*cmd, *(i.ref for i in items)], settings); gone += items
         if plan.mlflow_gc:
-            _tool("mlflow", plan.mlflow_gc, settings)
+            run_tool("mlflow", plan.mlflow_gc, settings)
             gone += [i for i in plan.remove if i.kind.startswith("mlflow_")]
         for i in by_kind("snapshot"):
             for f in (Path(i.path), Path(i.path).with_suffix(".json")): f.unlink(missing_ok=True)
@@ -361,10 +356,9 @@ def apply_gc(
     finally:
         done = Plan(remove=gone)
         r = settings.retention
-        rec = append_ledger(settings.ledger_path, model=None, action="gc", alias="", from_version=None, to_version=None,
-                            reason=f"retention: snapshot_days={r.snapshot_days:g}, prediction_log_days={r.prediction_log_days:g}, "
-                                   f"deleted_run_days={r.deleted_run_days:g}, keep_retired_bentos={str(r.keep_retired_bentos).lower()}",
-                            removed=done.counts(), bytes_freed=done.bytes, kept=len(plan.keep), error=error)
+        rec = record("gc", None, reason=f"retention: snapshot_days={r.snapshot_days:g}, prediction_log_days={r.prediction_log_days:g}, "
+                                        f"deleted_run_days={r.deleted_run_days:g}, keep_retired_bentos={str(r.keep_retired_bentos).lower()}",
+                     settings=settings, removed=done.counts(), bytes_freed=done.bytes, kept=len(plan.keep), error=error)
     return rec
 
 def gc(

@@ -54,7 +54,7 @@ def init_distributed() -> bool:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 
-# %% ../nbs/40_train.ipynb #dc553dbe
+# %% ../nbs/40_train.ipynb #e7a04275
 def _as_tensor(a, dtype) -> torch.Tensor:
     "A CPU tensor over `a` (shared when it is already C-contiguous, writable and of `dtype`, copied otherwise)."
     return torch.from_numpy(np.require(a, dtype, ["C", "W"]))
@@ -74,6 +74,7 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
         return 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
     return f
 
+# %% ../nbs/40_train.ipynb #cffeea93
 @torch.inference_mode()
 def evaluate(model: nn.Module, X, y, loss_fn: Callable = nn.functional.cross_entropy, batch_size: int = 65536) -> dict:
     "Loss and accuracy of a classifier on features `X` and integer labels `y`, in batches."
@@ -99,6 +100,40 @@ def predict_classes(model: nn.Module, X, batch_size: int = 65536) -> np.ndarray:
         Xt = _as_tensor(X, np.float32)
         return torch.cat([model(Xt[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(Xt), batch_size)]).numpy()
 
+# %% ../nbs/40_train.ipynb #a16407d1
+def _epoch(net: nn.Module, model: nn.Module, opt, sched, Xt, yt, order, batch_size: int, on_device: bool,
+           dev: torch.device, loss_fn: Callable, grad_clip: float | None, autocast) -> torch.Tensor:
+    "One pass over the rows `order` of `Xt`, `yt` in batches; returns the summed training loss (on the device)."
+    total = torch.zeros((), device=dev)
+    for idx in order.split(batch_size):
+        xb, yb = (Xt[idx], yt[idx]) if on_device else (Xt[idx].to(dev, non_blocking=True), yt[idx].to(dev, non_blocking=True))
+        with autocast(): loss = loss_fn(net(xb).float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip: nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step()
+        if sched is not None: sched.step()
+        total += loss.detach() * len(idx)
+    return total
+
+class _EarlyStopping:
+    "The best value of `monitor` so far (`..._loss`: lower is better, others higher), its weights, and when to stop."
+    def __init__(self, patience: int, monitor: str): self.patience, self.monitor, self.best, self.state, self.waited = patience, monitor, None, None, 0
+
+    def update(self, model: nn.Module, metrics: dict) -> bool:
+        "Record one epoch's `metrics`; True when `patience` epochs have passed without an improvement."
+        score = metrics[self.monitor] if self.monitor.endswith("loss") else -metrics[self.monitor]
+        if self.best is None or score < self.best:
+            self.best, self.waited = score, 0
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self, model: nn.Module):
+        if self.state is not None: model.load_state_dict(self.state)
+
+# %% ../nbs/40_train.ipynb #79e88072
 def fit(
     model: nn.Module,  # module mapping a float32 batch to outputs for `loss_fn`
     X, y,  # training features (float32 matrix) and integer labels
@@ -140,20 +175,11 @@ def fit(
     if progress and me == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=epochs, desc="epochs", leave=True)
-    history, best, best_state, waited = [], None, None, 0
+    history, stopper = [], _EarlyStopping(patience, monitor) if patience is not None else None
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(Xt), generator=gen)[me::world]  # same permutation on every rank, a disjoint share each
-        total = torch.zeros((), device=dev)
         if on_device and dev.type != "cpu": order = order.to(dev)
-        for idx in order.split(batch_size):
-            xb, yb = (Xt[idx], yt[idx]) if on_device else (Xt[idx].to(dev, non_blocking=True), yt[idx].to(dev, non_blocking=True))
-            with autocast(): loss = loss_fn(net(xb).float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip: nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            opt.step()
-            if sched is not None: sched.step()
-            total += loss.detach() * len(idx)
+        total = _epoch(net, model, opt, sched, Xt, yt, order, batch_size, on_device, dev, loss_fn, grad_clip, autocast)
         if distributed: dist.all_reduce(total)
         m = {"epoch": epoch, "train_loss": total.item() / len(Xt), "lr": sched.get_last_lr()[0] if sched else lr}
         if X_val is not None: m.update({f"val_{k}": v for k, v in evaluate(model, X_val, y_val, loss_fn).items()})
@@ -161,15 +187,8 @@ def fit(
         if me == 0:
             if bar is not None: bar.update(1); bar.set_postfix({k: round(v, 4) for k, v in m.items() if k != "epoch"})
             if on_epoch: on_epoch(epoch, m)
-        if patience is not None:
-            score = m[monitor] if monitor.endswith("loss") else -m[monitor]
-            if best is None or score < best:
-                best, waited = score, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                waited += 1
-                if waited >= patience: break
+        if stopper is not None and stopper.update(model, m): break
     if bar is not None: bar.close()
-    if best_state is not None: model.load_state_dict(best_state)
+    if stopper is not None: stopper.restore(model)
     model.eval()
     return history

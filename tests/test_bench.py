@@ -43,7 +43,7 @@ def test_the_monitoring_bench_log_is_a_prediction_log(tmp_path):
 
     import numpy as np
 
-    from mlkit.serving import PredictionLog, read_prediction_log
+    from mlkit.predlog import PredictionLog, read_prediction_log
     spec = importlib.util.spec_from_file_location("bench_monitoring", REPO / "bench" / "bench_monitoring.py")
     mon = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mon)

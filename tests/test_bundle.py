@@ -7,10 +7,13 @@ import torch
 
 from conftest import REPO
 
-from mlkit.data import Contract, encode_labels, load_penguins, profile_frame
+from mlkit.contracts import Contract, encode_labels
+from mlkit.data import load_penguins
+from mlkit.profiles import profile_frame
 from mlkit.features import FeatureSpec
 from mlkit.models import TabularMLP, build_model, bundle_sha256, load_bundle, model_config, save_bundle
-from mlkit.serving import InvalidInput, Predictor
+from mlkit.inputs import InvalidInput
+from mlkit.predictor import Predictor
 from mlkit.train import fit, seed_everything
 
 FEATURES = ["island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "sex"]

@@ -16,7 +16,7 @@ ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipp
 @pytest.fixture(scope="module")
 def canary(tmp_path_factory):
     from mlkit.config import load_settings
-    from mlkit.serving import free_port, start_service, stop_service, wait_ready
+    from mlkit.deploy import free_port, start_service, stop_service, wait_ready
     root = tmp_path_factory.mktemp("canary")
     ini = write_project(root)
     env = project_env(ini)
@@ -47,7 +47,7 @@ def _post(url, rows, rid):
 
 
 def test_canary_share_and_shadow_are_served_and_logged(canary):
-    from mlkit.serving import read_prediction_log
+    from mlkit.predlog import read_prediction_log
     answers = {}
     for i in range(40):
         body, headers = _post(canary["url"], [ROW, {**ROW, "body_mass_g": 3000 + i}], f"req-{i}")
@@ -91,7 +91,7 @@ def test_shadow_metrics_by_version(canary):
 
 def test_deploy_switches_versions_with_no_failed_request(canary):
     "`mlkit deploy` under light load: version 1 serves, version 2 is promoted and deployed, no request fails in between."
-    from mlkit.serving import free_port
+    from mlkit.deploy import free_port
     env, port = canary["env"], free_port()
     try: _deploy_under_load(canary, env, port)
     finally: mlkit("deploy", "penguins", "--stop", env=env)  # never leave a service behind, even when an assert failed
@@ -127,7 +127,7 @@ def _deploy_under_load(canary, env, port):
     assert not failed, failed[:5]
     versions = [v for _, v in results]
     assert "1" in versions and versions[-10:] == ["2"] * 10, versions[-20:]
-    from mlkit.serving import _alive
+    from mlkit.deploy import _alive
     assert not _alive(first_pid), "the previous service still runs"
     assert "already serves" in mlkit("deploy", "penguins", "--port", port, env=env, check=True).stdout
     hist = json.loads(mlkit("models", "history", "penguins", "--json", env=env, check=True).stdout)
@@ -143,7 +143,7 @@ def test_monitor_enforce_rolls_back_a_drifting_champion(canary, tmp_path):
 
     import polars as pl
 
-    from mlkit.serving import read_prediction_log
+    from mlkit.predlog import read_prediction_log
     env = canary["env"]
     if json.loads(mlkit("models", "history", "penguins", "--json", env=env, check=True).stdout)[-1]["to_version"] != "2":
         mlkit("models", "promote", "penguins", "2", "--force", "--reason", "enforce test", env=env, check=True)

@@ -9,7 +9,9 @@ import polars as pl
 import pytest
 from conftest import REPO, mlkit, project_env, write_project
 
-from mlkit.data import Contract, DataError, content_hash, load_penguins, penguins_path, read_data, snapshot
+from mlkit.contracts import Contract
+from mlkit.data import DataError, load_penguins, penguins_path, read_data
+from mlkit.snapshots import content_hash, snapshot
 
 CONTRACT = REPO / "nbs" / "train" / "penguins.contract.yaml"
 
@@ -137,7 +139,7 @@ def test_snapshot_is_immutable_and_verified(tmp_path):
     snap = snapshot(load_penguins(), tmp_path)
     p = tmp_path / f"{snap.id.split(':')[1]}.parquet"
     assert not (p.stat().st_mode & 0o222)  # read-only
-    from mlkit.data import load_snapshot
+    from mlkit.snapshots import load_snapshot
     p.chmod(0o644)
     pl.read_parquet(p).with_columns(pl.col("year") + 1).write_parquet(p)
     with pytest.raises(DataError, match="does not match the snapshot id"): load_snapshot(snap.id, tmp_path)

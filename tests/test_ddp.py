@@ -8,7 +8,7 @@ from conftest import REPO
 
 
 def test_two_ranks_end_with_equal_weights(tmp_path):
-    from mlkit.serving import free_port
+    from mlkit.deploy import free_port
     torchrun = Path(sys.executable).parent / "torchrun"
     r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                         str(REPO / "scripts" / "ddp_train.py"), str(tmp_path)],

@@ -23,6 +23,6 @@ def test_demo_end_to_end(tmp_path):
     assert (state / "mlflow.db").is_file() and list((state / "bentoml" / "bentos" / "penguins").iterdir())
     assert list((state / "runs" / "penguins").glob("*.html"))
     # the server was stopped right after answering: its shutdown wrote the queued rows to the prediction log
-    from mlkit.serving import read_prediction_log
+    from mlkit.predlog import read_prediction_log
     logged = read_prediction_log(state / "predictions" / "penguins")
     assert len(logged) == 2 and logged["prediction"].to_list() == [p["label"] for p in body["predictions"]]

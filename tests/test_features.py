@@ -2,6 +2,7 @@
 from JSON gives what the fitted object gives (property-based, 500 generated cases)."""
 import json
 import math
+import re
 import statistics
 from fractions import Fraction
 
@@ -89,12 +90,12 @@ def test_records_with_missing_keys_and_ints():
     same(spec.transform_records(rows), spec.transform(frame))
 
 
-@pytest.mark.parametrize("row,msg", [({"x": "1"}, "row 0, field 'x': expected a number"),
-                                     ({"cat": 3}, "row 0, field 'cat': expected a string"),
-                                     ({"flag": "yes"}, "row 0, field 'flag': expected true or false")])
+@pytest.mark.parametrize("row,msg", [({"x": "1"}, "rows[0].x: expected a number"),
+                                     ({"cat": 3}, "rows[0].cat: expected a string"),
+                                     ({"flag": "yes"}, "rows[0].flag: expected true or false")])
 def test_wrong_types_name_the_field(row, msg):
     spec = FeatureSpec(STEPS, INPUTS).fit(pl.DataFrame({"x": [1.0, 2.0], "n": [1, 2], "cat": ["a", "b"], "flag": [True, False]}))
-    with pytest.raises(ValueError, match=msg): spec.transform_records([row])
+    with pytest.raises(ValueError, match=re.escape(msg)): spec.transform_records([row])
 
 
 def test_spec_json_is_data_not_code():
@@ -160,7 +161,7 @@ def big_frame(n: int, seed: int) -> pl.DataFrame:
 
 def test_large_frames_match_polars_expressions():
     "Past the sizes the property tests draw: fit's direct statistics (sampled medians and categories) and transform's column jobs (threads, blocks) give polars' answers."
-    from mlkit import features
+    from mlkit.encoders import expressions
     train, serve = big_frame(300_001, 0), big_frame(150_000, 1)
     inputs = [{"name": "x", "kind": "number"}, {"name": "n", "kind": "number"}, {"name": "w", "kind": "number"}, {"name": "f", "kind": "number"},
               {"name": "cat", "kind": "string"}, {"name": "flag", "kind": "bool"}, {"name": "cc", "kind": "string"}]
@@ -176,7 +177,7 @@ def test_large_frames_match_polars_expressions():
     assert spec.steps[10]["categories"] == train["cat"].drop_nulls().unique().sort().to_list()
     assert spec.steps[13]["categories"] == train["cc"].cast(pl.String).drop_nulls().unique().sort().to_list()
     for df in (train, serve):
-        exprs = [e.cast(pl.Float32) for e in features._expressions(spec, df.schema)]  # every output by polars' expressions
+        exprs = [e.cast(pl.Float32) for e in expressions(spec, df.schema)]  # every output by polars' expressions
         same(spec.transform(df), df.select(exprs).to_numpy(order="fortran"))
 
 

@@ -19,9 +19,9 @@ DAY = 86_400
 SETUP = """
 import json, sys
 import polars as pl
-from mlkit.cli import build
+from mlkit.bento import build
 from mlkit.config import configure
-from mlkit.data import snapshot
+from mlkit.snapshots import snapshot
 from mlkit.registry import get_version, register, retire
 from mlkit.tracking import experiment_id, mlflow
 s = configure()
@@ -93,7 +93,7 @@ def test_dry_run_lists_then_gc_removes_exactly_that(project):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from mlkit.registry import read_ledger, verify_ledger
+    from mlkit.ledger import read_ledger, verify_ledger
     p, state, env = project, project["state"], project["env"]
     models, bentos = _models(state), project["bentos"]
     assert set(models) == {"1", "2", "3"}, models

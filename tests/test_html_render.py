@@ -49,7 +49,8 @@ def _logged_traffic(tmp: Path):
 
     from mlkit.data import load_penguins
     from mlkit.registry import fetched_bundle
-    from mlkit.serving import PredictionLog, Predictor, read_prediction_log
+    from mlkit.predictor import Predictor
+    from mlkit.predlog import PredictionLog, read_prediction_log
     with fetched_bundle("penguins", version="1") as (bundle, mv):
         predictor = Predictor.from_bundle(bundle, "penguins", mv.version)
     data = load_penguins().sample(fraction=1.0, shuffle=True, seed=0)  # served in no particular order
@@ -169,7 +170,7 @@ def test_training_notebook_page_renders_cells_and_outputs(browser, pages):
 
 def test_notebook_markdown_in_a_card_stays_inert(browser, tmp_path):
     "A training notebook whose markdown holds a script, an event handler and a remote image: the card runs and loads none."
-    from mlkit.monitoring import render_card
+    from mlkit.reports import render_card
     hostile = ["# Notes\n", "<script>console.error('ran')</script>\n\n", "<img src=x onerror=\"console.error('handler')\">\n\n",
                "![remote](https://example.invalid/i.png) [link](javascript:console.error('link'))\n"]
     nb = {"cells": [{"cell_type": "markdown", "source": hostile},

@@ -47,7 +47,7 @@ def test_promote_refuse_rollback_and_history(project):
     assert all(h["who"] and h["time"] for h in hist) and hist[4]["gate"]["passed"]
     text = mlkit("models", "history", "penguins", env=env, check=True).stdout
     assert "rollback" in text and "ci drill" in text
-    from mlkit.registry import verify_ledger
+    from mlkit.ledger import verify_ledger
     assert verify_ledger(project["state"] / "ledger.jsonl") == []
 
 

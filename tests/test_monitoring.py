@@ -9,8 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlkit.config import load_settings
-from mlkit.data import profile_frame, synthetic, synthetic_contract
-from mlkit.monitoring import drift, monitor, tally, thresholds
+from mlkit.contracts import synthetic_contract
+from mlkit.data import synthetic
+from mlkit.profiles import profile_frame
+from mlkit.drift import drift, tally, thresholds
+from mlkit.monitoring import monitor
 
 FEATURES = ["age", "income", "sessions", "score", "region", "plan"]
 LABEL = "churned"

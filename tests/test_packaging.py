@@ -82,7 +82,7 @@ def test_make_lab_serves_jupyterlab_with_the_venv_kernel(tmp_path):
     import time
     import urllib.request
 
-    from mlkit.serving import free_port
+    from mlkit.deploy import free_port
     port = free_port()
     log = tmp_path / "lab.log"
     with open(log, "w") as out:

@@ -7,7 +7,7 @@ import pytest
 
 from mlkit import data
 from mlkit.config import load_settings
-from mlkit.serving import PII_KEY_ENV, PredictionLog, pii_key, read_prediction_log
+from mlkit.predlog import pii_key, PII_KEY_ENV, PredictionLog, read_prediction_log
 
 EMAILS = [f"person{i}@example.org" for i in range(40)]
 

@@ -16,9 +16,9 @@ ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipp
 
 @pytest.fixture(scope="module")
 def service(trained):
-    from mlkit.cli import post_json
+    from mlkit.demo import post_json
     from mlkit.config import load_settings
-    from mlkit.serving import free_port, start_service, stop_service, wait_ready
+    from mlkit.deploy import free_port, start_service, stop_service, wait_ready
     mlkit("models", "promote", "penguins", env=trained["env"], check=True)
     bento = mlkit("build", "penguins", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
     settings = load_settings(trained["ini"], env={})
@@ -47,7 +47,7 @@ def test_bento_is_recorded_on_the_registered_version(service, trained, in_projec
 
 def test_predict_returns_label_probabilities_and_version(service, in_project):
     from mlkit.registry import download_bundle
-    from mlkit.serving import Predictor
+    from mlkit.predictor import Predictor
     status, body, headers = service["post"]({"rows": [ROW, {**ROW, "sex": None, "island": "Dream"}]})
     assert status == 200, body
     assert body["model"] == "penguins" and body["version"] == "1"
@@ -212,7 +212,7 @@ def test_too_many_rows_is_a_4xx_naming_rows(service):
 
 
 def test_every_served_row_reaches_the_prediction_log(service, trained):
-    from mlkit.serving import read_prediction_log
+    from mlkit.predlog import read_prediction_log
     rid = "log-check-123"
     rows = [ROW, {**ROW, "island": "Dream", "sex": None}, {**ROW, "body_mass_g": 3000}]
     status, body = _raw(service["url"], "/predict", json.dumps({"rows": rows}).encode(),
@@ -330,7 +330,7 @@ def test_monitor_flags_the_drift_of_served_traffic(service, trained, tmp_path):
     assert status == 200
     import time
 
-    from mlkit.serving import read_prediction_log
+    from mlkit.predlog import read_prediction_log
     folder = trained["state"] / "predictions" / "penguins"
     deadline = time.monotonic() + 30
     logged = lambda: (df := read_prediction_log(folder)).height and (df["request_id"] == rid).sum()

@@ -41,7 +41,7 @@ def _start(target: str, env: dict, log, port: int, cwd=REPO) -> subprocess.Popen
 @pytest.fixture(scope="module")
 def ops(trained):
     from mlkit.config import tool_env
-    from mlkit.serving import free_port, stop_service, wait_ready
+    from mlkit.deploy import free_port, stop_service, wait_ready
     bento = mlkit("build", "penguins", "--version", "1", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
     collector = Collector()
     from mlkit.config import load_settings
@@ -98,7 +98,7 @@ def test_request_log_all_and_access_log(ops):
 
 def test_sigterm_drains_in_flight_requests(ops):
     "Requests the server has started (headers read, body still arriving) finish with 200 after SIGTERM, and are logged."
-    from mlkit.serving import read_prediction_log
+    from mlkit.predlog import read_prediction_log
     body = json.dumps({"rows": [ROW] * 50}).encode()
     conns = []
     for i in range(4):
@@ -125,9 +125,9 @@ def test_sigterm_drains_in_flight_requests(ops):
 def test_corrupt_bundle_never_serves(trained, tmp_path):
     "A bundle whose bytes no longer match the SHA-256 recorded at registration: /readyz never answers 200, nothing is served."
     from mlkit.config import load_settings, tool_env
-    from mlkit.serving import free_port, stop_service
+    from mlkit.deploy import free_port, stop_service
     env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
-    code = ("import bentoml, pathlib\nfrom mlkit.registry import download_bundle\nfrom mlkit.serving import import_bundle\n"
+    code = ("import bentoml, pathlib\nfrom mlkit.registry import download_bundle\nfrom mlkit.bento import import_bundle\n"
             "p, _ = download_bundle('penguins', version='1')\ntag = import_bundle(p, 'penguins', '77')\n"
             "f = pathlib.Path(bentoml.models.get(tag).path) / 'bundle' / 'model.safetensors'\n"
             "b = bytearray(f.read_bytes()); b[-1] ^= 1; f.write_bytes(bytes(b))\nprint(tag)\n")
@@ -155,7 +155,8 @@ def test_corrupt_bundle_never_serves(trained, tmp_path):
 def test_prediction_log_parts_survive_kill_9(trained, tmp_path):
     "After `kill -9` mid-traffic every finished prediction-log part is readable and no half-written file is picked up."
     from mlkit.config import load_settings, tool_env
-    from mlkit.serving import _alive, _descendants, free_port, read_prediction_log, wait_ready
+    from mlkit.deploy import _alive, _descendants, free_port, wait_ready
+    from mlkit.predlog import read_prediction_log
     bento = mlkit("build", "penguins", "--version", "1", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
     env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
     port = free_port()

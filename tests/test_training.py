@@ -58,7 +58,7 @@ def test_mlflow_pyfunc_and_mlkit_predict_the_same(trained, in_project):
     import pandas as pd
     from mlkit.data import load_penguins
     from mlkit.registry import download_bundle
-    from mlkit.serving import Predictor
+    from mlkit.predictor import Predictor
     from mlkit.tracking import mlflow
     cols = ["island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "sex"]
     rows = load_penguins().select(cols).to_dicts()  # includes rows with missing values
@@ -122,7 +122,7 @@ def test_ui_serves_the_embedded_store_on_loopback(trained):
     import time
     import urllib.request
 
-    from mlkit.serving import free_port
+    from mlkit.deploy import free_port
     port = free_port()
     proc = subprocess.Popen([str(BIN / "mlkit"), "ui", "--port", str(port)], env=trained["env"], cwd=trained["root"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

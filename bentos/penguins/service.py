@@ -1,22 +1,22 @@
-"""The penguins classifier as a BentoML service: the models are declared here, everything else is mlkit.serving."""
+"""The penguins classifier as a BentoML service: the models are declared here, everything else is mlkit."""
 from pathlib import Path
 from typing import Any
 
 import bentoml
 
-from mlkit import serving
+from mlkit import bento, service
 
-MODELS = serving.bento_models("penguins", Path(__file__).parent)  # what `mlkit build` packed: champion (+ challenger)
+MODELS = bento.bento_models("penguins", Path(__file__).parent)  # what `mlkit build` packed: champion (+ challenger)
 
 
-@bentoml.service(name="penguins", **serving.service_config())  # 127.0.0.1, workers, access log, tracing: [serve]
+@bentoml.service(name="penguins", **service.service_config())  # 127.0.0.1, workers, access log, tracing: [serve]
 class Penguins:
     champion = bentoml.models.BentoModel(MODELS["champion"])
     if "challenger" in MODELS:  # `mlkit build penguins --with-challenger`: canary and shadow
         challenger = bentoml.models.BentoModel(MODELS["challenger"])
 
     def __init__(self):
-        self.server = serving.model_server(self)  # bundles hash-checked: a corrupt one never serves, /readyz stays 503
+        self.server = service.model_server(self)  # bundles hash-checked: a corrupt one never serves, /readyz stays 503
 
     @bentoml.api
     async def predict(self, rows: list[dict[str, Any]], ctx: bentoml.Context) -> dict:
@@ -29,5 +29,5 @@ class Penguins:
         await self.server.aclose()  # shadow scoring in flight, then every queued prediction-log row
 
 
-# API keys, body size limit, JSON-only bodies, and /docs.json written from the champion's contract (mlkit.serving)
-serving.guard_service(Penguins, models=MODELS)
+# API keys, body size limit, JSON-only bodies, and /docs.json written from the champion's contract (mlkit.guard)
+service.guard_service(Penguins, models=MODELS)
