@@ -1,5 +1,5 @@
-"""The model lifecycle in CI with tiny parameters: gated promotion, a refused worse model, rollback, retirement,
-the audit ledger and `mlkit models history` / `lineage`."""
+"""`mlkit.registry`: the model lifecycle in CI with tiny parameters: gated promotion, a refused worse model, rollback,
+retirement, the audit ledger and `mlkit models history` / `lineage`."""
 import json
 
 import pytest
@@ -81,24 +81,3 @@ def test_lineage_from_any_link(project):
     assert sorted(c["version"] for c in by_data) == ["1", "2", "3"]
     text = mlkit("models", "lineage", "penguins/2", env=env, check=True).stdout
     assert "dataset_version" in text and v2["run_id"] in text
-
-
-def test_sweep_runs_nested_children_and_registers_the_best(tmp_path):
-    env = project_env(write_project(tmp_path))
-    r = mlkit("train", "penguins", "-p", "epochs=2", "--sweep", "lr=0.0003,0.01", env=env, check=True)
-    assert "sweep" in r.stdout and "2 runs" in r.stdout and "registered as challenger" in r.stdout
-    import subprocess
-    import sys
-    code = ("import json, mlkit.tracking as t; c = t.mlflow().MlflowClient(); e = c.get_experiment_by_name('penguins');"
-            "runs = c.search_runs([e.experiment_id]);"
-            "print(json.dumps([{'id': x.info.run_id, 'parent': x.data.tags.get('mlflow.parentRunId'), 'best': x.data.tags.get('mlkit.best_child'),"
-            "'acc': x.data.metrics.get('test_accuracy'), 'lr': x.data.params.get('lr')} for x in runs]));"
-            "v = c.get_model_version_by_alias('penguins', 'challenger'); print(v.run_id, len(c.search_model_versions()))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
-    runs = json.loads(out[0])
-    (parent,) = [x for x in runs if x["parent"] is None]
-    kids = [x for x in runs if x["parent"] == parent["id"]]
-    assert sorted(k["lr"] for k in kids) == ["0.0003", "0.01"]
-    best = max(kids, key=lambda k: k["acc"])
-    challenger_run, n_versions = out[1].split()
-    assert parent["best"] == best["id"] == challenger_run and n_versions == "1"
