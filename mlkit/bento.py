@@ -22,7 +22,7 @@ from .tracking import mlflow
 
 # %% auto #0
 __all__ = ['BENTO_MODEL_ENV', 'MODELS_FILE', 'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento',
-           'build_bento', 'build', 'packed_champion']
+           'build_bento', 'build', 'packed_champion', 'bentoml_models', 'bentoml_bentos']
 
 # %% ../nbs/77_bento.ipynb #0a7c169d
 BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # development: the model tag `bentoml serve bentos/<name>` packs (else `<name>:latest`)
@@ -127,7 +127,30 @@ def build(name: str, alias: str | None = "champion", version: str | None = None,
 
 def packed_champion(bento: str, settings: Settings | None = None) -> str | None:
     "`NAME_vVERSION` of the model a stored Bento packs as champion (None when the Bento is not in the store)."
-    import yaml
     f = (settings or current_settings()).bentoml_home / "bentos" / bento.replace(":", "/") / "bento.yaml"
     if not f.is_file(): return None
-    return (yaml.safe_load(f.read_text()).get("labels") or {}).get("champion_model", "").rsplit("-", 1)[0]
+    return (_yaml(f).get("labels") or {}).get("champion_model", "").rsplit("-", 1)[0]
+
+# %% ../nbs/77_bento.ipynb #12ff0942
+def _yaml(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text()) or {}
+
+def bentoml_models(home: Path | str) -> list[dict]:
+    "The models of a BentoML home: tag, the mlkit model name and version from its labels (None if unlabelled), folder."
+    out = []
+    for f in sorted(Path(home).glob("models/*/*/model.yaml")):
+        y = _yaml(f)
+        labels = y.get("labels") or {}
+        out.append({"tag": f"{y['name']}:{y['version']}", "model": labels.get("mlkit_model"),
+                    "version": None if labels.get("mlkit_version") is None else str(labels["mlkit_version"]), "path": str(f.parent)})
+    return out
+
+def bentoml_bentos(home: Path | str) -> list[dict]:
+    "The Bentos of a BentoML home: tag, the model tags it packs, folder."
+    out = []
+    for f in sorted(Path(home).glob("bentos/*/*/bento.yaml")):
+        y = _yaml(f)
+        packed = [m["tag"] for m in y.get("models") or []] + [m["tag"] for s in y.get("services") or [] for m in s.get("models") or []]
+        out.append({"tag": f"{y['name']}:{y['version']}", "models": sorted(set(packed)), "path": str(f.parent)})
+    return out

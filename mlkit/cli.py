@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlkit
 from .config import SettingsError, configure, env_exports, load_settings
+from .core import moved
 
 # %% auto #0
 __all__ = ['cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_models_promote', 'cmd_models_rollback',
@@ -109,6 +110,7 @@ def cmd_models_history(args) -> int:
     configure()
     recs = history(args.name)
     if args.json: _out(json.dumps(recs, indent=1)); return 0
+    if not recs: _out(f"{args.name}: no recorded moves (the audit ledger has none for this model)")
     for r in recs:
         move = f"{r.get('from_version') or '-'} -> {r.get('to_version') or '-'}"
         gate = "" if not r.get("gate") else (" gate passed" if r["gate"]["passed"] else " gate FAILED")
@@ -187,7 +189,8 @@ def cmd_monitor(args) -> int:
             psi = "-" if d.get("psi") is None else f"{d['psi']:.3f}"
             _out(f"  {d['column']:<24} PSI {psi:>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
         if rep.get("performance"): _out(f"  live accuracy {rep['performance']['accuracy']} on {rep['performance']['labelled_rows']} labelled rows")
-        _out("ALERT: " + "; ".join(rep["alerts"]) if rep["alert"] else "no threshold crossed")
+        if rep["alert"]: _out("ALERT: " + "; ".join(rep["alerts"]))
+        else: _out("no threshold crossed" if rep["judged"] else f"not judged: {rep['rows']} rows, fewer than [monitor] min_rows = {rep['thresholds']['min_rows']}")
         if rep["retirement"]["retire"]: _out("retirement criteria met: " + "; ".join(rep["retirement"]["reasons"]))
         done = rep.get("enforced", {})
         if done.get("action") == "rollback": _out(f"enforced: champion rolled back {done['from_version']} -> {done['to_version']} (audit ledger)")
@@ -358,3 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mlkit {args.command}: {msg}", file=sys.stderr)
         return 2
+
+# %% ../nbs/90_cli.ipynb #cb49a95b
+_MOVED = {"build": "mlkit.bento", "post_json": "mlkit.demo", "DEMO_ROWS": "mlkit.demo"}
+moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

@@ -236,7 +236,8 @@ def validate(
 # %% ../nbs/11_contracts.ipynb #f0191d99
 def check_file(data: Path | str, contract: Path | str) -> ValidationReport:
     "Validate the data file `data` against the contract file `contract`; `DataError` when either cannot be read."
-    return validate(read_data(data), Contract.load(contract), source=str(data))
+    c = Contract.load(contract)  # first: a typo in its path is found before a large file is read
+    return validate(read_data(data), c, source=str(data))
 
 # %% ../nbs/11_contracts.ipynb #b1ecbb3a
 def encode_labels(df: pl.DataFrame, contract: Contract):

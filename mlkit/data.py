@@ -129,8 +129,8 @@ def split_frame(
     return idx.filter(~is_test).sort("_row").drop(drop), idx.filter(is_test).sort("_row").drop(drop)
 
 # %% ../nbs/10_data.ipynb #5a6290b8
-__getattr__ = moved(__name__, {
-    **dict.fromkeys(["DTYPES", "Contract", "infer_contract", "synthetic_contract", "Check", "ValidationReport", "validate",
-                     "encode_labels"], "mlkit.contracts"),
-    **dict.fromkeys(["content_hash", "Snapshot", "snapshot", "load_snapshot"], "mlkit.snapshots"),
-    **dict.fromkeys(["PROFILE_QUANTILES", "profile_frame"], "mlkit.profiles"), "atomic_write": "mlkit.core"})
+_MOVED = {**dict.fromkeys(["DTYPES", "Contract", "infer_contract", "synthetic_contract", "Check", "ValidationReport", "validate",
+                           "encode_labels"], "mlkit.contracts"),
+          **dict.fromkeys(["content_hash", "Snapshot", "snapshot", "load_snapshot"], "mlkit.snapshots"),
+          **dict.fromkeys(["PROFILE_QUANTILES", "profile_frame"], "mlkit.profiles"), "atomic_write": "mlkit.core"}
+moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

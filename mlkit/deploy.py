@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -18,13 +17,13 @@ from pathlib import Path
 
 from .bento import build, packed_champion
 from .config import Settings, current_settings, tool_env
-from .core import atomic_write
+from .core import atomic_write, tool_path
 from .guard import INSTANCE_ENV, check_host
 from .ledger import record
 from .registry import get_version
 
 # %% auto #0
-__all__ = ['MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'serve', 'deployment_file',
+__all__ = ['MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'serve', 'deployment_file', 'deployments',
            'current_deployment', 'deploy', 'undeploy', 'deploy_champion']
 
 # %% ../nbs/79_deploy.ipynb #ec3b9961
@@ -41,7 +40,7 @@ def start_service(target: str, host: str | None = None, port: int | None = None,
     host, port = host or settings.serve.host, port or settings.serve.port
     env = {**os.environ, **tool_env(settings), **(extra_env or {})}
     out = open(log, "ab") if log else subprocess.DEVNULL
-    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", target, "--host", host, "--port", str(port)]
+    cmd = [tool_path("bentoml"), "serve", target, "--host", host, "--port", str(port)]
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/readyz",
@@ -118,7 +117,13 @@ def serve(name: str, alias: str = "champion", bento: str | None = None, host: st
 
 # %% ../nbs/79_deploy.ipynb #ccc18a72
 def deployment_file(name: str, settings: Settings | None = None) -> Path:
+    "Where `deploy` records the local service of `name`: `<state>/deployments/<name>.json`."
     return (settings or current_settings()).deployments_dir / f"{name}.json"
+
+def deployments(settings: Settings | None = None) -> list[dict]:
+    "The records of every local service `deploy` started (name, Bento, version, ...), running or not."
+    folder = (settings or current_settings()).deployments_dir
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 def current_deployment(name: str, settings: Settings | None = None) -> dict | None:
     "The record of the local service `deploy` started for `name`, if it is still running."

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from .contracts import Contract
+from .core import moved
 from .data import ENGINE
 from .encoders import (ENCODERS, FIT_KEYS, NUMBER_DTYPES, PARALLEL_ROWS, column_kinds, encoder_chains,
                             expr_columns, expressions, missing_code, missing_fill, numeric_block, numeric_into,
@@ -90,6 +91,8 @@ def fit(spec: FeatureSpec, df: pl.DataFrame | pl.LazyFrame) -> FeatureSpec:
 FeatureSpec.fit = fit
 
 # %% ../nbs/22_features.ipynb #3c216f40
+TRANSFORM_SLICE = 262_144  # rows transformed at a time by polars' expressions: bounds the intermediates to tens of MB, whatever the frame size
+
 def _column_job(s: dict, chain: list[dict] | None, df: pl.DataFrame, kind: str, out: np.ndarray):
     "A job filling encoder `s`'s output columns `out` from its input column directly, or None where polars' expressions must."
     if (how := numpy_plan(s, chain, kind)) is None: return None
@@ -133,7 +136,6 @@ def transform(spec: FeatureSpec, df: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
     return out
 
 FeatureSpec.transform = transform
-TRANSFORM_SLICE = 262_144  # rows transformed at a time by polars' expressions: bounds the intermediates to tens of MB, whatever the frame size
 
 # %% ../nbs/22_features.ipynb #813f360e
 _DTYPES = {"number": pl.Float64, "string": pl.String, "bool": pl.Boolean}
@@ -194,3 +196,7 @@ def _transform_values(spec: FeatureSpec, records: list[dict]) -> np.ndarray | No
     return out
 
 FeatureSpec.transform_records = transform_records
+
+# %% ../nbs/22_features.ipynb #bc064445
+_MOVED = {"MISSING_CATEGORY": "mlkit.fitting", "SAMPLED_ROWS": "mlkit.fitting"}
+moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

@@ -14,7 +14,7 @@ import polars as pl
 from .config import Settings, current_settings
 from .core import atomic_write, moved
 from .data import read_data
-from .drift import compared_columns, drift, sum_tallies, tally, thresholds, verdict
+from . import drift as _drift
 from .ledger import record
 from .predlog import read_prediction_log
 from .registry import CHAMPION, alias_version, fetched_bundle, rollback
@@ -63,35 +63,39 @@ def performance(j: pl.DataFrame) -> dict:
     return {"labelled_rows": len(j), "accuracy": float(hit.mean()), "recall": dict(sorted(recall.items()))}
 
 # %% ../nbs/81_monitoring.ipynb #25af46e8
+def _below_floor(perf: dict, floor: float, min_rows: int) -> str | None:
+    "Why live performance is under the accuracy floor (on enough labelled rows), or None."
+    acc = perf.get("accuracy")
+    if floor and acc is not None and perf["labelled_rows"] >= min_rows and acc < floor: return f"live accuracy {acc:.3f} < floor {floor}"
+    return None
+
 def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings | None = None,
             labels: pl.DataFrame | None = None, window: str | None = None) -> dict:
     "Drift (and, with labels, performance) of a prediction log against the training profile: overall and per window."
     settings = settings or current_settings()
-    limits, window = thresholds(settings), window or settings.monitor.window
+    limits, window = _drift.thresholds(settings), window or settings.monitor.window
     label = contract["label"]
     feats = [c for c in contract["columns"] if c != label and not contract["columns"][c].get("pii")]
     if "answered_by" in log.columns and (log["answered_by"].null_count() or (log["answered_by"] == "shadow").any()):
         log = log.filter(pl.col("answered_by") != "shadow")  # copied only when there is something to drop
-    cols, classes, pairs = compared_columns(profile, log, feats, "prediction", label)
-    windows = tally(log, profile, pairs, log["time"].dt.truncate(window)) if len(log) else {}
+    cols, classes, pairs = _drift.compared_columns(profile, log, feats, "prediction", label)
+    windows = _drift.tally(log, profile, pairs, log["time"].dt.truncate(window)) if len(log) else {}
     report = {"rows": len(log), "thresholds": limits, "window": window, "versions": sorted(map(str, log["version"].unique().to_list())) if len(log) else [],
               "since": str(log["time"].min()) if len(log) else None, "until": str(log["time"].max()) if len(log) else None,
-              **verdict(profile, sum_tallies(list(windows.values()), profile, pairs), cols, limits, classes, label), "windows": []}
+              **_drift.verdict(profile, _drift.sum_tallies(list(windows.values()), profile, pairs), cols, limits, classes, label), "windows": []}
     for start in sorted(windows, key=lambda s: (s is not None, s)):  # in time order (a row without a time first)
-        w = verdict(profile, windows[start], cols, limits, classes, label)
+        w = _drift.verdict(profile, windows[start], cols, limits, classes, label)
         report["windows"].append({"start": str(start), "rows": w["rows"], "judged": w["judged"], "alert": w["alert"], "alerts": w["alerts"],
                                   "psi": {d["column"]: d.get("psi") for d in w["columns"]},
                                   "prediction_psi": w["classes"]["psi"] if w["classes"] else None})
     if labels is not None:
         truth = join_labels(log, labels)
         report["performance"] = performance(truth)
-        t = drift(profile, truth.rename({"label": "true_label"}), [], limits, "true_label", label)
+        t = _drift.drift(profile, truth.rename({"label": "true_label"}), [], limits, "true_label", label)
         report["label_drift"] = t["classes"]
         if t["alert"]: report["alerts"] = [*report["alerts"], *t["alerts"]]; report["alert"] = True
-        floor = settings.monitor.accuracy_floor
-        acc = report["performance"]["accuracy"]
-        if floor and acc is not None and report["performance"]["labelled_rows"] >= limits["min_rows"] and acc < floor:
-            report["alerts"] = [*report["alerts"], f"live accuracy {acc:.3f} < floor {floor}"]; report["alert"] = True
+        if low := _below_floor(report["performance"], settings.monitor.accuracy_floor, limits["min_rows"]):
+            report["alerts"] = [*report["alerts"], low]; report["alert"] = True
     return report
 
 # %% ../nbs/81_monitoring.ipynb #27a0c322
@@ -103,10 +107,7 @@ def retirement(report: dict, settings: Settings | None = None) -> dict:
     last = judged[-m.retire_after_windows:]
     if len(last) == m.retire_after_windows and all(w["alert"] for w in last):
         reasons.append(f"drift in the last {m.retire_after_windows} judged window(s): " + "; ".join(last[-1]["alerts"][:3]))
-    perf = report.get("performance") or {}
-    if m.accuracy_floor and perf.get("accuracy") is not None and perf["labelled_rows"] >= report["thresholds"]["min_rows"] \
-            and perf["accuracy"] < m.accuracy_floor:
-        reasons.append(f"live accuracy {perf['accuracy']:.3f} < floor {m.accuracy_floor}")
+    if low := _below_floor(report.get("performance") or {}, m.accuracy_floor, report["thresholds"]["min_rows"]): reasons.append(low)
     return {"retire": bool(reasons), "reasons": reasons}
 
 def enforce(name: str, version: str, verdict: dict, settings: Settings | None = None) -> dict:
@@ -167,6 +168,6 @@ def monitor_model(
     return rep, html
 
 # %% ../nbs/81_monitoring.ipynb #85ced793
-__getattr__ = moved(__name__, {**dict.fromkeys(["EPS", "psi", "tally", "column_drift", "drift"], "mlkit.drift"),
-                               "render_html": "mlkit.reports:render_report", "render_card": "mlkit.reports:render_card",
-                               "card_data": "mlkit.card"})
+_MOVED = {**dict.fromkeys(["EPS", "psi", "tally", "column_drift", "thresholds", "drift"], "mlkit.drift"),
+          "render_html": "mlkit.reports:render_report", "render_card": "mlkit.reports:render_card", "card_data": "mlkit.card"}
+moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

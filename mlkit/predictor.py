@@ -20,7 +20,7 @@ from .models import Bundle, load_bundle
 from .registry import fetched_bundle, parse_ref
 
 # %% auto #0
-__all__ = ['FEATURE_BOUND', 'Predictor', 'predict_table', 'predict_frame', 'predict_file']
+__all__ = ['FEATURE_BOUND', 'Predictor', 'predict_file']
 
 # %% ../nbs/70_predictor.ipynb #c5c5857a
 FEATURE_BOUND = 1e6  # features are clipped to +-this before the forward pass (a million std devs of a standardized input)
@@ -69,11 +69,11 @@ class Predictor:
         return self.format(self.predict_proba(validate_records(self.contract, rows, max_rows)))
 
     def respond(self, rows: list[dict], max_rows: int | None = None) -> dict:
-        "The service's answer: predictions plus the model name and version that made them."
+        "Predictions with the model name and version that made them, shaped like a service's answer (for scripts and tests)."
         return {"model": self.name, "version": self.version, "predictions": self.predict(rows, max_rows)}
 
 # %% ../nbs/70_predictor.ipynb #5a6a98a2
-def predict_table(self: Predictor, df, batch_rows: int = 200_000):
+def _predict_table(self: Predictor, df, batch_rows: int = 200_000):
     "Score a polars frame of raw columns in batches (offline scoring): a frame with `label` and `p_<class>` columns."
     import polars as pl
     missing = [c for c in self.columns if c not in df.columns and not self.contract["columns"][c].get("nullable")]
@@ -86,7 +86,7 @@ def predict_table(self: Predictor, df, batch_rows: int = 200_000):
         parts.append(part.insert_column(0, pl.Series("label", [self.classes[i] for i in p.argmax(1)], dtype=pl.String)))
     return pl.concat(parts) if parts else pl.DataFrame({"label": [], **{f"p_{c}": [] for c in self.classes}})
 
-def predict_frame(self: Predictor, df):
+def _predict_frame(self: Predictor, df):
     "Score a pandas frame of raw columns: a frame with `label` and one `p_<class>` column per class."
     import pandas as pd
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
@@ -96,7 +96,7 @@ def predict_frame(self: Predictor, df):
     out.insert(0, "label", [self.classes[i] for i in proba.argmax(1)])
     return out
 
-Predictor.predict_table, Predictor.predict_frame = predict_table, predict_frame
+Predictor.predict_table, Predictor.predict_frame = _predict_table, _predict_frame
 
 # %% ../nbs/70_predictor.ipynb #061b3f7d
 def predict_file(ref: str, src: Path | str, dst: Path | str, batch_rows: int = 200_000) -> dict:

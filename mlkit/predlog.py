@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import hmac
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -22,7 +23,7 @@ from .core import atomic_write
 from .predictor import Predictor
 
 # %% auto #0
-__all__ = ['PII_KEY_ENV', 'pii_key', 'PredictionLog', 'prediction_log', 'read_prediction_log']
+__all__ = ['PII_KEY_ENV', 'pii_key', 'PredictionLog', 'prediction_log', 'part_time', 'read_prediction_log']
 
 # %% ../nbs/72_predlog.ipynb #42fe5b4d
 PII_KEY_ENV = "MLKIT_PII_KEY"
@@ -87,7 +88,7 @@ class PredictionLog:
 
     def _write(self, batch: list):
         if not batch: return
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order (`part_time`)
         frame = self._frame(batch)  # lz4 below: a fraction of zstd's CPU beside serving
         atomic_write(self.folder / name, lambda p: frame.write_parquet(p, compression="lz4"))
 
@@ -135,6 +136,13 @@ def prediction_log(predictor: Predictor, settings: Settings | None = None) -> Pr
     settings = settings or current_settings()
     return PredictionLog(settings.predictions_dir / (predictor.name or "model"), predictor.contract,
                          pii_key=pii_key(settings) if any(s.get("pii") for s in predictor.contract["columns"].values()) else None)
+
+_PART = re.compile(r"^part-(\d{19,20})-[0-9a-f]+\.parquet$")
+
+def part_time(path: Path | str) -> float:
+    "When a prediction-log part was written (seconds since the epoch): from its name, else its modification time."
+    m = _PART.match(Path(path).name)
+    return int(m.group(1)) / 1e9 if m else Path(path).stat().st_mtime
 
 def read_prediction_log(folder: Path | str):
     "Every finished part of a prediction log as one polars frame (empty when there is none)."

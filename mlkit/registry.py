@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .config import Settings, current_settings
 from .core import moved
-from .gate import Evidence, GateFailed, GateResult, judge
-from .ledger import read_ledger, record
+from . import gate as _gate
+from . import ledger as _ledger
 from .tracking import mlflow
 
 # %% auto #0
@@ -51,7 +51,7 @@ def register(
 
 def _record(settings: Settings, name: str, action: str, alias: str, frm, to, reason: str = "", gate: dict | None = None) -> dict:
     "Write an alias move to the ledger and, as a tag, to the registered model."
-    rec = record(action, name, alias, frm, to, reason, settings, gate=gate)
+    rec = _ledger.record(action, name, alias, frm, to, reason, settings, gate=gate)
     _client().set_registered_model_tag(name, f"mlkit.move.{rec['seq']:06d}",
                                        json.dumps({k: rec[k] for k in ("time", "who", "action", "alias", "from_version", "to_version", "reason")})[:4900])
     return rec
@@ -105,24 +105,24 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     return ref, CHAMPION, None
 
 # %% ../nbs/53_registry.ipynb #b0f60f46
-def _evidence(client, name: str, version: str) -> Evidence:
+def _evidence(client, name: str, version: str) -> _gate.Evidence:
     "The gate's evidence on `version` of `name`: its run's metrics, data version and contract result, and its retirement."
     mv = client.get_model_version(name, str(version))
     run = client.get_run(mv.run_id)
-    return Evidence(str(mv.version), dict(run.data.metrics), run.data.tags.get("mlkit.dataset_version"),
+    return _gate.Evidence(str(mv.version), dict(run.data.metrics), run.data.tags.get("mlkit.dataset_version"),
                     run.data.tags.get("mlkit.contract_passed"), mv.tags.get("mlkit.retired") == "true")
 
-def evaluate_gate(name: str, version: str | int, settings: Settings | None = None) -> GateResult:
+def evaluate_gate(name: str, version: str | int, settings: Settings | None = None) -> _gate.GateResult:
     "Run every gate check for `version` of `name` against the current champion."
     settings = settings or current_settings()
     client, g = _client(), settings.gate
     candidate, champ = _evidence(client, name, version), alias_version(name, CHAMPION)
-    champion = None if champ is None else Evidence(champ) if champ == candidate.version else _evidence(client, name, champ)
-    return judge(name, candidate, champion, g.metric, g.direction, g.margin, g.floors)
+    champion = None if champ is None else _gate.Evidence(champ) if champ == candidate.version else _evidence(client, name, champ)
+    return _gate.judge(name, candidate, champion, g.metric, g.direction, g.margin, g.floors)
 
 # %% ../nbs/53_registry.ipynb #2124bf22
 def promote(name: str, version: str | int | None = None, force: bool = False, reason: str = "",
-            settings: Settings | None = None) -> GateResult:
+            settings: Settings | None = None) -> _gate.GateResult:
     "Make `version` (default: the challenger) champion if the gate passes (or `force` with a `reason`); returns the gate result."
     settings = settings or current_settings()
     version = str(version or alias_version(name, CHALLENGER) or "")
@@ -130,7 +130,7 @@ def promote(name: str, version: str | int | None = None, force: bool = False, re
     gate = evaluate_gate(name, version, settings)
     if force and not reason.strip(): raise ValueError("--force needs a --reason (it goes into the audit ledger)")
     if not gate.passed:
-        if not force or not gate.checks[0].passed: raise GateFailed(gate)  # a retired version cannot be forced
+        if not force or not gate.checks[0].passed: raise _gate.GateFailed(gate)  # a retired version cannot be forced
     frm = gate.champion
     _client().set_registered_model_alias(name, CHAMPION, version)
     _client().set_model_version_tag(name, version, "mlkit.champion_since", datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -138,7 +138,7 @@ def promote(name: str, version: str | int | None = None, force: bool = False, re
     return gate
 
 def _champion_moves(settings: Settings, name: str) -> list[dict]:
-    return [r for r in read_ledger(settings.ledger_path, name) if r.get("alias") == CHAMPION and r["action"] != "retire"]
+    return [r for r in _ledger.read_ledger(settings.ledger_path, name) if r.get("alias") == CHAMPION and r["action"] != "retire"]
 
 def rollback(name: str, reason: str = "", settings: Settings | None = None) -> tuple[str, str]:
     "Move `champion` back to the version it replaced (skipping retired ones); returns (from, to)."
@@ -202,5 +202,6 @@ def lineage(ref: str) -> list[dict]:
     return [_version_lineage(client, mv) for mv in mvs]
 
 # %% ../nbs/53_registry.ipynb #58865494
-__getattr__ = moved(__name__, {**dict.fromkeys(["append_ledger", "verify_ledger", "history"], "mlkit.ledger"),
-                               **dict.fromkeys(["GateCheck", "parse_floors"], "mlkit.gate")})
+_MOVED = {**dict.fromkeys(["read_ledger", "append_ledger", "verify_ledger", "history"], "mlkit.ledger"),
+          **dict.fromkeys(["GateCheck", "GateResult", "GateFailed", "parse_floors"], "mlkit.gate")}
+moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

@@ -6,7 +6,6 @@ parts and MLflow's deleted runs go; nothing a registered version, a live alias o
 # %% ../nbs/85_retention.ipynb #31e89061
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,15 +13,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ._compat import deleted_logged_models, deleted_runs, tracking_store
+from .bento import bentoml_bentos, bentoml_models
 from .config import Settings, current_settings
 from .core import run_tool
+from .deploy import deployments
 from .ledger import record
+from .predlog import part_time
 from .tracking import mlflow
 
 # %% auto #0
-__all__ = ['DAY', 'Item', 'human_bytes', 'Plan', 'plan_snapshots', 'part_time', 'plan_prediction_logs', 'bentoml_models',
-           'bentoml_bentos', 'plan_bentoml', 'registered_versions', 'deployments', 'recent_run_datasets', 'plan_mlflow',
-           'plan_gc', 'apply_gc', 'gc']
+__all__ = ['DAY', 'Item', 'human_bytes', 'Plan', 'plan_snapshots', 'plan_prediction_logs', 'plan_bentoml', 'registered_versions',
+           'recent_run_datasets', 'plan_mlflow', 'plan_gc', 'apply_gc', 'gc']
 
 # %% ../nbs/85_retention.ipynb #7eab7de6
 DAY = 86_400.0  # seconds
@@ -102,13 +103,6 @@ def plan_snapshots(
     return remove, keep
 
 # %% ../nbs/85_retention.ipynb #f87db5a1
-_PART = re.compile(r"^part-(\d{19,20})-[0-9a-f]+\.parquet$")
-
-def part_time(path: Path | str) -> float:
-    "When a prediction-log part was written (seconds since the epoch): from its name, else its modification time."
-    m = _PART.match(Path(path).name)
-    return int(m.group(1)) / 1e9 if m else Path(path).stat().st_mtime
-
 def plan_prediction_logs(
     folder: Path | str,  # the prediction logs (`settings.predictions_dir`), one folder per model
     days: float,  # keep every part younger than this
@@ -123,29 +117,6 @@ def plan_prediction_logs(
     return out
 
 # %% ../nbs/85_retention.ipynb #4fe1b294
-def _yaml(path: Path) -> dict:
-    import yaml
-    return yaml.safe_load(path.read_text()) or {}
-
-def bentoml_models(home: Path | str) -> list[dict]:
-    "The models of a BentoML home: tag, the mlkit model name and version from its labels (None if unlabelled), folder."
-    out = []
-    for f in sorted(Path(home).glob("models/*/*/model.yaml")):
-        y = _yaml(f)
-        labels = y.get("labels") or {}
-        out.append({"tag": f"{y['name']}:{y['version']}", "model": labels.get("mlkit_model"),
-                    "version": None if labels.get("mlkit_version") is None else str(labels["mlkit_version"]), "path": str(f.parent)})
-    return out
-
-def bentoml_bentos(home: Path | str) -> list[dict]:
-    "The Bentos of a BentoML home: tag, the model tags it packs, folder."
-    out = []
-    for f in sorted(Path(home).glob("bentos/*/*/bento.yaml")):
-        y = _yaml(f)
-        packed = [m["tag"] for m in y.get("models") or []] + [m["tag"] for s in y.get("services") or [] for m in s.get("models") or []]
-        out.append({"tag": f"{y['name']}:{y['version']}", "models": sorted(set(packed)), "path": str(f.parent)})
-    return out
-
 def _names(versions) -> str: return ", ".join(f"{m} v{v}" for m, v in sorted(versions))
 
 def plan_bentoml(
@@ -207,11 +178,6 @@ def registered_versions(settings: Settings | None = None) -> list[dict]:
                         "dataset_version": mv.tags.get("mlkit.dataset_version"), "aliases": sorted(aliases.get(str(mv.version), [])),
                         "retired": mv.tags.get("mlkit.retired") == "true"})
     return out
-
-def deployments(settings: Settings | None = None) -> list[dict]:
-    "The records `mlkit deploy` keeps in `<state>/deployments/` (name, Bento, version, ...)."
-    folder = (settings or current_settings()).deployments_dir
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 def recent_run_datasets(since: float, settings: Settings | None = None) -> dict[str, str]:
     "Dataset versions of runs still running or started after `since` (seconds since the epoch) -> a run that used it."

@@ -19,7 +19,7 @@ from . import guard
 from ._compat import cork_dispatcher, lean_tracing, share_port
 from .bento import bento_contract, predictor_from_bento
 from .config import Settings, SettingsError, current_settings
-from .guard import ServiceGuard, api_key_hashes, request_id
+from .guard import OPEN_PATHS, ServiceGuard, api_key_hashes, request_id
 from .inputs import InvalidInput, validate_records
 from .openapi import openapi_doc
 from .predictor import Predictor
@@ -27,7 +27,7 @@ from .predlog import prediction_log
 from .telemetry import prometheus_metrics, request_logger
 
 # %% auto #0
-__all__ = ['service_config', 'Overloaded', 'ModelServer', 'answer', 'handle', 'model_server', 'guard_service']
+__all__ = ['service_config', 'Overloaded', 'ModelServer', 'model_server', 'guard_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def service_config(settings: Settings | None = None) -> dict:
@@ -36,10 +36,10 @@ def service_config(settings: Settings | None = None) -> dict:
     if s.share_port: share_port()
     lean_tracing(s.tracing_io_spans)
     cfg = {"http": {"host": s.host}, "workers": s.workers, "traffic": {"timeout": 30},
-           "logging": {"access": {"enabled": s.access_log, "skip_paths": ["/metrics", "/healthz", "/livez", "/readyz"]}}}
+           "logging": {"access": {"enabled": s.access_log, "skip_paths": list(OPEN_PATHS)}}}
     if s.tracing_exporter:
         cfg["tracing"] = {"exporter_type": s.tracing_exporter, "sample_rate": s.tracing_sample_rate,
-                          "excluded_urls": ["/metrics", "/healthz", "/livez", "/readyz"]}
+                          "excluded_urls": list(OPEN_PATHS)}
         if s.tracing_exporter == "otlp":
             if not s.tracing_endpoint: raise SettingsError("[serve] tracing_exporter = otlp needs [serve] tracing_endpoint")
             cfg["tracing"]["otlp"] = {"protocol": "http", "endpoint": s.tracing_endpoint}
@@ -149,7 +149,7 @@ async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, 
     return role, p, proba, top
 
 # %% ../nbs/78_service.ipynb #32f73166
-async def answer(self: ModelServer, rows, rid: str, bad_request: str | None = None) -> tuple[int, dict, bytes]:
+async def _answer_request(self: ModelServer, rows, rid: str, bad_request: str | None = None) -> tuple[int, dict, bytes]:
     """One `/predict` answer: status, headers and JSON body (a 4xx body names the field), and its request-log line.
     `bad_request`: the body was not `{"rows": [objects]}` (the parser's message): a 400, nothing scored."""
     t0 = time.perf_counter()
@@ -179,7 +179,7 @@ async def answer(self: ModelServer, rows, rid: str, bad_request: str | None = No
     return status, headers, body.encode()
 
 # %% ../nbs/78_service.ipynb #dde9ca79
-async def handle(self: ModelServer, rows: list, ctx):
+async def _handle_route(self: ModelServer, rows: list, ctx):
     """Answer one `/predict` of a BentoML service through BentoML's API route (`answer`, with `ctx`'s headers).
     Returns a finished JSON response (BentoML passes a returned Response through and adds `ctx`'s status and headers):
     its generic output path would re-derive a JSON schema for every answer. `mlkit.guard`
@@ -191,6 +191,7 @@ async def handle(self: ModelServer, rows: list, ctx):
 
 
 async def _shadow(self: ModelServer, rows: list, champion_labels: list, request_id: str):
+    "The shadow challenger's score of a request the champion answered: counted, compared, logged; never an error to the caller."
     c, m = self._lanes["shadow"], self._series["shadow"]
     try:
         validate_records(c.contract, rows, self.max_rows)
@@ -204,7 +205,7 @@ async def _shadow(self: ModelServer, rows: list, champion_labels: list, request_
     if self.log: self.log.log(rows, {"model": c.name, "version": c.version}, request_id, "shadow", proba, labels)
 
 
-ModelServer._answer, ModelServer.answer, ModelServer.handle, ModelServer._shadow = _answer, answer, handle, _shadow
+ModelServer._answer, ModelServer.answer, ModelServer.handle, ModelServer._shadow = _answer, _answer_request, _handle_route, _shadow
 
 # %% ../nbs/78_service.ipynb #00be2111
 def model_server(service, settings: Settings | None = None) -> ModelServer:

@@ -25,4 +25,4 @@ _MOVED = {
     "mlkit.deploy": ["MIGRATE_REQ", "free_port", "start_service", "wait_ready", "stop_service", "deployment_file",
                      "current_deployment", "deploy", "undeploy"],
 }
-__getattr__ = moved(__name__, {name: module for module, names in _MOVED.items() for name in names})
+moved(__name__, {name: module for module, names in _MOVED.items() for name in names}, globals())

@@ -58,7 +58,8 @@ def test_a_model_logged_before_the_split_loads_and_scores_the_same():
     import numpy as np
     import pandas as pd
     assert "from mlkit.serving import Predictor" in (FIXTURE / "mlflow_model" / "pyfunc_model.py").read_text()  # the old import
-    model = mlflow.pyfunc.load_model(str(FIXTURE / "mlflow_model"))
+    with pytest.warns(DeprecationWarning, match="mlkit.serving.Predictor moved to mlkit.predictor.Predictor"):  # the old path, taken
+        model = mlflow.pyfunc.load_model(str(FIXTURE / "mlflow_model"))
     example = pd.read_json(FIXTURE / "mlflow_model" / "input_example.json", orient="split")
     example = example.astype({c: "float64" for c in ["bill_depth_mm", "bill_length_mm", "body_mass_g", "flipper_length_mm"]})
     got, expected = model.predict(example), json.loads((FIXTURE / "expected_predictions.json").read_text())
@@ -72,11 +73,23 @@ def test_a_model_logged_before_the_split_loads_and_scores_the_same():
     ("mlkit.serving:guard_service", "mlkit.service:guard_service"), ("mlkit.serving:read_prediction_log", "mlkit.predlog:read_prediction_log"),
     ("mlkit.data:Contract", "mlkit.contracts:Contract"), ("mlkit.data:snapshot", "mlkit.snapshots:snapshot"),
     ("mlkit.data:profile_frame", "mlkit.profiles:profile_frame"), ("mlkit.data:atomic_write", "mlkit.core:atomic_write"),
-    ("mlkit.registry:verify_ledger", "mlkit.ledger:verify_ledger"), ("mlkit.monitoring:render_html", "mlkit.reports:render_report"),
-    ("mlkit.monitoring:card_data", "mlkit.card:card_data")])
+    ("mlkit.registry:verify_ledger", "mlkit.ledger:verify_ledger"), ("mlkit.registry:read_ledger", "mlkit.ledger:read_ledger"),
+    ("mlkit.registry:GateFailed", "mlkit.gate:GateFailed"), ("mlkit.monitoring:render_html", "mlkit.reports:render_report"),
+    ("mlkit.monitoring:drift", "mlkit.drift:drift"), ("mlkit.monitoring:tally", "mlkit.drift:tally"),
+    ("mlkit.monitoring:card_data", "mlkit.card:card_data"), ("mlkit.features:MISSING_CATEGORY", "mlkit.fitting:MISSING_CATEGORY"),
+    ("mlkit.cli:build", "mlkit.bento:build"), ("mlkit.cli:post_json", "mlkit.demo:post_json")])
 def test_names_that_moved_are_found_with_a_deprecation_warning(old, new):
     (om, on), (nm, nn) = old.split(":"), new.split(":")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         assert getattr(importlib.import_module(om), on) is getattr(importlib.import_module(nm), nn)
     assert any(issubclass(w.category, DeprecationWarning) and f"moved to {nm}.{nn}" in str(w.message) for w in seen)
+
+
+def test_a_star_import_of_an_old_module_finds_the_moved_names():
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        scope: dict = {}
+        exec("from mlkit.serving import *", scope)
+    assert {"Predictor", "bento_models", "ModelServer", "free_port"} <= set(scope)
+    assert "bento_models" in dir(importlib.import_module("mlkit.serving"))

@@ -1,6 +1,7 @@
 """The library's architecture holds: one notebook per module, modules and export cells that fit in a reader's head,
 imports that run one way (a module imports only modules numbered before it), `cli` imported by nothing, and a
-`Predictor` that loads without BentoML or a web stack."""
+`Predictor` that loads without BentoML or a web stack. (`mlkit.core.moved` resolves a deprecated name in its new
+module by name, when old code asks for it: that lookup is not an import of the module holding the shim.)"""
 import ast
 import json
 import re

@@ -5,15 +5,17 @@ import json
 import polars as pl
 import pytest
 
-from mlkit import data
+from mlkit.contracts import Contract, validate
+from mlkit.data import DataError
 from mlkit.config import load_settings
-from mlkit.predlog import pii_key, PII_KEY_ENV, PredictionLog, read_prediction_log
+from mlkit.predlog import PII_KEY_ENV, PredictionLog, pii_key, read_prediction_log
+from mlkit.profiles import profile_frame
 
 EMAILS = [f"person{i}@example.org" for i in range(40)]
 
 
-def contract(**extra) -> data.Contract:
-    return data.Contract("customers", {
+def contract(**extra) -> Contract:
+    return Contract("customers", {
         "email": {"dtype": "string", "unique": True, "pii": True},
         "age": {"dtype": "int", "min": 18, "max": 99},
         "plan": {"dtype": "string", "categories": ["basic", "pro"]},
@@ -33,7 +35,7 @@ def raw_values_in(text: str) -> list[str]:
 def test_a_failed_check_on_a_pii_column_shows_no_value():
     "Duplicated e-mails fail `unique`: the report counts them and shows `<pii>`, never the addresses."
     df = frame().with_columns(pl.when(pl.col("age") < 25).then(pl.lit(EMAILS[0])).otherwise(pl.col("email")).alias("email"))
-    report = data.validate(df, contract(), source="customers.parquet")
+    report = validate(df, contract(), source="customers.parquet")
     failed = {(c.column, c.check) for c in report.failures}
     assert failed == {("email", "unique")}
     assert report.failures[0].examples and all(ex["email"] == "<pii>" for ex in report.failures[0].examples)
@@ -41,7 +43,7 @@ def test_a_failed_check_on_a_pii_column_shows_no_value():
 
 
 def test_a_profile_keeps_the_null_rate_of_a_pii_column_and_none_of_its_values():
-    prof = data.profile_frame(frame(), pii=contract().pii)
+    prof = profile_frame(frame(), pii=contract().pii)
     assert prof["columns"]["email"] == {"dtype": "String", "null_rate": 0.0, "kind": "pii"}
     assert prof["columns"]["plan"]["frequencies"] == {"basic": 0.5, "pro": 0.5}  # other columns as before
     assert raw_values_in(json.dumps(prof)) == []
@@ -49,7 +51,7 @@ def test_a_profile_keeps_the_null_rate_of_a_pii_column_and_none_of_its_values():
 
 def test_a_pii_column_cannot_be_a_slice_or_the_label():
     "Metrics per slice name the slice's values in run metrics and model cards: a pii slice is refused up front."
-    with pytest.raises(data.DataError, match="'email' is pii"):
+    with pytest.raises(DataError, match="'email' is pii"):
         contract(slices=["email"])
 
 
