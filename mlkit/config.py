@@ -13,8 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'ENV_PREFIX', 'SETTINGS_ENV', 'MLKIT_STATE_ENV', 'SettingsError', 'find_settings', 'Settings',
-           'load_settings', 'tool_env', 'configure', 'current_settings', 'env_exports']
+__all__ = ['SETTINGS_FILE', 'ENV_PREFIX', 'SETTINGS_ENV', 'MODEL_SECTIONS', 'MLKIT_STATE_ENV', 'SettingsError', 'find_settings',
+           'Settings', 'load_settings', 'tool_env', 'configure', 'current_settings', 'env_exports']
 
 # %% ../nbs/00_config.ipynb #87c1ab6c
 SETTINGS_FILE = "settings.ini"  # the file name looked for from the working directory upward
@@ -47,12 +47,18 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
                 "null_rate_change": (float, 0.05, _positive), "unseen_rate": (float, 0.01, _positive),
                 "min_rows": (int, 500, _positive), "window": (str, "1h"),
                 "accuracy_floor": (float, 0.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")),
+                "rmse_ceiling": (float, 0.0, (lambda v: v >= 0, "must be >= 0 (0: none)")),
                 "retire_after_windows": (int, 3, _positive)},
+    "split": {"strategy": (str, "auto", (lambda v: v in ("auto", "random", "stratified", "grouped", "time"),
+                                         "must be auto, random, stratified, grouped or time")),
+              "column": (str, ""), "test_size": (float, 0.2, (lambda v: 0 < v < 1, "must be between 0 and 1")),
+              "val_size": (float, 0.15, (lambda v: 0 <= v < 1, "must be between 0 and 1"))},
     "retention": {"snapshot_days": (float, 30.0, _days), "prediction_log_days": (float, 90.0, _days),
                   "deleted_run_days": (float, 7.0, _days), "keep_retired_bentos": (bool, False)},
     "gate": {"metric": (str, "test_accuracy"), "direction": (str, "max", (lambda v: v in ("max", "min"), "must be max or min")),
              "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")), "floors": (str, "")},
 }
+MODEL_SECTIONS = ("gate", "card", "monitor", "split")  # what a `[model.NAME]` section may set, as `section.key = value`
 
 # %% ../nbs/00_config.ipynb #d3d994ed
 class SettingsError(ValueError):
@@ -93,9 +99,11 @@ def find_settings(
 
 # %% ../nbs/00_config.ipynb #823729f8
 class Settings:
-    "Typed, merged mlkit settings: `s.serve.port`, `s['serve.port']`, and the derived state paths."
-    def __init__(self, values: dict, sources: dict, root: Path, file: Path | None):
+    "Typed, merged mlkit settings: `s.serve.port`, `s['serve.port']`, the derived state paths, and `s.for_model(name)`."
+    def __init__(self, values: dict, sources: dict, root: Path, file: Path | None, models: dict | None = None):
         self._values, self.sources, self.root, self.file = values, sources, root, file
+        self._models = models or {}  # normalised model name -> [(section, key) -> (raw, where)] per layer, file then env
+        self.model: str | None = None  # the model these settings are for (`for_model`), or None: the project's
 
     def __getitem__(self, name: str) -> Any:  # "section.key"
         section, key = name.split(".", 1)
@@ -130,33 +138,66 @@ class Settings:
     @property
     def deployments_dir(self) -> Path: return self.state_dir / "deployments"
 
-    def __repr__(self): return f"Settings(file={self.file}, state_dir={self.state_dir})"
+    def __repr__(self): return f"Settings(file={self.file}, state_dir={self.state_dir}" + (f", model={self.model})" if self.model else ")")
+
+# %% ../nbs/00_config.ipynb #8e1bb0c6
+def _for_model(self: Settings, name: str) -> Settings:
+    "These settings with model `name`'s own (`[model.NAME]`, `MLKIT_MODEL_<NAME>__<SECTION>_<KEY>`) over the project's."
+    values, sources = dict(self._values), dict(self.sources)
+    for layer in self._models.get(_model_key(name), []):
+        for (sec, key), (raw, where) in layer.items():
+            if sources[(sec, key)] == "argument": continue  # an explicit argument wins over everything
+            typ, _, *check = _SCHEMA[sec][key]
+            values[(sec, key)], sources[(sec, key)] = _parse(raw, typ, where, sec, key, check[0] if check else None), where
+    out = Settings(values, sources, self.root, self.file, self._models)
+    out.model = name
+    return out
+
+Settings.for_model = _for_model
 
 # %% ../nbs/00_config.ipynb #90ccd3d0
-def _env_overrides(env: dict) -> dict:
-    "`{(section, key): (raw, 'env NAME')}` from `MLKIT_<SECTION>__<KEY>` variables; unknown names are errors."
-    out = {}
+def _model_key(name: str) -> str: return name.lower().replace("-", "_")  # a model name as environment variables can spell it
+
+def _model_setting(where: str, name: str, key: str) -> tuple[str, str]:
+    "`(section, key)` of a per-model setting `section.key` (or `section_key` in a variable name), or a `SettingsError`."
+    sec, _, k = key.replace("_", ".", 1).partition(".") if "." not in key else key.partition(".")
+    if sec not in MODEL_SECTIONS or k not in _SCHEMA[sec]:
+        raise SettingsError(f"{where}: [model.{name}] {key}: no per-model setting (the sections {', '.join(MODEL_SECTIONS)} can be set per model)")
+    return sec, k
+
+def _env_overrides(env: dict) -> tuple[dict, dict]:
+    "`({(section, key): (raw, where)}, {model: {...}})` from `MLKIT_<SECTION>__<KEY>` and `MLKIT_MODEL_<NAME>__<SECTION>_<KEY>` variables; unknown names are errors."
+    out, models = {}, {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name: continue
+        if name.startswith(ENV_PREFIX + "MODEL_"):  # a model's own setting
+            model, key = name[len(ENV_PREFIX) + 6:].lower().split("__", 1)
+            models.setdefault(model, {})[_model_setting(f"environment variable {name}", model, key)] = (raw, f"environment variable {name}")
+            continue
         section, key = name[len(ENV_PREFIX):].lower().split("__", 1)
         if key not in _SCHEMA.get(section, {}):
             raise SettingsError(f"environment variable {name}: no setting [{section}] {key}")
         out[(section, key)] = (raw, f"environment variable {name}")
-    return out
+    return out, models
 
-def _file_values(path: Path) -> dict:
-    "`{(section, key): (raw, path)}` from a settings file; unknown sections and keys are errors."
+def _file_values(path: Path) -> tuple[dict, dict]:
+    "`({(section, key): (raw, path)}, {model: {...}})` from a settings file; unknown sections and keys are errors."
     cp = configparser.ConfigParser(interpolation=None)
     try: cp.read_string(path.read_text(encoding="utf-8"), source=str(path))
     except configparser.Error as e: raise SettingsError(f"{path}: not a valid settings file ({e.message.splitlines()[0]})") from None
-    out = {}
+    out, models = {}, {}
     for section in cp.sections():
+        if section.startswith("model."):  # [model.NAME]: section.key = value
+            model = section[6:]
+            models[_model_key(model)] = {_model_setting(str(path), model, key): (raw, f"{path} [model.{model}]") for key, raw in cp.items(section)}
+            continue
         if section not in _SCHEMA: raise SettingsError(f"{path}: unknown section [{section}]")
         for key, raw in cp.items(section):
             if key not in _SCHEMA[section]: raise SettingsError(f"{path}: [{section}] {key}: unknown key")
             out[(section, key)] = (raw, str(path))
-    return out
+    return out, models
 
+# %% ../nbs/00_config.ipynb #53b8c4f9
 def load_settings(
     path: Path | str | None = None,  # settings file (default: `find_settings()`)
     env: dict | None = None,  # environment (default: `os.environ`)
@@ -168,8 +209,12 @@ def load_settings(
     if path and not file.is_file(): raise SettingsError(f"{file}: no such settings file")
     root = file.parent if file else Path.cwd().resolve()
     layers = {(s, k): (spec[1], "default") for s, keys in _SCHEMA.items() for k, spec in keys.items()}
-    if file: layers.update(_file_values(file))
-    layers.update(_env_overrides(env))
+    file_models, env_models = {}, {}
+    if file:
+        values_in_file, file_models = _file_values(file)
+        layers.update(values_in_file)
+    values_in_env, env_models = _env_overrides(env)
+    layers.update(values_in_env)
     for section, kv in overrides.items():
         for key, val in kv.items():
             if key not in _SCHEMA.get(section, {}): raise SettingsError(f"argument: no setting [{section}] {key}")
@@ -180,7 +225,10 @@ def load_settings(
         val = _parse(raw, typ, where, s, k, check[0] if check else None)
         if typ is Path: val = (root / Path(val).expanduser()).resolve()
         values[(s, k)], sources[(s, k)] = val, where
-    return Settings(values, sources, root, file)
+    models = {m: [file_models.get(m, {}), env_models.get(m, {})] for m in {*file_models, *env_models}}
+    settings = Settings(values, sources, root, file, models)
+    for m in models: settings.for_model(m)  # a bad per-model value fails here, not when that model is first used
+    return settings
 
 # %% ../nbs/00_config.ipynb #e001720b
 def tool_env(settings: Settings) -> dict[str, str]:

@@ -16,8 +16,8 @@ import yaml
 from .data import ENGINE, SYNTHETIC_PLANS, SYNTHETIC_REGIONS, DataError, read_data
 
 # %% auto #0
-__all__ = ['DTYPES', 'Contract', 'infer_contract', 'synthetic_contract', 'Check', 'ValidationReport', 'validate', 'check_file',
-           'encode_labels']
+__all__ = ['DTYPES', 'TASKS', 'targets_of', 'classes_of', 'task_of', 'Contract', 'infer_contract', 'synthetic_contract', 'Check',
+           'ValidationReport', 'validate', 'read_as', 'check_file', 'encode_labels']
 
 # %% ../nbs/11_contracts.ipynb #12f3de36
 DTYPES = ("int", "float", "string", "bool", "date", "datetime")
@@ -33,27 +33,65 @@ def _kind_of(dtype: pl.DataType) -> str:
 
 def _accepts(declared: str, actual: str) -> bool: return declared == actual or (declared == "float" and actual == "int")
 
-# %% ../nbs/11_contracts.ipynb #9881360c
+# %% ../nbs/11_contracts.ipynb #72d87226
+TASKS = ("classification", "regression")
+
+def targets_of(contract: dict) -> list[str]:
+    "The label columns of a contract (as a dict): one for a classifier, one or several for a regression, none for unlabelled data."
+    lab = contract.get("label")
+    return [] if lab is None else [lab] if isinstance(lab, str) else list(lab)
+
+def classes_of(contract: dict) -> list:
+    "A classifier's classes in output order: its label's categories (a true/false label: `[False, True]`); none for a regression."
+    ts = targets_of(contract)
+    if not ts or task_of(contract) != "classification": return []
+    label = contract["columns"][ts[0]]
+    return list(label.get("categories") or ([False, True] if label.get("dtype") == "bool" else []))
+
+def task_of(contract: dict) -> str | None:
+    "The task a contract (as a dict) declares, else the one its label implies: categories or true/false mean classification."
+    if contract.get("task"): return contract["task"]
+    ts = targets_of(contract)
+    if not ts: return None
+    c = contract["columns"][ts[0]]
+    return "classification" if c.get("categories") or c.get("dtype") in ("string", "bool") else "regression"
+
+# %% ../nbs/11_contracts.ipynb #e72c4e58
+def _check(c: Contract):
+    "Raise `DataError` naming the file (or contract) and the column for anything the contract cannot mean."
+    where = c.path or f"contract {c.name!r}"
+    for col, spec in c.columns.items():
+        bad = set(spec) - _COLUMN_KEYS
+        if bad: raise DataError(f"{where}: column {col!r}: unknown keys {sorted(bad)} (allowed: {sorted(_COLUMN_KEYS)})")
+        if spec.get("dtype") not in DTYPES: raise DataError(f"{where}: column {col!r}: dtype {spec.get('dtype')!r} not one of {DTYPES}")
+    for col in [*c.targets, *c.slices, *c.key]:
+        if col not in c.columns: raise DataError(f"{where}: {col!r} is named as label, slice or key but is not a column")
+    for col in [*c.targets, *c.slices]:
+        if c.columns[col].get("pii"):  # metrics per slice and class name its values in reports and cards
+            raise DataError(f"{where}: column {col!r} is pii: it cannot be the label or a slice (its values would appear in reports)")
+    if c.task is not None and c.task not in TASKS: raise DataError(f"{where}: task {c.task!r} is not one of {TASKS}")
+    kind = c.kind
+    if kind == "classification" and len(c.targets) != 1:
+        raise DataError(f"{where}: a classification has one label column, not {c.targets}")
+    if kind == "classification" and not c.columns[c.targets[0]].get("categories") and c.columns[c.targets[0]]["dtype"] != "bool":
+        raise DataError(f"{where}: label {c.targets[0]!r}: a classification label needs its categories (the classes, in order)")
+    for col in c.targets if kind == "regression" else []:
+        if c.columns[col]["dtype"] not in ("int", "float"): raise DataError(f"{where}: label {col!r}: a regression label must be a number")
+
+# %% ../nbs/11_contracts.ipynb #314ef629
 @dataclass
 class Contract:
     "A data set's declared schema and quality rules (see the YAML above)."
     name: str
     columns: dict  # column name -> {dtype, nullable, min, max, categories, unique, pii, description}
-    label: str | None = None
+    label: str | list | None = None  # one label column, or several (a regression with several targets)
     slices: list = field(default_factory=list)
     rows: dict = field(default_factory=dict)  # {min, max} row count
     path: str | None = None  # where it was read from
+    task: str | None = None  # classification or regression (None: what the label implies)
+    key: list = field(default_factory=list)  # the columns that identify a row
 
-    def __post_init__(self):
-        where = self.path or f"contract {self.name!r}"
-        for c, spec in self.columns.items():
-            bad = set(spec) - _COLUMN_KEYS
-            if bad: raise DataError(f"{where}: column {c!r}: unknown keys {sorted(bad)} (allowed: {sorted(_COLUMN_KEYS)})")
-            if spec.get("dtype") not in DTYPES: raise DataError(f"{where}: column {c!r}: dtype {spec.get('dtype')!r} not one of {DTYPES}")
-        for c in [self.label, *self.slices]:
-            if c is not None and c not in self.columns: raise DataError(f"{where}: {c!r} is named as label or slice but is not a column")
-            if c is not None and self.columns[c].get("pii"):  # metrics per slice and class name its values in reports and cards
-                raise DataError(f"{where}: column {c!r} is pii: it cannot be the label or a slice (its values would appear in reports)")
+    def __post_init__(self): _check(self)
 
     @classmethod
     def load(cls, path: str | Path) -> Contract:
@@ -62,30 +100,37 @@ class Contract:
         try: d = yaml.safe_load(p.read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as e: raise DataError(f"{p}: cannot read contract ({str(e).splitlines()[0]})") from None
         if not isinstance(d, dict) or not isinstance(d.get("columns"), dict): raise DataError(f"{p}: a contract needs a 'columns' mapping")
-        unknown = set(d) - {"name", "columns", "label", "slices", "rows", "description", "format"}
+        unknown = set(d) - {"name", "columns", "label", "slices", "rows", "description", "format", "task", "key"}
         if unknown: raise DataError(f"{p}: unknown contract keys {sorted(unknown)}")
         return cls(d.get("name", p.name.split(".")[0]), {k: dict(v or {}) for k, v in d["columns"].items()},
-                   d.get("label"), list(d.get("slices") or []), dict(d.get("rows") or {}), str(p))
+                   d.get("label"), list(d.get("slices") or []), dict(d.get("rows") or {}), str(p), d.get("task"), list(d.get("key") or []))
 
     def to_dict(self) -> dict:
-        return {"format": 1, "name": self.name, "label": self.label, "slices": self.slices, "rows": self.rows, "columns": self.columns}
+        return {"format": 2, "name": self.name, "task": self.kind, "label": self.label, "key": self.key, "slices": self.slices,
+                "rows": self.rows, "columns": self.columns}
 
     @classmethod
-    def from_dict(cls, d: dict) -> Contract: return cls(d["name"], d["columns"], d.get("label"), d.get("slices", []), d.get("rows", {}))
+    def from_dict(cls, d: dict) -> Contract:  # format 1 (no task, no key) or 2
+        return cls(d["name"], d["columns"], d.get("label"), d.get("slices", []), d.get("rows", {}), None, d.get("task"), d.get("key", []))
 
     def subset(self, features: list[str]) -> Contract:
-        "The contract of `features` plus the label: what a model built on those features accepts."
+        "The contract of `features` plus the label(s): what a model built on those features accepts."
         missing = [f for f in features if f not in self.columns]
         if missing: raise DataError(f"{self.path or self.name}: features {missing} are not columns of the contract")
-        keep = [*features, *([self.label] if self.label else [])]
-        return Contract(self.name, {c: self.columns[c] for c in keep}, self.label, [s for s in self.slices if s in keep], {}, self.path)
+        keep = [*features, *(t for t in self.targets if t not in features)]
+        return Contract(self.name, {c: self.columns[c] for c in keep}, self.label, [s for s in self.slices if s in keep], {},
+                        self.path, self.kind)
 
     @property
-    def features(self) -> list[str]: return [c for c in self.columns if c != self.label]
+    def targets(self) -> list[str]: return targets_of({"label": self.label})
+    @property
+    def kind(self) -> str | None: return task_of({"task": self.task, "label": self.label, "columns": self.columns})
+    @property
+    def features(self) -> list[str]: return [c for c in self.columns if c not in self.targets]
     @property
     def pii(self) -> list[str]: return [c for c, s in self.columns.items() if s.get("pii")]
     @property
-    def classes(self) -> list: return list(self.columns[self.label].get("categories") or []) if self.label else []
+    def classes(self) -> list: return classes_of(self.to_dict())
 
 # %% ../nbs/11_contracts.ipynb #5a564c75
 def infer_contract(df: pl.DataFrame, name: str, label: str | None = None, max_categories: int = 50) -> Contract:
@@ -107,7 +152,7 @@ def synthetic_contract() -> Contract:
         "income": {"dtype": "float", "nullable": True, "min": 0}, "sessions": {"dtype": "int", "min": 0},
         "score": {"dtype": "float", "nullable": True}, "region": {"dtype": "string", "categories": SYNTHETIC_REGIONS},
         "plan": {"dtype": "string", "nullable": True, "categories": SYNTHETIC_PLANS}, "churned": {"dtype": "bool"},
-    }, label="churned", slices=["region", "plan"])
+    }, label="churned", slices=["region", "plan"], key=["id"])
 
 # %% ../nbs/11_contracts.ipynb #65ad63d6
 @dataclass
@@ -234,14 +279,22 @@ def validate(
     return ValidationReport(contract.name, source, n, checks)
 
 # %% ../nbs/11_contracts.ipynb #f0191d99
+def read_as(contract: Contract, data: Path | str) -> pl.DataFrame:
+    """Read a data file as its contract types it: a CSV column the contract calls `string` stays text even when its
+    values look like numbers (codes such as `1` and `2`, zip codes with leading zeros), where type inference would
+    read integers. (Parquet and NDJSON carry their types.)"""
+    strings = {c: pl.String for c, s in contract.columns.items() if s["dtype"] == "string"}
+    return read_data(data, schema_overrides=strings if str(data).split("?")[0].lower().endswith(".csv") else None)
+
 def check_file(data: Path | str, contract: Path | str) -> ValidationReport:
     "Validate the data file `data` against the contract file `contract`; `DataError` when either cannot be read."
     c = Contract.load(contract)  # first: a typo in its path is found before a large file is read
-    return validate(read_data(data), c, source=str(data))
+    return validate(read_as(c, data), c, source=str(data))
 
 # %% ../nbs/11_contracts.ipynb #b1ecbb3a
 def encode_labels(df: pl.DataFrame, contract: Contract):
-    "Integer codes (int64 numpy) of the label column of `df`, in the order of `contract.classes`."
+    "Integer codes (int64 numpy) of the label column of `df`, in the order of `contract.classes` (a classification's)."
+    if contract.kind != "classification": raise DataError(f"contract {contract.name!r}: its task is {contract.kind}: labels are not classes")
     name, classes = contract.label, contract.classes
     bad = df.filter(~pl.col(name).is_in(classes))[name].unique().to_list()
     if bad: raise DataError(f"label column {name!r}: values {bad} are not among the contract's classes {classes}")

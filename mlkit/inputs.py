@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from .contracts import targets_of
+
 # %% auto #0
 __all__ = ['NUMBER_LIMIT', 'VALUE_KINDS', 'InvalidInput', 'check_value', 'validate_records']
 
@@ -65,7 +67,8 @@ def validate_records(contract: dict, rows: list, max_rows: int | None = None) ->
     checks, which accept what they accept and name the field of what they refuse."""
     if not isinstance(rows, list) or not rows: raise InvalidInput("rows: expected a non-empty list of records", "rows")
     if max_rows and len(rows) > max_rows: raise InvalidInput(f"rows: {len(rows)} rows, at most {max_rows} allowed", "rows")
-    cols = {c: s for c, s in contract["columns"].items() if c != contract.get("label")}
+    targets = targets_of(contract)
+    cols = {c: s for c, s in contract["columns"].items() if c not in targets}
     names, plan = cols.keys(), [(n, _KINDS.get(c["dtype"]), c.get("nullable", False)) for n, c in cols.items()]
     for i, r in enumerate(rows):
         if type(r) is dict and r.keys() <= names:

@@ -29,7 +29,7 @@ class TabularMLP(nn.Module):
     "An MLP for tabular features: `hidden` layers of Linear, normalisation, ReLU and Dropout, then a linear head."
     def __init__(self,
                  n_features: int,  # width of the feature matrix
-                 n_classes: int,  # number of output classes
+                 n_classes: int,  # number of outputs: the classes, or a regression's targets
                  hidden: list[int] = (64, 64),  # width of each hidden layer (depth = its length)
                  dropout: float = 0.1,  # dropout after each hidden layer
                  norm: str = "layer",  # normalisation after each linear layer: layer, batch or none
@@ -63,7 +63,7 @@ def build_model(config: dict) -> nn.Module:
     return cls(**config.get("kwargs", {}))
 
 # %% ../nbs/30_models.ipynb #d766d992
-BUNDLE_PARTS = ("model", "features", "contract", "profile", "metrics", "lineage")  # JSON files beside the weights
+BUNDLE_PARTS = ("model", "features", "contract", "task", "profile", "metrics", "lineage")  # JSON files beside the weights
 WEIGHTS_FILE = "model.safetensors"
 
 @dataclass
@@ -78,7 +78,7 @@ def save_bundle(
     path: Path | str,  # bundle folder to create (must not exist)
     module: nn.Module,  # trained module
     config: dict,  # its `model_config`
-    **parts: dict,  # JSON parts: features, contract, profile, metrics, lineage
+    **parts: dict,  # JSON parts: features, contract, task, profile, metrics, lineage
 ) -> Path:
     "Write a model bundle atomically (temp folder + rename) and return its path."
     path = Path(path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .contracts import Contract
+from .contracts import Contract, read_as
 from .data import ENGINE, read_data
 
 # %% auto #0
@@ -67,4 +67,6 @@ def _finite(c: str, dtype: pl.DataType) -> pl.Expr:
 # %% ../nbs/13_profiles.ipynb #2c7e8d83
 def profile_file(data: Path | str, contract: Path | str | None = None) -> dict:
     "The profile of the data file `data` (the `pii` columns of the contract file `contract`, when given, keep only their null rate)."
-    return profile_frame(read_data(data), pii=Contract.load(contract).pii if contract else ())
+    if contract is None: return profile_frame(read_data(data))
+    c = Contract.load(contract)
+    return profile_frame(read_as(c, data), pii=c.pii)

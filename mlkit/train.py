@@ -18,7 +18,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['seed_everything', 'pick_device', 'determinism', 'is_distributed', 'local_rank', 'rank', 'is_main_process',
-           'init_distributed', 'lr_lambda', 'evaluate', 'predict_classes', 'fit']
+           'init_distributed', 'lr_lambda', 'evaluate', 'predict_outputs', 'predict_classes', 'fit']
 
 # %% ../nbs/40_train.ipynb #e0b37c2c
 def seed_everything(seed: int) -> torch.Generator:
@@ -59,8 +59,12 @@ def _as_tensor(a, dtype) -> torch.Tensor:
     "A CPU tensor over `a` (shared when it is already C-contiguous, writable and of `dtype`, copied otherwise)."
     return torch.from_numpy(np.require(a, dtype, ["C", "W"]))
 
+def _target_dtype(y) -> type:
+    "Integer targets are class codes (int64, what a classification loss takes); any other stays a float target (float32)."
+    return np.int64 if np.asarray(y).dtype.kind in "iub" else np.float32
+
 def _tensors(X, y, dev: torch.device, max_device_bytes: int):
-    X, y = _as_tensor(X, np.float32), _as_tensor(y, np.int64)
+    X, y = _as_tensor(X, np.float32), _as_tensor(y, _target_dtype(y))
     if dev.type == "cuda" and X.numel() * 4 > max_device_bytes: return X.pin_memory(), y.pin_memory(), False
     return X.to(dev), y.to(dev), True
 
@@ -77,28 +81,33 @@ def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[i
 # %% ../nbs/40_train.ipynb #cffeea93
 @torch.inference_mode()
 def evaluate(model: nn.Module, X, y, loss_fn: Callable = nn.functional.cross_entropy, batch_size: int = 65536) -> dict:
-    "Loss and accuracy of a classifier on features `X` and integer labels `y`, in batches."
+    "Loss of `model` on features `X` and targets `y` (and accuracy, when `y` holds class codes), in batches."
     dev = next(model.parameters()).device
     was = model.training
     model.eval()
     total, correct, n = 0.0, 0, 0
-    Xt, yt = _as_tensor(X, np.float32), _as_tensor(y, np.int64)
+    dtype = _target_dtype(y)
+    Xt, yt = _as_tensor(X, np.float32), _as_tensor(y, dtype)
     for i in range(0, len(Xt), batch_size):
         xb, yb = Xt[i:i + batch_size].to(dev), yt[i:i + batch_size].to(dev)
         logits = model(xb).float()
         total += loss_fn(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
+        if dtype is np.int64: correct += (logits.argmax(1) == yb).sum().item()
         n += len(yb)
     model.train(was)
-    return {"loss": total / max(n, 1), "accuracy": correct / max(n, 1)}
+    return {"loss": total / max(n, 1), **({"accuracy": correct / max(n, 1)} if dtype is np.int64 else {})}
 
-def predict_classes(model: nn.Module, X, batch_size: int = 65536) -> np.ndarray:
-    "Predicted class index of every row of `X`."
+def predict_outputs(model: nn.Module, X, batch_size: int = 65536) -> torch.Tensor:
+    "The model's raw outputs (float32, on the CPU) for every row of `X`, in batches."
     dev = next(model.parameters()).device
     with torch.inference_mode():
         model.eval()
         Xt = _as_tensor(X, np.float32)
-        return torch.cat([model(Xt[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(Xt), batch_size)]).numpy()
+        return torch.cat([model(Xt[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(Xt), batch_size)])
+
+def predict_classes(model: nn.Module, X, batch_size: int = 65536) -> np.ndarray:
+    "Predicted class index of every row of `X`."
+    return predict_outputs(model, X, batch_size).argmax(1).numpy()
 
 # %% ../nbs/40_train.ipynb #a16407d1
 def _epoch(net: nn.Module, model: nn.Module, opt, sched, Xt, yt, order, batch_size: int, on_device: bool,
@@ -136,7 +145,7 @@ class _EarlyStopping:
 # %% ../nbs/40_train.ipynb #79e88072
 def fit(
     model: nn.Module,  # module mapping a float32 batch to outputs for `loss_fn`
-    X, y,  # training features (float32 matrix) and integer labels
+    X, y,  # training features (float32 matrix) and targets: integer class codes, or floats (`(rows, targets)` for a regression)
     X_val=None, y_val=None,  # validation data, evaluated each epoch (needed for early stopping)
     epochs: int = 20,  # maximum passes over the training data
     lr: float = 1e-2,  # peak AdamW learning rate

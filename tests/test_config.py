@@ -18,6 +18,40 @@ def test_precedence_argument_env_file_default(tmp_path):
     assert s.state_dir == (tmp_path / "state").resolve()
 
 
+def test_model_settings_precedence(tmp_path):
+    "Per model: argument > MLKIT_MODEL_<NAME>__<SECTION>_<KEY> > [model.NAME] > MLKIT_<SECTION>__<KEY> > [section] > default."
+    ini = write_project(tmp_path)
+    ini.write_text(ini.read_text() + "[gate]\nmetric = test_accuracy\nmargin = 0.1\nfloors = test_accuracy>=0.5\n"
+                   "[model.diabetes]\ngate.metric = test_rmse\ngate.direction = min\ngate.margin = 1\n"
+                   "[model.my-model]\nsplit.strategy = time\nsplit.column = day\n")
+    layers = {"MLKIT_GATE__MARGIN": "0.2", "MLKIT_MODEL_DIABETES__GATE_MARGIN": "3"}
+    s = load_settings(ini, env=layers)
+    d, p = s.for_model("diabetes"), s.for_model("penguins")
+    assert (d.gate.metric, d.gate.direction, d.gate.margin, d.gate.floors) == ("test_rmse", "min", 3.0, "test_accuracy>=0.5")
+    assert (p.gate.metric, p.gate.direction, p.gate.margin) == ("test_accuracy", "max", 0.2)  # the project's, env over file
+    assert d.sources[("gate", "margin")] == "environment variable MLKIT_MODEL_DIABETES__GATE_MARGIN"
+    assert d.sources[("gate", "metric")] == f"{ini} [model.diabetes]"
+    assert load_settings(ini, env={}).for_model("diabetes").gate.margin == 1.0  # [model.NAME] over [gate] and its env
+    assert load_settings(ini, env={"MLKIT_GATE__MARGIN": "0.2"}).for_model("diabetes").gate.margin == 1.0
+    assert load_settings(ini, env=layers, gate={"margin": 9}).for_model("diabetes").gate.margin == 9  # an argument wins
+    assert s.for_model("my-model").split.strategy == "time" and s.for_model("my_model").split.column == "day"
+    assert s.gate.metric == "test_accuracy" and s.model is None and d.model == "diabetes"
+
+
+@pytest.mark.parametrize("text,env,message", [
+    ("[model.diabetes]\ngate.metrc = x\n", {}, "[model.diabetes] gate.metrc: no per-model setting"),
+    ("[model.diabetes]\nserve.port = 1\n", {}, "[model.diabetes] serve.port: no per-model setting"),
+    ("[model.diabetes]\ngate.direction = lower\n", {}, "[gate] direction = 'lower' must be max or min"),
+    ("", {"MLKIT_MODEL_DIABETES__GATE_MARGN": "1"}, "MLKIT_MODEL_DIABETES__GATE_MARGN: [model.diabetes] gate_margn"),
+    ("", {"MLKIT_MODEL_DIABETES__SPLIT_TEST_SIZE": "2"}, "environment variable MLKIT_MODEL_DIABETES__SPLIT_TEST_SIZE: [split] test_size = '2'"),
+])
+def test_bad_model_settings_fail_at_load_naming_where(tmp_path, text, env, message):
+    ini = write_project(tmp_path)
+    ini.write_text(ini.read_text() + text)
+    with pytest.raises(SettingsError) as e: load_settings(ini, env=env)
+    assert message in str(e.value), str(e.value)
+
+
 def test_settings_found_from_a_subfolder(tmp_path, monkeypatch):
     ini = write_project(tmp_path)
     (tmp_path / "nbs" / "train").mkdir(parents=True)
