@@ -53,6 +53,9 @@ def cmd_train(args) -> int:
     if res.status != "FINISHED":
         print(f"mlkit train: {args.name}: {res.error}", file=sys.stderr)
         return 1
+    for part in ("test", "val"):  # the headline metrics: what the gate will judge, then what training chose with
+        shown = {k: v for k, v in res.metrics.items() if k.startswith(part + "_")}
+        if shown: _out(f"{'test' if part == 'test' else 'validation'} metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     for v in res.registered:
         _out(f"registered {args.name} version {v['version']}" + (f" as {', '.join(v['aliases'])}" if v["aliases"] else ""))
     return 0
@@ -83,6 +86,10 @@ def cmd_models_promote(args) -> int:
     try: gate = promote(args.name, args.version, force=args.force, reason=args.reason or "")
     except GateFailed as e:
         print(e.result.summary(), file=sys.stderr)
+        r = e.result
+        hint = (f'un-retire it first: mlkit models unretire {args.name} {r.version} --reason "why"' if not r.checks[0].passed else
+                f'to promote it anyway: mlkit models promote {args.name} {r.version} --force --reason "why"')
+        print(f"mlkit models promote: {args.name} version {r.version} stays where it is; {hint}", file=sys.stderr)
         return 1
     _out(gate.summary())
     _out(f"{args.name} version {gate.version} is now champion" + (" (forced)" if not gate.passed else ""))
@@ -188,7 +195,12 @@ def cmd_monitor(args) -> int:
         for d in rep["columns"]:
             psi = "-" if d.get("psi") is None else f"{d['psi']:.3f}"
             _out(f"  {d['column']:<24} PSI {psi:>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
-        if rep.get("performance"): _out(f"  live accuracy {rep['performance']['accuracy']} on {rep['performance']['labelled_rows']} labelled rows")
+        for d in rep.get("outputs") or []:
+            _out(f"  {d['column']:<24} PSI {'-' if d.get('psi') is None else format(d['psi'], '.3f'):>7}  (predictions vs the training labels)")
+        if perf := rep.get("performance"):
+            shown = ("rmse", "mae", "r2") if "rmse" in perf else ("accuracy",)
+            _out("  live " + ", ".join(f"{k} {'-' if perf.get(k) is None else format(perf[k], '.4g')}" for k in shown)
+                 + f" on {perf['labelled_rows']} labelled rows")
         if rep["alert"]: _out("ALERT: " + "; ".join(rep["alerts"]))
         else: _out("no threshold crossed" if rep["judged"] else f"not judged: {rep['rows']} rows, fewer than [monitor] min_rows = {rep['thresholds']['min_rows']}")
         if rep["retirement"]["retire"]: _out("retirement criteria met: " + "; ".join(rep["retirement"]["reasons"]))
@@ -362,6 +374,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlkit {args.command}: {msg}", file=sys.stderr)
         return 2
 
-# %% ../nbs/90_cli.ipynb #cb49a95b
+# %% ../nbs/90_cli.ipynb #a1d71a1a
 _MOVED = {"build": "mlkit.bento", "post_json": "mlkit.demo", "DEMO_ROWS": "mlkit.demo"}
 moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

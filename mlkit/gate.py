@@ -20,6 +20,7 @@ class Evidence:
     dataset_version: str | None = None  # the data it was evaluated on
     contract_passed: str | None = None  # the run's contract result: "true", "false", or None (not recorded)
     retired: bool = False
+    test_rows: str | None = None  # the hash of the test rows' keys it was judged on (`mlkit.splits`; None: not recorded)
 
 @dataclass
 class GateCheck:
@@ -68,6 +69,9 @@ def _beats(c: Evidence, champ: Evidence, metric: str, direction: str, margin: fl
     if champ.dataset_version != c.dataset_version:
         return GateCheck("beats_champion", False, f"champion v{champ.version} was evaluated on another data version; "
                                                   "compare on the same data or promote with --force and a reason")
+    if c.test_rows and champ.test_rows and c.test_rows != champ.test_rows:
+        return GateCheck("beats_champion", False, f"champion v{champ.version} was judged on other test rows (another split: "
+                                                  "strategy, seed or sizes); compare on the same split or promote with --force and a reason")
     if mine is None or theirs is None:
         return GateCheck("beats_champion", False, f"{metric} missing (candidate {mine}, champion {theirs})")
     ok = mine >= theirs + margin if direction == "max" else mine <= theirs - margin

@@ -110,12 +110,13 @@ def _evidence(client, name: str, version: str) -> _gate.Evidence:
     mv = client.get_model_version(name, str(version))
     run = client.get_run(mv.run_id)
     return _gate.Evidence(str(mv.version), dict(run.data.metrics), run.data.tags.get("mlkit.dataset_version"),
-                    run.data.tags.get("mlkit.contract_passed"), mv.tags.get("mlkit.retired") == "true")
+                    run.data.tags.get("mlkit.contract_passed"), mv.tags.get("mlkit.retired") == "true",
+                    run.data.tags.get("mlkit.split.test_rows_sha256"))
 
 def evaluate_gate(name: str, version: str | int, settings: Settings | None = None) -> _gate.GateResult:
     "Run every gate check for `version` of `name` against the current champion."
     settings = settings or current_settings()
-    client, g = _client(), settings.gate
+    client, g = _client(), settings.for_model(name).gate  # the model's own gate ([model.NAME] over [gate])
     candidate, champ = _evidence(client, name, version), alias_version(name, CHAMPION)
     champion = None if champ is None else _gate.Evidence(champ) if champ == candidate.version else _evidence(client, name, champ)
     return _gate.judge(name, candidate, champion, g.metric, g.direction, g.margin, g.floors)

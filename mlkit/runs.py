@@ -25,7 +25,7 @@ from .tracking import SOURCE_COMMIT_ENV, experiment_id, installed_packages, mlfl
 
 # %% auto #0
 __all__ = ['notebook_path', 'declared_parameters', 'parse_assignments', 'check_parameters', 'load_parameter_file', 'RunResult',
-           'run_notebook', 'parse_grid', 'sweep', 'ReproduceRefused', 'ReproReport', 'reproduce']
+           'run_notebook', 'validation_metric', 'parse_grid', 'sweep', 'ReproduceRefused', 'ReproReport', 'reproduce']
 
 # %% ../nbs/60_runs.ipynb #f9e09f11
 def notebook_path(name: str, settings: Settings | None = None) -> Path:
@@ -80,6 +80,7 @@ class RunResult:
     error: str | None = None
     seconds: float = 0.0
     registered: list = field(default_factory=list)  # [{"version": "3", "aliases": ["challenger"]}] of the versions it registered
+    metrics: dict = field(default_factory=dict)  # the run's headline metrics: `test_*` and `val_*` (not per slice)
 
 @contextmanager
 def _environ(**kv: str):
@@ -149,9 +150,15 @@ def run_notebook(
         if f and f.exists(): client.log_artifact(run_id, str(f), artifact_path="notebook")
     if params: client.set_tag(run_id, "mlkit.papermill_parameters", json.dumps(params)[:5000])
     client.set_terminated(run_id, status)
-    return RunResult(name, run_id, status, out, html, error, seconds, _registered(name, run_id) if status == "FINISHED" else [])
+    headline = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(("test_", "val_")) and "." not in k}
+    return RunResult(name, run_id, status, out, html, error, seconds, _registered(name, run_id) if status == "FINISHED" else [],
+                     dict(sorted(headline.items())))
 
 # %% ../nbs/60_runs.ipynb #40d4667b
+def validation_metric(metric: str) -> str:
+    "The validation twin of a gate metric: `test_rmse` -> `val_rmse` (a metric that is neither is used as it is)."
+    return "val_" + metric[5:] if metric.startswith("test_") else metric
+
 def parse_grid(items: list[str]) -> dict[str, list]:
     "`['lr=0.01,0.1', 'epochs=3,5']` -> `{'lr': [0.01, 0.1], 'epochs': [3, 5]}` (values read as YAML scalars)."
     grid = {}
@@ -176,8 +183,9 @@ def sweep(name: str, grid: dict[str, list], parameters: dict | None = None, sett
         point = dict(zip(grid, values))
         params = {**(parameters or {}), **point, **({"register": False} if "register" in declared else {})}
         children.append(run_notebook(name, params, settings, tags={"mlflow.parentRunId": parent, "mlkit.sweep_point": json.dumps(point)}))
-    g = settings.gate
-    scored = [(client.get_run(c.run_id).data.metrics.get(g.metric), c) for c in children if c.status == "FINISHED"]
+    g = settings.for_model(name).gate
+    metric = validation_metric(g.metric)
+    scored = [(client.get_run(c.run_id).data.metrics.get(metric), c) for c in children if c.status == "FINISHED"]
     scored = [(m, c) for m, c in scored if m is not None]
     best = (max if g.direction == "max" else min)(scored, key=lambda mc: mc[0])[1] if scored else None
     if best is not None:
@@ -185,6 +193,7 @@ def sweep(name: str, grid: dict[str, list], parameters: dict | None = None, sett
                                                          filter_string=f"source_run_id = '{best.run_id}'", output_format="list")
         register(model.model_uri, name, best.run_id, client.get_run(best.run_id).data.tags["mlkit.bundle_sha256"], settings=settings)
         client.set_tag(parent, "mlkit.best_child", best.run_id)
+        client.set_tag(parent, "mlkit.best_by", f"{metric} ({g.direction})")
     client.set_terminated(parent, "FINISHED" if all(c.status == "FINISHED" for c in children) else "FAILED")
     return parent, children, best.run_id if best else None
 

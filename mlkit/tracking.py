@@ -13,12 +13,13 @@ from pathlib import Path
 
 import mlkit
 from .config import Settings, current_settings
+from .contracts import classes_of, targets_of, task_of
 from .core import git_state, tool_path
 
 # %% auto #0
 __all__ = ['SOURCE_COMMIT_ENV', 'mlflow', 'experiment_id', 'source_tags', 'start_run', 'lineage_record', 'end_run', 'log_dataset',
            'installed_packages', 'log_capsule', 'epoch_logger', 'log_learning_curves', 'log_confusion_matrix',
-           'slice_metrics', 'log_slice_metrics', 'pyfunc_code', 'contract_signature', 'log_bundle', 'ui_command', 'ui']
+           'log_slice_metrics', 'log_split', 'pyfunc_code', 'contract_signature', 'log_bundle', 'ui_command', 'ui']
 
 # %% ../nbs/50_tracking.ipynb #5b478c33
 def mlflow(settings: Settings | None = None):
@@ -94,7 +95,8 @@ def log_dataset(
 ):
     "Log a dataset version to the active run: MLflow input (`log_input`), contract, report and profile as JSON, tags."
     mlf = mlflow()
-    ds = mlf.data.from_polars(df, source=snap.path, targets=contract.label, name=f"{contract.name}@{snap.short}", digest=snap.short)
+    target = contract.targets[0] if len(contract.targets) == 1 else None  # MLflow's dataset names one target column
+    ds = mlf.data.from_polars(df, source=snap.path, targets=target, name=f"{contract.name}@{snap.short}", digest=snap.short)
     mlf.log_input(ds, context=context)
     mlf.log_dict(contract.to_dict(), "data/contract.json")
     mlf.log_dict(report.to_dict(), "data/contract_report.json")
@@ -161,25 +163,22 @@ def log_confusion_matrix(y_true, y_pred, classes: list, name: str = "plots/confu
     return cm.tolist()
 
 # %% ../nbs/50_tracking.ipynb #6f81a712
-def slice_metrics(frame, y_true, y_pred, slices: list[str], prefix: str = "test") -> dict:
-    "Accuracy overall and per group of each slice column of `frame` (polars), e.g. {'island': {'Dream': {...}}}."
-    import numpy as np
-    import polars as pl
-    ok = np.asarray(y_true) == np.asarray(y_pred)
-    out = {"overall": {"n": int(len(ok)), "accuracy": float(ok.mean()) if len(ok) else None}}
-    for s in slices:
-        groups = frame.select(pl.col(s).cast(pl.String).fill_null("<missing>")).to_series().to_numpy()
-        out[s] = {str(g): {"n": int((groups == g).sum()), "accuracy": float(ok[groups == g].mean())} for g in sorted(set(groups))}
-    return out
-
 def log_slice_metrics(result: dict, prefix: str = "test"):
-    "Log `slice_metrics` output as JSON and as metrics `<prefix>_accuracy.<slice>.<group>`."
+    "Log metrics per slice (`Task.slice_metrics`) as JSON and as metrics `<prefix>_<metric>.<slice>.<group>`."
     mlf = mlflow()
     mlf.log_dict(result, f"evaluation/{prefix}_slices.json")
     import re
-    flat = {re.sub(r"[^\w\-.:/]", "_", f"{prefix}_accuracy.{s}.{g}"): v["accuracy"]  # MLflow's allowed metric-name characters
-            for s, groups in result.items() if s != "overall" for g, v in groups.items()}
+    flat = {re.sub(r"[^\w\-.:/]", "_", f"{prefix}_{m}.{s}.{g}"): v  # MLflow's allowed metric-name characters
+            for s, groups in result.items() if s != "overall" for g, vs in groups.items() for m, v in vs.items() if m != "n" and v is not None}
     if flat: mlf.log_metrics(flat)
+
+def log_split(record: dict):
+    "Log how a run's data was split (`mlkit.splits`): the record as JSON, its strategy, sizes and test-row hash as tags."
+    mlf = mlflow()
+    mlf.log_dict(record, "data/split.json")
+    mlf.set_tags({"mlkit.split.strategy": record["strategy"], "mlkit.split.seed": str(record["seed"]),
+                  "mlkit.split.test_rows_sha256": record["test_rows_sha256"],
+                  **{f"mlkit.split.rows.{k}": str(v) for k, v in record["rows"].items()}})
 
 # %% ../nbs/50_tracking.ipynb #fabf15e3
 def pyfunc_code() -> Path:
@@ -187,17 +186,19 @@ def pyfunc_code() -> Path:
     return Path(mlkit.__file__).parent / "pyfunc_model.py"
 
 def contract_signature(contract: dict):
-    "MLflow signature from a contract: raw input columns in, label and class probabilities out."
+    "MLflow signature from a contract: raw input columns in; the label and class probabilities, or the values, out."
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
     kinds = {"int": "double", "float": "double", "string": "string", "bool": "boolean", "date": "string", "datetime": "string"}
-    label = contract["label"]
+    targets = targets_of(contract)
     inputs = Schema([ColSpec(kinds[s["dtype"]], c, required=not s.get("nullable", False))
-                     for c, s in contract["columns"].items() if c != label])
-    outputs = Schema([ColSpec("string", "label")] + [ColSpec("double", f"p_{k}") for k in contract["columns"][label]["categories"]])
+                     for c, s in contract["columns"].items() if c not in targets])
+    if task_of(contract) == "classification":
+        label = "boolean" if contract["columns"][targets[0]]["dtype"] == "bool" else "string"
+        outputs = Schema([ColSpec(label, "label")] + [ColSpec("double", f"p_{k}") for k in classes_of(contract)])
+    else: outputs = Schema([ColSpec("double", "value" if len(targets) == 1 else f"value_{t}") for t in targets])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
-# %% ../nbs/50_tracking.ipynb #69e5daf7
 def log_bundle(
     bundle: Path | str,  # bundle folder (see `mlkit.models.save_bundle`)
     input_example: list[dict],  # a few raw records (multi-row, so nothing pins the batch size)
@@ -208,7 +209,7 @@ def log_bundle(
     from mlkit.models import bundle_sha256
     mlf = mlflow()
     contract = json.loads((Path(bundle) / "contract.json").read_text())
-    cols = [c for c in contract["columns"] if c != contract["label"]]
+    cols = [c for c in contract["columns"] if c not in targets_of(contract)]
     example = pd.DataFrame([{c: r.get(c) for c in cols} for r in input_example], columns=cols)
     for c in cols:
         if contract["columns"][c]["dtype"] in ("int", "float"): example[c] = example[c].astype("float64")
