@@ -5,10 +5,13 @@
 # %% ../nbs/73_openapi.ipynb #590d0699
 from __future__ import annotations
 
+import json
+
+from .contracts import classes_of, targets_of, task_of
 from .inputs import NUMBER_LIMIT
 
 # %% auto #0
-__all__ = ['ERROR_SCHEMA', 'ERROR_ANSWERS', 'request_schema', 'response_schema', 'openapi_doc']
+__all__ = ['ERROR_SCHEMA', 'ERROR_ANSWERS', 'request_schema', 'prediction_schema', 'response_schema', 'openapi_doc']
 
 # %% ../nbs/73_openapi.ipynb #dee74b32
 ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"], "properties": {
@@ -27,9 +30,9 @@ def _example_value(c: dict):
 
 def request_schema(contract: dict, max_rows: int) -> dict:
     "The OpenAPI 3.0 schema of a `/predict` body from the contract: exactly what `validate_records` accepts."
-    label, props, required = contract.get("label"), {}, []
+    targets, props, required = targets_of(contract), {}, []
     for name, c in contract["columns"].items():
-        if name == label: continue
+        if name in targets: continue
         t = c["dtype"]
         s = ({"type": "number", "minimum": -NUMBER_LIMIT, "maximum": NUMBER_LIMIT} if t in ("int", "float")
              else {"type": "string"} if t == "string" else {"type": "boolean"} if t == "bool" else {})
@@ -39,21 +42,35 @@ def request_schema(contract: dict, max_rows: int) -> dict:
         else: required.append(name)
         props[name] = s
     row = {"type": "object", "properties": props, "additionalProperties": False, **({"required": required} if required else {})}
-    example = {n: _example_value(c) for n, c in contract["columns"].items() if n != label}
+    example = {n: _example_value(c) for n, c in contract["columns"].items() if n not in targets}
     return {"type": "object", "required": ["rows"], "example": {"rows": [example]},
             "properties": {"rows": {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows,
                                     "description": f"raw records, 1 to {max_rows} per request"}}}
 
 # %% ../nbs/73_openapi.ipynb #ce2dd7f2
-def response_schema(classes: list) -> dict:
-    "The OpenAPI schema of a `/predict` answer: one label and class probabilities per row, and who answered."
-    probs = {"type": "object", "required": list(classes), "additionalProperties": False,
-             "properties": {c: {"type": "number", "minimum": 0, "maximum": 1} for c in classes}}
+def prediction_schema(contract: dict) -> dict:
+    "The schema of one row's prediction: `{label, probabilities}` for a classifier, `{value}` for a regression."
+    targets = targets_of(contract)
+    if task_of(contract) == "regression":
+        number = {"type": "number", "nullable": True, "description": "in the target's units (null: not a finite number)"}
+        value = (dict(number, description=f"predicted {targets[0]} " + number["description"]) if len(targets) == 1 else
+                 {"type": "object", "required": targets, "additionalProperties": False, "properties": {t: number for t in targets}})
+        return {"type": "object", "required": ["value"], "additionalProperties": False, "properties": {"value": value}}
+    classes = classes_of(contract)
+    keys = [c if isinstance(c, str) else json.dumps(c) for c in classes]  # JSON keys are strings: true, 1 as their JSON text
+    probs = {"type": "object", "required": keys, "additionalProperties": False,
+             "properties": {k: {"type": "number", "minimum": 0, "maximum": 1} for k in keys}}
+    label = {"type": "string", "enum": classes} if all(isinstance(c, str) for c in classes) else {"enum": classes}
+    return {"type": "object", "required": ["label", "probabilities"], "properties": {"label": label, "probabilities": probs}}
+
+def response_schema(contract: dict | list) -> dict:
+    "The OpenAPI schema of a `/predict` answer: one prediction per row (`prediction_schema`), and who answered."
+    if isinstance(contract, list):  # the classes of a classifier (how it was called before tasks)
+        contract = {"label": "label", "task": "classification", "columns": {"label": {"dtype": "string", "categories": contract}}}
     return {"type": "object", "required": ["model", "version", "answered_by", "predictions"], "properties": {
         "model": {"type": "string"}, "version": {"type": "string"},
         "answered_by": {"type": "string", "enum": ["champion", "challenger"]},
-        "predictions": {"type": "array", "items": {"type": "object", "required": ["label", "probabilities"],
-                        "properties": {"label": {"type": "string", "enum": list(classes)}, "probabilities": probs}}}}}
+        "predictions": {"type": "array", "items": prediction_schema(contract)}}}
 
 ERROR_ANSWERS = {400: "Malformed JSON, or a body that is not {\"rows\": [objects]}",
                  401: "Missing or invalid API key (Authorization: Bearer <key>)",
@@ -65,10 +82,9 @@ ERROR_ANSWERS = {400: "Malformed JSON, or a body that is not {\"rows\": [objects
 
 def openapi_doc(spec: dict, contract: dict, max_rows: int, secured: bool, route: str = "/predict") -> dict:
     "BentoML's OpenAPI `spec` with the `route` operation's body, answers and security written from the contract."
-    classes = contract["columns"][contract["label"]]["categories"]
     comps = spec.setdefault("components", {})
     comps.setdefault("schemas", {}).update(PredictRequest=request_schema(contract, max_rows),
-                                           PredictResponse=response_schema(classes), Error=ERROR_SCHEMA)
+                                           PredictResponse=response_schema(contract), Error=ERROR_SCHEMA)
     ref = lambda name: {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
     op = spec["paths"][route]["post"]
     op["requestBody"] = {"required": True, "content": ref("PredictRequest")}

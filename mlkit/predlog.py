@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Settings, current_settings
+from .contracts import classes_of, targets_of, task_of
 from .core import atomic_write
 from .predictor import Predictor
 
@@ -52,25 +53,23 @@ class PredictionLog:
     "Append served rows to Parquet parts in the background; `pii` columns as keyed hashes (HMAC-SHA256), never raw."
     def __init__(self,
                  folder: Path | str,  # `<state>/predictions/<model>` normally
-                 contract: dict,  # the bundle's contract: feature columns, classes and pii flags
+                 contract: dict,  # the bundle's contract: feature columns, task, classes and pii flags
                  flush_rows: int = 5_000,  # write a part once this many rows are queued...
                  flush_seconds: float = 2.0,  # ...or this long after the first queued row
                  pii_key: bytes | None = None,  # the key of the pii hashes (default: the project's, `pii_key()`)
                  ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.label = contract["label"]
-        self.features = [c for c in contract["columns"] if c != self.label]
+        self.targets, self.kind = targets_of(contract), task_of(contract)
+        self.features = [c for c in contract["columns"] if c not in self.targets]
         self.pii = {c for c, s in contract["columns"].items() if s.get("pii")}
         self._pii_key = (pii_key or _project_pii_key()) if self.pii else b""
-        self.classes = list(contract["columns"][self.label]["categories"])
+        self.classes = classes_of(contract)
         import polars as pl  # raw values as the contract types them (ints in a float column become floats)
         kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
         self._dtypes = {c: kinds.get(contract["columns"][c]["dtype"], pl.String) for c in self.features}
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
-        # requests wait in a deque (appends are atomic): the writer wakes every flush_seconds, or when flush_rows rows
-        # are queued, never once per request (a queue.Queue would wake it on every put)
-        self._q: collections.deque = collections.deque()
+        self._q: collections.deque = collections.deque()  # atomic appends; the writer wakes on its timer or at flush_rows rows
         self._queued, self._wake, self._closing = 0, threading.Event(), False
         self._thread = threading.Thread(target=self._run, name="mlkit-prediction-log", daemon=True)
         self._thread.start()
@@ -78,9 +77,10 @@ class PredictionLog:
     def log(self, rows: list[dict], response: dict, request_id: str, answered_by: str = "champion",
             proba: np.ndarray | None = None, labels: list | None = None):
         """Queue one request's rows and predictions (returns at once). `response` is the answer (`model`, `version`,
-        `predictions`); given the class probabilities `proba` and predicted `labels`, it needs only `model` and `version`."""
-        if proba is None: proba = np.array([[p["probabilities"][k] for k in self.classes] for p in response["predictions"]])
-        if labels is None: labels = [p["label"] for p in response["predictions"]]
+        `predictions`); given the outputs `proba` (class probabilities and predicted `labels`, or a regression's values),
+        it needs only `model` and `version`."""
+        if proba is None: proba = self._outputs(response["predictions"])
+        if labels is None and self.kind == "classification": labels = [p["label"] for p in response["predictions"]]
         if self._closing: raise RuntimeError("the prediction log is closed")
         self._q.append((time.time(), request_id, answered_by, response["model"], response["version"], rows, labels, proba))
         self._queued += len(rows)  # advisory (a lost update only delays a write to the next tick)
@@ -123,12 +123,21 @@ def _frame(self: PredictionLog, batch: list):
         vals = feats[c]
         if c in self.pii: vals = [None if v is None else hmac.digest(self._pii_key, str(v).encode(), "sha256").hex() for v in vals.to_list()]
         cols[c] = vals
-    cols["prediction"] = [x for b in batch for x in b[6]]
     P = np.concatenate([b[7] for b in batch]).astype("float64", copy=False)
-    for j, k in enumerate(self.classes): cols[f"p_{k}"] = P[:, j]
+    if self.kind == "classification":
+        cols["prediction"] = [x for b in batch for x in b[6]]
+        for j, k in enumerate(self.classes): cols[f"p_{k}"] = P[:, j]
+    else:  # a value JSON could not carry (NaN) is null
+        for j, t in enumerate(self.targets): cols["prediction" if len(self.targets) == 1 else f"prediction_{t}"] = pl.Series(P[:, j]).fill_nan(None)
     return pl.DataFrame(cols, strict=False)
 
-PredictionLog._frame = _frame
+def _outputs(self: PredictionLog, predictions: list[dict]) -> np.ndarray:
+    "The outputs behind a service's answers: class probabilities, or values `(rows, targets)`."
+    if self.kind == "classification": return np.array([[p["probabilities"][k] for k in self.classes] for p in predictions])
+    if len(self.targets) == 1: return np.array([[np.nan if p["value"] is None else p["value"]] for p in predictions], dtype="float64")
+    return np.array([[np.nan if p["value"][t] is None else p["value"][t] for t in self.targets] for p in predictions], dtype="float64")
+
+PredictionLog._frame, PredictionLog._outputs = _frame, _outputs
 
 # %% ../nbs/72_predlog.ipynb #a13cb35f
 def prediction_log(predictor: Predictor, settings: Settings | None = None) -> PredictionLog:

@@ -24,7 +24,7 @@ from .inputs import InvalidInput, validate_records
 from .openapi import openapi_doc
 from .predictor import Predictor
 from .predlog import prediction_log
-from .telemetry import prometheus_metrics, request_logger
+from .telemetry import observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
 # %% auto #0
 __all__ = ['service_config', 'Overloaded', 'ModelServer', 'model_server', 'guard_service']
@@ -54,12 +54,17 @@ class ModelServer:
     def __init__(self, champion: Predictor, challenger: Predictor | None = None, settings: Settings | None = None,
                  log: bool = True):
         s = (settings or current_settings()).serve
+        if challenger is not None and (challenger.kind, challenger.targets, challenger.classes) != (champion.kind, champion.targets, champion.classes):
+            raise ValueError(f"the challenger ({challenger.kind} of {challenger.targets}) does not answer the champion's question "
+                             f"({champion.kind} of {champion.targets}{', classes ' + str(champion.classes) if champion.classes else ''})")
         self.models = {"champion": champion, **({"challenger": challenger} if challenger is not None else {})}
         self.canary = s.canary_share if challenger is not None else 0.0
         self.shadow = bool(s.shadow and challenger is not None)
         self.max_rows = s.max_rows
         torch.set_num_threads(s.threads)
-        self.metrics = prometheus_metrics()
+        self.metrics = dict(prometheus_metrics())
+        if champion.kind == "regression":  # a histogram of the predicted values, bucketed by the deciles of the training target
+            self.metrics["values"] = value_histogram(value_buckets(champion.bundle.parts.get("profile"), champion.targets[0]))
         self.log = prediction_log(champion, settings) if log else None
         # lanes: who scores a request's rows, each with its metric series and batcher; a shadow challenger has its own lane,
         # so its rows are counted as answered_by="shadow" and never batched with the canary requests it answers
@@ -81,7 +86,8 @@ class ModelServer:
         p, m = self._lanes[lane], self.metrics
         lab = (p.name, p.version, lane)
         return {**{k: m["requests"].labels(*lab, k) for k in ("ok", "invalid", "overloaded")}, "rows": m["rows"].labels(*lab),
-                "latency": m["latency"].labels(*lab), "classes": [m["classes"].labels(*lab, c) for c in p.classes],
+                "latency": m["latency"].labels(*lab), "classes": [m["classes"].labels(*lab, str(c)) for c in p.classes],
+                "values": [m["values"].labels(*lab, t) for t in p.targets] if p.kind == "regression" else [],
                 "batch": m["batch"].labels(p.name, p.version)}
 
     def route(self) -> str:
@@ -97,15 +103,19 @@ class ModelServer:
 # %% ../nbs/78_service.ipynb #4a7bfd4f
 def _forward(self: ModelServer, lane: str, parts: list[list]) -> list[np.ndarray]:
     """One feature transform and forward pass for the rows of one or more requests, split back per request, and
-    counted once for them all: requests answered, rows, rows per pass and predicted classes (so batching amortises
-    the counting with the pass; only each request's latency is observed per request). Returns arrays only: the
-    batcher splits a request bigger than `max_batch_size` and concatenates its parts' outputs."""
+    counted once for them all: requests answered, rows, rows per pass and what was predicted (classes counted, or
+    values observed; so batching amortises the counting with the pass: only each request's latency is observed per
+    request). Returns arrays only: the batcher splits a request bigger than `max_batch_size` and concatenates its parts'
+    outputs."""
     p, m = self._lanes[lane], self._series[lane]
     rows = [r for part in parts for r in part] if len(parts) > 1 else parts[0]
     P = p.predict_proba(rows)
     m["ok"].inc(len(parts)); m["rows"].inc(len(rows)); m["batch"].observe(len(rows))
-    for k, n in enumerate(np.bincount(P.argmax(1), minlength=len(p.classes)).tolist()):
-        if n: m["classes"][k].inc(n)
+    if p.kind == "regression":
+        for j, h in enumerate(m["values"]): observe_many(h, P[:, j])
+    else:
+        for k, n in enumerate(np.bincount(P.argmax(1), minlength=len(p.classes)).tolist()):
+            if n: m["classes"][k].inc(n)
     return np.split(P, np.cumsum([len(x) for x in parts])[:-1]) if len(parts) > 1 else [P]
 
 def _batcher(self: ModelServer, lane: str, s):
@@ -118,15 +128,15 @@ def _batcher(self: ModelServer, lane: str, s):
     return d(infer)
 
 async def _scores(self: ModelServer, lane: str, rows: list) -> np.ndarray:
-    "Class probabilities for validated rows: batched with other requests' rows, or alone."
+    "The outputs (class probabilities, or values) for validated rows: batched with other requests' rows, or alone."
     if lane in self._batch: return await self._batch[lane](rows)
     return (await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, lane, [rows]))[0]
 
 ModelServer._forward, ModelServer._batcher, ModelServer._scores = _forward, _batcher, _scores
 
 # %% ../nbs/78_service.ipynb #8d2e028f
-async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, Predictor, np.ndarray, list[int]]:
-    """Validate, score (batched), count and log one request: who answered, the class probabilities and each row's
+async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, Predictor, np.ndarray, list[int] | None]:
+    """Validate, score (batched), count and log one request: who answered, the outputs and (a classifier's) each row's
     predicted class; raises `InvalidInput` (a 4xx) or `Overloaded` (a 503)."""
     role = self.route()
     p, m = self.models[role], self._series[role]
@@ -139,12 +149,12 @@ async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, 
     except Overloaded:
         m["overloaded"].inc()
         raise
-    top = proba.argmax(1).tolist()
+    top = proba.argmax(1).tolist() if p.kind == "classification" else None
     m["latency"].observe(time.perf_counter() - t0)
-    labels = [p.classes[i] for i in top]
+    labels = p.labels(proba, top)
     if self.log: self.log.log(rows, {"model": p.name, "version": p.version}, request_id, role, proba, labels)
     if self.shadow and role == "champion":  # scored after the answer, off the request's path
-        task = asyncio.get_running_loop().create_task(self._shadow(rows, labels, request_id))
+        task = asyncio.get_running_loop().create_task(self._shadow(rows, proba, labels, request_id))
         self._pending.add(task); task.add_done_callback(self._pending.discard)
     return role, p, proba, top
 
@@ -190,8 +200,9 @@ async def _handle_route(self: ModelServer, rows: list, ctx):
     return self._response(body, status_code=status, media_type="application/json")
 
 
-async def _shadow(self: ModelServer, rows: list, champion_labels: list, request_id: str):
-    "The shadow challenger's score of a request the champion answered: counted, compared, logged; never an error to the caller."
+async def _shadow(self: ModelServer, rows: list, champion_out: np.ndarray, champion_labels: list | None, request_id: str):
+    """The shadow challenger's score of a request the champion answered: counted, compared (rows with another class; the
+    absolute difference of each value), logged; never an error to the caller."""
     c, m = self._lanes["shadow"], self._series["shadow"]
     try:
         validate_records(c.contract, rows, self.max_rows)
@@ -199,9 +210,10 @@ async def _shadow(self: ModelServer, rows: list, champion_labels: list, request_
     except InvalidInput: m["invalid"].inc(); return  # a shadow never affects serving; it is counted
     except Overloaded: m["overloaded"].inc(); return
     except Exception: self.metrics["requests"].labels(c.name, c.version, "shadow", "error").inc(); return
-    labels = [c.classes[i] for i in proba.argmax(1).tolist()]
-    differ = sum(a != b for a, b in zip(labels, champion_labels))
-    if differ: self.metrics["shadow"].labels(c.name, c.version).inc(differ)
+    labels = c.labels(proba)
+    if labels is None:
+        for j, t in enumerate(c.targets): observe_many(self.metrics["shadow_diff"].labels(c.name, c.version, t), np.abs(proba[:, j] - champion_out[:, j]))
+    elif differ := sum(a != b for a, b in zip(labels, champion_labels)): self.metrics["shadow"].labels(c.name, c.version).inc(differ)
     if self.log: self.log.log(rows, {"model": c.name, "version": c.version}, request_id, "shadow", proba, labels)
 
 

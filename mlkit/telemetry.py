@@ -10,8 +10,11 @@ import logging
 import sys
 import time
 
+import numpy as np
+
 # %% auto #0
-__all__ = ['prometheus_metrics', 'JSONFormatter', 'request_logger']
+__all__ = ['VALUE_BUCKETS', 'prometheus_metrics', 'value_buckets', 'value_histogram', 'observe_many', 'JSONFormatter',
+           'request_logger']
 
 # %% ../nbs/75_telemetry.ipynb #eb373748
 _METRICS: dict = {}  # registry id -> the series
@@ -31,8 +34,40 @@ def prometheus_metrics(registry=None) -> dict:
             batch=Histogram("mlkit_batch_rows", "Rows per forward pass (adaptive batching merges requests)", ["model", "version"],
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048), registry=r),
             shadow=Counter("mlkit_shadow_disagreements", "Rows where the shadow challenger's label differs from the champion's",
-                           ["model", "version"], registry=r))
+                           ["model", "version"], registry=r),
+            shadow_diff=Histogram("mlkit_shadow_abs_difference", "Absolute difference of the shadow challenger's value from the "
+                                  "champion's, per row and target (a regression's)", ["model", "version", "target"],
+                                  buckets=VALUE_BUCKETS, registry=r))
     return _METRICS[id(registry)]
+
+# %% ../nbs/75_telemetry.ipynb #374b94c3
+VALUE_BUCKETS = (0.001, 0.01, 0.1, 1, 10, 100, 1e3, 1e4, 1e5, 1e6)  # when a bundle's profile has no deciles of its target
+
+def value_buckets(profile: dict, target: str) -> tuple:
+    "Histogram buckets for a regression's predicted `target`: the distinct deciles of its training values (`profile`)."
+    q = ((profile or {}).get("columns", {}).get(target) or {}).get("quantiles")
+    return tuple(sorted({float(v) for v in q.values() if v is not None})) if q else VALUE_BUCKETS
+
+def value_histogram(buckets: tuple, registry=None):
+    "The `mlkit_predicted_value` histogram (model, version, answered_by, target), made once per process and registry."
+    from prometheus_client import REGISTRY, Histogram
+    registry = REGISTRY if registry is None else registry
+    key = ("values", id(registry))
+    if key not in _METRICS:
+        _METRICS[key] = Histogram("mlkit_predicted_value", "A regression's predicted values, per target",
+                                  ["model", "version", "answered_by", "target"], buckets=buckets, registry=registry)
+    return _METRICS[key]
+
+def observe_many(child, values: np.ndarray):
+    "Observe every finite value of `values` on a histogram's labelled child: one increment per bucket, not one call per value."
+    v = values[np.isfinite(values)]
+    bounds, buckets, total = getattr(child, "_upper_bounds", None), getattr(child, "_buckets", None), getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None:  # another prometheus_client: its own observe, value by value
+        for x in v.tolist(): child.observe(x)
+        return
+    for i, n in enumerate(np.bincount(np.searchsorted(np.asarray(bounds), v, side="left"), minlength=len(bounds)).tolist()):
+        if n: buckets[i].inc(n)  # observe() counts a value in the first bucket whose bound is >= it
+    total.inc(float(v.sum()))
 
 # %% ../nbs/75_telemetry.ipynb #8837d8c6
 class JSONFormatter(logging.Formatter):
