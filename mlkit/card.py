@@ -42,8 +42,10 @@ def card_data(name: str, alias: str | None = "champion", version: str | None = N
         runs = client.search_runs([exp.experiment_id], f"tags.`mlkit.monitor.model` = '{name}' and tags.`mlkit.monitor.version` = '{mv.version}'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if runs: mon = {"run_id": runs[0].info.run_id, **runs[0].data.metrics, "alert": runs[0].data.tags.get("mlkit.monitor.alert")}
-    c = settings.card
+    c = settings.for_model(name).card
+    split = _artifact_json(client, mv.run_id, "data/split.json")
     return {"name": name, "version": str(mv.version), "aliases": list(mv.aliases), "owner": c.owner, "purpose": c.purpose,
+            "task": _artifact_json(client, mv.run_id, "features/task.json"), "split": split,
             "run_id": mv.run_id, "dataset_version": mv.tags.get("mlkit.dataset_version", ""), "params": dict(run.data.params),
             "metrics": dict(sorted(run.data.metrics.items())), "slices": _artifact_json(client, mv.run_id, "evaluation/test_slices.json"),
             "contract": {k: report.get(k) for k in ("contract", "rows", "passed")},

@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from .config import Settings, current_settings
+from .contracts import targets_of, task_of
 from .core import atomic_write, moved
 from .data import read_data
 from . import drift as _drift
@@ -19,11 +20,12 @@ from .ledger import record
 from .predlog import read_prediction_log
 from .registry import CHAMPION, alias_version, fetched_bundle, rollback
 from .reports import render_report
+from .tasks import regression_metrics
 from .tracking import experiment_id, mlflow
 
 # %% auto #0
-__all__ = ['served_log', 'read_labels', 'join_labels', 'performance', 'monitor', 'retirement', 'enforce', 'log_report',
-           'monitor_model']
+__all__ = ['served_log', 'answer_columns', 'read_labels', 'join_labels', 'performance', 'monitor', 'retirement', 'enforce',
+           'log_report', 'monitor_model']
 
 # %% ../nbs/81_monitoring.ipynb #5779ee17
 def served_log(folder: Path | str, since: str | None = None, until: str | None = None, version: str | None = None,
@@ -43,30 +45,52 @@ def served_log(folder: Path | str, since: str | None = None, until: str | None =
     if log.is_empty(): raise ValueError(f"no logged predictions of {model!r} version {version} (logged versions: {', '.join(versions)})")
     return log, version
 
-def read_labels(path) -> pl.DataFrame:
-    "A labels file (CSV, Parquet or NDJSON) with `request_id`, an optional `row`, and `label`."
+def answer_columns(contract: dict | None) -> dict:
+    "The true answers of a labels file -> the prediction-log columns they score: `label` -> `prediction`, or per target."
+    ts = targets_of(contract) if contract else []
+    if contract is None or task_of(contract) == "classification" or len(ts) == 1: return {"label": "prediction"}
+    return {t: f"prediction_{t}" for t in ts}
+
+def read_labels(path, contract: dict | None = None) -> pl.DataFrame:
+    "A labels file (CSV, Parquet or NDJSON) with `request_id`, an optional `row`, and the true answers (`answer_columns`)."
     df = read_data(path)
-    missing = [c for c in ("request_id", "label") if c not in df.columns]
-    if missing: raise ValueError(f"{path}: labels file needs columns request_id and label (missing {', '.join(missing)})")
+    answers = list(answer_columns(contract))
+    missing = [c for c in ("request_id", *answers) if c not in df.columns]
+    if missing: raise ValueError(f"{path}: labels file needs columns request_id and {', '.join(answers)} (missing {', '.join(missing)})")
+    if contract is not None and task_of(contract) == "regression":
+        for c in answers:  # a value that is not a number is named, not silently dropped
+            bad = df.filter(pl.col(c).is_not_null() & pl.col(c).cast(pl.Float64, strict=False).is_null())
+            if len(bad): raise ValueError(f"{path}: column {c!r}: {len(bad)} values are not numbers (e.g. {bad[c][0]!r})")
+        return df.with_columns(pl.col("request_id").cast(pl.String), pl.col(answers).cast(pl.Float64))
     return df.with_columns(pl.col("request_id").cast(pl.String), pl.col("label").cast(pl.String))
 
-def join_labels(log: pl.DataFrame, labels: pl.DataFrame) -> pl.DataFrame:
-    "The logged rows that have a true label, with it as `label` (joined on `request_id`, and `row` when the file has it)."
+def join_labels(log: pl.DataFrame, labels: pl.DataFrame, contract: dict | None = None) -> pl.DataFrame:
+    "The logged rows that have a true answer, with it (joined on `request_id`, and `row` when the file has it)."
     keys = ["request_id", "row"] if "row" in labels.columns else ["request_id"]
-    return log.join(labels.select(*keys, "label"), on=keys, how="inner")
+    return log.join(labels.select(*keys, *answer_columns(contract)), on=keys, how="inner")
 
-def performance(j: pl.DataFrame) -> dict:
-    "Live accuracy and per-class recall of logged predictions joined with their true labels (`join_labels`)."
+def performance(j: pl.DataFrame, contract: dict | None = None) -> dict:
+    "Live performance of logged predictions joined with their true answers (`join_labels`): accuracy and recall, or RMSE, MAE, R²."
+    if contract is not None and task_of(contract) == "regression":
+        pairs = answer_columns(contract)
+        j = j.drop_nulls([*pairs, *pairs.values()])  # a row without a finite answer or prediction cannot be scored
+        if j.is_empty(): return {"labelled_rows": 0, "rmse": None, "mae": None, "r2": None}
+        m = regression_metrics(j.select(list(pairs)).to_numpy(), j.select(list(pairs.values())).to_numpy(), targets_of(contract))
+        return {"labelled_rows": len(j), **m}
     if j.is_empty(): return {"labelled_rows": 0, "accuracy": None, "recall": {}}
-    hit = j["prediction"] == j["label"]
+    pred, truth = j["prediction"].cast(pl.String), j["label"]
+    if j["prediction"].dtype == pl.Boolean: pred, truth = pred.str.to_lowercase(), truth.str.to_lowercase()  # True, true
+    hit = pred == truth
     recall = {str(k): float(v) for k, v in j.with_columns(hit.alias("hit")).group_by("label").agg(pl.col("hit").mean()).iter_rows()}
     return {"labelled_rows": len(j), "accuracy": float(hit.mean()), "recall": dict(sorted(recall.items()))}
 
 # %% ../nbs/81_monitoring.ipynb #25af46e8
-def _below_floor(perf: dict, floor: float, min_rows: int) -> str | None:
-    "Why live performance is under the accuracy floor (on enough labelled rows), or None."
-    acc = perf.get("accuracy")
-    if floor and acc is not None and perf["labelled_rows"] >= min_rows and acc < floor: return f"live accuracy {acc:.3f} < floor {floor}"
+def _below_floor(perf: dict, m, min_rows: int) -> str | None:
+    "Why live performance breaks its bound (`[monitor]` `m`: accuracy_floor, rmse_ceiling) on enough labelled rows, or None."
+    if perf.get("labelled_rows", 0) < min_rows: return None
+    acc, rmse = perf.get("accuracy"), perf.get("rmse")
+    if m.accuracy_floor and acc is not None and acc < m.accuracy_floor: return f"live accuracy {acc:.3f} < floor {m.accuracy_floor}"
+    if m.rmse_ceiling and rmse is not None and rmse > m.rmse_ceiling: return f"live RMSE {rmse:.4g} > ceiling {m.rmse_ceiling}"
     return None
 
 def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings | None = None,
@@ -74,11 +98,18 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
     "Drift (and, with labels, performance) of a prediction log against the training profile: overall and per window."
     settings = settings or current_settings()
     limits, window = _drift.thresholds(settings), window or settings.monitor.window
-    label = contract["label"]
-    feats = [c for c in contract["columns"] if c != label and not contract["columns"][c].get("pii")]
+    targets = targets_of(contract)
+    feats = [c for c in contract["columns"] if c not in targets and not contract["columns"][c].get("pii")]
     if "answered_by" in log.columns and (log["answered_by"].null_count() or (log["answered_by"] == "shadow").any()):
         log = log.filter(pl.col("answered_by") != "shadow")  # copied only when there is something to drop
-    cols, classes, pairs = _drift.compared_columns(profile, log, feats, "prediction", label)
+    answers = answer_columns(contract)  # true answer -> prediction column
+    labels_ref = {p: (targets[0] if a == "label" else a) for a, p in answers.items()}  # the training labels of each prediction
+    outputs = dict(labels_ref)
+    if profile.get("predictions"):  # the model's own predictions on its training rows: the reference for served ones
+        profile = {**profile, "columns": {**profile["columns"], **{f"predicted {c}": v for c, v in profile["predictions"].items()}}}
+        outputs = {p: f"predicted {p}" if f"predicted {p}" in profile["columns"] else r for p, r in outputs.items()}
+    label = next(iter(outputs.values()))  # the reference of the one prediction column (several: the mapping says)
+    cols, classes, pairs = _drift.compared_columns(profile, log, feats, outputs if len(outputs) > 1 else "prediction", label)
     windows = _drift.tally(log, profile, pairs, log["time"].dt.truncate(window)) if len(log) else {}
     report = {"rows": len(log), "thresholds": limits, "window": window, "versions": sorted(map(str, log["version"].unique().to_list())) if len(log) else [],
               "since": str(log["time"].min()) if len(log) else None, "until": str(log["time"].max()) if len(log) else None,
@@ -87,14 +118,15 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
         w = _drift.verdict(profile, windows[start], cols, limits, classes, label)
         report["windows"].append({"start": str(start), "rows": w["rows"], "judged": w["judged"], "alert": w["alert"], "alerts": w["alerts"],
                                   "psi": {d["column"]: d.get("psi") for d in w["columns"]},
-                                  "prediction_psi": w["classes"]["psi"] if w["classes"] else None})
+                                  "prediction_psi": max((d["psi"] for d in w["outputs"] if d.get("psi") is not None), default=None)})
     if labels is not None:
-        truth = join_labels(log, labels)
-        report["performance"] = performance(truth)
-        t = _drift.drift(profile, truth.rename({"label": "true_label"}), [], limits, "true_label", label)
-        report["label_drift"] = t["classes"]
+        truth = join_labels(log, labels, contract)
+        report["performance"] = performance(truth, contract)
+        true = {a: f"true_{a}" for a in answers}  # the true answers against the training labels' profile
+        t = _drift.drift(profile, truth.rename(true), [], limits, {true[a]: labels_ref[p] for a, p in answers.items()})
+        report["label_drift"], report["label_drifts"] = t["classes"], t["outputs"]
         if t["alert"]: report["alerts"] = [*report["alerts"], *t["alerts"]]; report["alert"] = True
-        if low := _below_floor(report["performance"], settings.monitor.accuracy_floor, limits["min_rows"]):
+        if low := _below_floor(report["performance"], settings.monitor, limits["min_rows"]):
             report["alerts"] = [*report["alerts"], low]; report["alert"] = True
     return report
 
@@ -107,7 +139,7 @@ def retirement(report: dict, settings: Settings | None = None) -> dict:
     last = judged[-m.retire_after_windows:]
     if len(last) == m.retire_after_windows and all(w["alert"] for w in last):
         reasons.append(f"drift in the last {m.retire_after_windows} judged window(s): " + "; ".join(last[-1]["alerts"][:3]))
-    if low := _below_floor(report.get("performance") or {}, m.accuracy_floor, report["thresholds"]["min_rows"]): reasons.append(low)
+    if low := _below_floor(report.get("performance") or {}, m, report["thresholds"]["min_rows"]): reasons.append(low)
     return {"retire": bool(reasons), "reasons": reasons}
 
 def enforce(name: str, version: str, verdict: dict, settings: Settings | None = None) -> dict:
@@ -153,11 +185,11 @@ def monitor_model(
     settings: Settings | None = None,
 ) -> tuple[dict, str]:
     "Monitor the served traffic of `name`: returns the report (JSON-able) and its HTML page."
-    s = settings or current_settings()
+    s = (settings or current_settings()).for_model(name)  # the model's own [monitor] thresholds
     log, version = served_log(s.predictions_dir / name, since, until, version, model=name)
     with fetched_bundle(name, version=version) as (bundle, _):
         profile, contract = (json.loads((bundle / f).read_text()) for f in ("profile.json", "contract.json"))
-    truth = read_labels(labels) if labels else None
+    truth = read_labels(labels, contract) if labels else None
     rep = {"model": name, "version": str(version), **monitor(log, profile, contract, s, labels=truth)}
     rep["retirement"] = retirement(rep, s)
     if enforce_retirement: rep["enforced"] = enforce(name, str(version), rep["retirement"], s)

@@ -185,7 +185,7 @@ def _plot(d: dict) -> str:
     return _bars(list(d["ref_shares"].values()), list(d["live_shares"].values()), list(d["ref_shares"]))
 
 _LIMIT_NAMES = {"psi": "PSI of a feature", "null_rate_change": "null-rate change", "unseen_rate": "unseen share",
-                "prediction_psi": "PSI of the classes", "min_rows": "rows to judge a window"}
+                "prediction_psi": "PSI of the predictions", "min_rows": "rows to judge a window"}
 
 def _psi_cell(v, limit) -> str:
     "A PSI as a table cell, red when it crosses `limit` (none: never)."
@@ -200,7 +200,8 @@ def render_report(report: dict) -> str:
     if report["alert"]: status = f'<p class="bad">ALERT: {e("; ".join(report["alerts"]))}</p>'
     elif not report.get("judged", True): status = f'<p class="dim">Not judged: {report["rows"]} rows, fewer than the {min_rows} a verdict needs.</p>'
     else: status = '<p class="ok">No threshold crossed.</p>'
-    plotted = [(d, limits["psi"]) for d in report["columns"]] + [(d, limits["prediction_psi"]) for d in (report.get("classes"), report.get("label_drift")) if d]
+    predicted = [*(report.get("outputs") or [report.get("classes")]), *(report.get("label_drifts") or [report.get("label_drift")])]
+    plotted = [(d, limits["psi"]) for d in report["columns"]] + [(d, limits["prediction_psi"]) for d in predicted if d]
     rows = "".join(f"<tr><td>{e(d['column'])}</td>{_psi_cell(d.get('psi'), limit)}<td class='n'>{d['ref_null_rate']:.3f} &rarr; {d['null_rate']:.3f}</td>"
                    f"<td>{_plot(d)}</td></tr>" for d, limit in plotted if d.get("ref_shares") is not None)
     cols = [d["column"] for d in report["columns"]]
@@ -219,9 +220,12 @@ def render_report(report: dict) -> str:
         if not perf["labelled_rows"]: perf_html = "<p>No logged prediction has a label yet.</p>"
         else:
             few = f" (fewer than {min_rows}: not judged)" if perf["labelled_rows"] < min_rows else ""
-            perf_html = (f"<p>accuracy <b>{_num(perf['accuracy'])}</b> on {perf['labelled_rows']} labelled rows{few}.</p>"
-                         "<table><tr><th>class</th><th>recall</th></tr>"
-                         + "".join(f"<tr><td>{e(k)}</td><td class='n'>{_num(v)}</td></tr>" for k, v in perf["recall"].items()) + "</table>")
+            if "rmse" in perf:  # a regression's
+                perf_html = (f"<p>RMSE <b>{_num(perf['rmse'])}</b>, MAE <b>{_num(perf['mae'])}</b>, R² <b>{_num(perf['r2'])}</b> "
+                             f"on {perf['labelled_rows']} labelled rows{few}.</p>")
+            else: perf_html = (f"<p>accuracy <b>{_num(perf['accuracy'])}</b> on {perf['labelled_rows']} labelled rows{few}.</p>"
+                               "<table><tr><th>class</th><th>recall</th></tr>"
+                               + "".join(f"<tr><td>{e(k)}</td><td class='n'>{_num(v)}</td></tr>" for k, v in perf["recall"].items()) + "</table>")
         perf_html = "<h2 id=\"performance\">Live performance</h2>" + perf_html
     limits_html = ("<table class='limits'><tr>" + "".join(f"<th>{e(_LIMIT_NAMES.get(k, k))}</th>" for k in limits)
                    + "</tr><tr>" + "".join(f"<td class='n'>{e(_num(v))}</td>" for v in limits.values()) + "</tr></table>")
@@ -238,7 +242,7 @@ def render_report(report: dict) -> str:
 <p class="legend">{swatch(_REF_COLOR)}reference (training data){swatch(_LIVE_COLOR)}live (served): the share of rows in each bin. Numeric bins are
 the training data's deciles, a few of their edges marked under the axis; categories are named. Hover a bar for its share.</p>
 <table><tr><th>column</th><th>PSI</th><th>null rate</th><th>shares</th></tr>{rows}</table>
-<h2 id="windows">Drift over time</h2><table><tr><th>window</th><th>rows</th><th>verdict</th>{''.join(f'<th>PSI {e(c).replace("_", "_<wbr>")}</th>' for c in cols)}{'<th>PSI classes</th>' if classes else ''}</tr>{''.join(win)}</table>
+<h2 id="windows">Drift over time</h2><table><tr><th>window</th><th>rows</th><th>verdict</th>{''.join(f'<th>PSI {e(c).replace("_", "_<wbr>")}</th>' for c in cols)}{'<th>PSI predictions</th>' if classes else ''}</tr>{''.join(win)}</table>
 {perf_html}</body></html>"""
 
 # %% ../nbs/55_reports.ipynb #39b737c7
@@ -252,15 +256,21 @@ def render_card(d: dict) -> str:
     mon_html = (f"<p>Latest monitoring run {e(mon['run_id'])}: {'ALERT' if mon.get('alert') == 'true' else 'no alert'}, "
                 f"{e(int(mon.get('rows', 0)))} rows, largest PSI {e(_num(mon.get('max_psi', 0.0)))}.</p>") if mon else "<p>Not monitored yet.</p>"
     lineage = "".join(f"<pre>{e(json.dumps(x, indent=1, default=str))}</pre>" for x in d["lineage"])
+    task, split = d.get("task"), d.get("split")
+    task_html = ("" if not task else f"<p>Task: {e(task['kind'])}: " + (f"classes {e(', '.join(map(str, task['classes'])))}" if task["kind"] == "classification"
+                 else f"predicts the value of {e(', '.join(task['targets']))}") + ".</p>")
+    split_html = "" if not split else (f"<p>Split: {e(split['strategy'])}" + (f" by {e(split['column'])}" if split.get("column") else "")
+                                       + f", seed {e(split['seed'])}: " + ", ".join(f"{e(v)} {e(k)}" for k, v in split["rows"].items())
+                                       + f" rows; test rows {e(split['test_rows_sha256'][:19])}.</p>")
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Model card: {e(d['name'])} v{e(d['version'])}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#202124}}table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ddd;padding:3px 8px;text-align:left}}.n{{text-align:right;font-variant-numeric:tabular-nums}}.t{{white-space:nowrap}}
 {_NOTEBOOK_CSS}</style></head><body>
 <h1 id="model">Model card: {e(d['name'])} version {e(d['version'])}</h1>
 <p>Aliases: {e(', '.join(d['aliases']) or 'none')}. Owner: {e(d['owner'] or 'not set ([card] owner)')}.</p>
-<h2 id="purpose">Purpose</h2><p>{e(d['purpose'] or 'not set ([card] purpose)')}</p>
+<h2 id="purpose">Purpose</h2><p>{e(d['purpose'] or 'not set ([card] purpose, or [model.NAME] card.purpose)')}</p>{task_html}
 <h2 id="data">Data</h2><p>Dataset version {e(d['dataset_version'])}; contract {e(d['contract'].get('contract'))} on {e(d['contract'].get('rows'))} rows:
-{'passed' if d['contract'].get('passed') else 'FAILED'}.</p>{table(d['checks'], ['column', 'check', 'passed', 'failing', 'detail'])}
+{'passed' if d['contract'].get('passed') else 'FAILED'}.</p>{split_html}{table(d['checks'], ['column', 'check', 'passed', 'failing', 'detail'])}
 <h2 id="metrics">Metrics</h2>{table([{'metric': k, 'value': v} for k, v in d['metrics'].items()], ['metric', 'value'])}
 <h2 id="slices">Metrics per slice</h2>{slices or '<p>No slices declared in the contract.</p>'}
 <h2 id="gate">Gate</h2>{gate}
