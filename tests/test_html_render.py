@@ -163,7 +163,7 @@ def test_monitoring_report_renders_plots_windows_and_verdict(browser, pages):
 def test_training_notebook_page_renders_cells_and_outputs(browser, pages):
     dom = _open(browser, pages, "notebook")
     assert any(h.startswith("Train the penguins classifier") for h in dom["h1"]), dom["h1"]
-    for section in ("Data: contract check", "Train, tracked", "Evaluate on the held-out split", "Bundle, log, register"):
+    for section in ("Data: contract check", "Train, tracked", "Judge on the held-out rows, bundle, log, register"):
         assert any(h.startswith(section) for h in dom["h2"]), (section, dom["h2"])
     assert dom["code_cells"] >= 6 and "epochs = 3" in dom["text"]  # papermill's injected parameters are shown
 

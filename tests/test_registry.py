@@ -7,8 +7,8 @@ from conftest import mlkit, project_env, write_project
 
 pytestmark = pytest.mark.papermill
 
-POOR = ["-p", "epochs=1", "-p", "lr=0.001", "-p", "hidden=[4]"]  # test accuracy 0.36 on the penguins split
-GOOD = ["-p", "epochs=3", "-p", "lr=0.01", "-p", "hidden=[8]"]  # test accuracy 0.99
+POOR = ["-p", "epochs=1", "-p", "lr=0.001", "-p", "hidden=[4]"]  # test accuracy 0.36 on the penguins' test rows
+GOOD = ["-p", "epochs=3", "-p", "lr=0.01", "-p", "hidden=[8]"]  # test accuracy 0.96
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_promote_refuse_rollback_and_history(project):
     r = mlkit("models", "promote", "penguins", "1", env=env, check=True)
     assert "version 1 is now champion" in r.stdout and _champion(env) == "1"
     r = mlkit("models", "promote", "penguins", "2", env=env, check=True)
-    assert "beats_champion: test_accuracy 0.98" in r.stdout and _champion(env) == "2"
+    assert "beats_champion: test_accuracy 0.95" in r.stdout and _champion(env) == "2"
     # v3 is the challenger and worse: refused, nothing changes
     r = mlkit("models", "promote", "penguins", env=env)
     assert r.returncode == 1, r.stdout + r.stderr

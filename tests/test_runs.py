@@ -106,13 +106,13 @@ def test_sweep_runs_nested_children_and_registers_the_best(tmp_path):
     code = ("import json, mlkit.tracking as t; c = t.mlflow().MlflowClient(); e = c.get_experiment_by_name('penguins');"
             "runs = c.search_runs([e.experiment_id]);"
             "print(json.dumps([{'id': x.info.run_id, 'parent': x.data.tags.get('mlflow.parentRunId'), 'best': x.data.tags.get('mlkit.best_child'),"
-            "'acc': x.data.metrics.get('test_accuracy'), 'lr': x.data.params.get('lr')} for x in runs]));"
+            "'acc': x.data.metrics.get('val_accuracy'), 'by': x.data.tags.get('mlkit.best_by'), 'lr': x.data.params.get('lr')} for x in runs]));"
             "v = c.get_model_version_by_alias('penguins', 'challenger'); print(v.run_id, len(c.search_model_versions()))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
     runs = json.loads(out[0])
     (parent,) = [x for x in runs if x["parent"] is None]
     kids = [x for x in runs if x["parent"] == parent["id"]]
     assert sorted(k["lr"] for k in kids) == ["0.0003", "0.01"]
-    best = max(kids, key=lambda k: k["acc"])
+    best = max(kids, key=lambda k: k["acc"])  # on the validation rows, never the test rows the gate judges
     challenger_run, n_versions = out[1].split()
-    assert parent["best"] == best["id"] == challenger_run and n_versions == "1"
+    assert parent["best"] == best["id"] == challenger_run and n_versions == "1" and parent["by"] == "val_accuracy (max)"

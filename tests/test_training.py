@@ -36,7 +36,10 @@ def test_train_records_run_params_metrics_notebook(trained, in_project):
     assert inp.dataset.name == f"penguins@{tags['mlkit.dataset_version'].split(':')[1][:12]}"
     assert {i.key: i.value for i in inp.tags}["mlflow.data.context"] == "training"
     names = {a.path for a in client.list_artifacts(run.info.run_id, "data")} | {a.path for a in client.list_artifacts(run.info.run_id, "features")}
-    assert names == {"data/contract.json", "data/contract_report.json", "data/profile.json", "features/spec.json"}
+    assert names == {"data/contract.json", "data/contract_report.json", "data/profile.json", "data/split.json",
+                     "features/spec.json", "features/task.json"}
+    assert tags["mlkit.split.strategy"] == "stratified" and tags["mlkit.task"] == "classification"
+    assert {k: int(tags[f"mlkit.split.rows.{k}"]) for k in ("train", "val", "test")} == {"train": 223, "val": 52, "test": 69}
     snap = trained["state"] / "snapshots" / (tags["mlkit.dataset_version"].split(":")[1] + ".parquet")
     assert snap.is_file() and tags["mlkit.snapshot"] == str(snap)
     # everything landed in the state folder, nothing in the repo
@@ -139,3 +142,35 @@ def test_ui_serves_the_embedded_store_on_loopback(trained):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+FEATURES = ["island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "sex"]  # the notebook's
+
+
+def test_early_stopping_reads_the_validation_rows_only(trained, in_project):
+    """The run's per-epoch `val_loss` is the loss on the validation rows (recomputed here from the same seed and split),
+    never the test rows'; training stopped on it, kept the best epoch's weights, and the test rows judged them once."""
+    from mlkit import models, pipeline, train
+    from mlkit.data import penguins_path
+    from mlkit.tracking import mlflow
+    r = mlkit("train", "penguins", "-p", "epochs=40", "-p", "lr=0.05", "-p", "hidden=[8]", "-p", "patience=2",
+              "-p", "register=false", env=trained["env"], check=True)
+    run_id = r.stdout.split("run ", 1)[1].split(":", 1)[0]
+    client = mlflow().MlflowClient()
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    p = pipeline.prepare("penguins", penguins_path(), features=FEATURES, seed=0)
+    assert client.get_run(run_id).data.tags["mlkit.split.test_rows_sha256"] == p.split.record["test_rows_sha256"]
+    train.seed_everything(0)
+    module = models.build_model(models.model_config(models.TabularMLP, n_features=p.X_train.shape[1], n_classes=3, hidden=[8], dropout=0.1))
+    on_test = []
+    history = train.fit(module, p.X_train, p.y_train, p.X_val, p.y_val, epochs=40, lr=0.05, batch_size=32, seed=0,
+                        loss_fn=p.task.loss, patience=2, progress=False,
+                        on_epoch=lambda e, m: on_test.append(train.evaluate(module, p.X_test, p.y_test)["loss"]))
+    epochs = len(history)
+    assert epochs < 40 and sorted(logged) == list(range(1, epochs + 2)), (epochs, sorted(logged))  # it stopped early
+    val = [h["val_loss"] for h in history]
+    assert np.allclose([logged[e] for e in range(1, epochs + 1)], val, rtol=1e-5, atol=1e-6)  # the validation rows'
+    assert not np.allclose(val, on_test, rtol=1e-3)  # and not the test rows'
+    assert abs(logged[epochs + 1] - min(val)) < 1e-5  # the final val_loss is the best epoch's: its weights were kept
+    run = client.get_run(run_id).data.metrics
+    assert abs(run["test_loss"] - train.evaluate(module, p.X_test, p.y_test)["loss"]) < 1e-5
