@@ -1,9 +1,12 @@
 """Serving under load: mlkit's Bento (batched and unbatched) against its peers, driven by `wrk`, all in one run.
 
 One registered penguins version (trained here with the CI parameters) is served five ways, one at a time, each pinned
-to CPU 0 while `wrk` (one thread) runs pinned to CPU 1 (so client and server do not fight over a core):
+to CPU 0 while `wrk` (one thread) runs pinned to CPU 1 (so client and server do not fight over a core); a registered
+diabetes version (the regression, trained here with its CI parameters) is served by its own Bento, batched and
+unbatched, in the same interleaved rounds, so its figures have the same baselines measured in the same run:
   - mlkit batched: `bentoml serve` of the Bento `mlkit build` made (auth off, the prediction log on, as deployed);
   - mlkit unbatched: the same Bento with `MLKIT_SERVE__BATCHING=false`;
+  - regression batched and unbatched: the diabetes Bento, the same two ways (answers `{value}`, a value histogram);
   - BentoML identity: a service that echoes its rows with the same `[serve]` settings (workers, access log, batching
     through BentoML's own batchable API with the same limits; BentoML's metrics on in both): the framework's floor;
   - `mlflow models serve --env-manager local` of the same registered version;
@@ -37,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215, "body_mass_g": 5000, "sex": "female"}
+DIABETES_ROW = {"age": 59, "sex": "2", "bmi": 32.1, "bp": 101.0, "s1": 157.0, "s2": 93.2, "s3": 38.0, "s4": 4.0, "s5": 4.8598, "s6": 87.0}
 CASES = [(32, 1), (64, 1), (32, 100), (64, 100)]  # (concurrency, rows per request)
 SECONDS = int(os.environ.get("MLKIT_BENCH_SERVE_SECONDS", 5))  # per case and server (wrk takes whole seconds)
 ROUNDS = int(os.environ.get("MLKIT_BENCH_SERVE_ROUNDS", 3))  # interleaved rounds of the three BentoML services
@@ -178,16 +182,19 @@ def main(out: Path):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLKIT_", "MLFLOW_", "BENTOML_"))}
         env.update(MLKIT_SETTINGS=str(ini), PATH=f"{BIN}:{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
         run = lambda *a: subprocess.run([str(BIN / "mlkit"), *a], env=env, cwd=root, check=True, capture_output=True, text=True).stdout
-        run("train", "penguins", "-f", str(REPO / "nbs/train/penguins.yaml"))
-        run("models", "promote", "penguins")
-        bento = run("build", "penguins").strip().splitlines()[-1]
+        bentos = {}
+        for name in ("penguins", "diabetes"):
+            run("train", name, "-f", str(REPO / f"nbs/train/{name}.yaml"))
+            run("models", "promote", name)
+            bentos[name] = run("build", name).strip().splitlines()[-1]
+        bento = bentos["penguins"]
         settings = load_settings(ini, env={})
         env.update(tool_env(settings))
         bodies = {}
         for rows in (1, 100):
-            for kind, key in (("rows", "rows"), ("mlflow", "dataframe_records")):
+            for kind, key, row in (("rows", "rows", ROW), ("mlflow", "dataframe_records", ROW), ("regression", "rows", DIABETES_ROW)):
                 p = root / f"{kind}_{rows}.json"
-                p.write_text(json.dumps({key: [ROW] * rows}))
+                p.write_text(json.dumps({key: [row] * rows}))
                 bodies.setdefault(kind, {})[rows] = p
         (root / "identity").mkdir()
         (root / "identity" / "service.py").write_text(IDENTITY)
@@ -195,24 +202,27 @@ def main(out: Path):
         bundle = root / "bundle"
         subprocess.run([sys.executable, "-c", f"import mlkit.config as c; c.configure(); from mlkit.registry import download_bundle; "
                         f"download_bundle('penguins', alias='champion', dst={str(bundle)!r})"], env=env, check=True)
-        logs = root / "state" / "predictions" / "penguins"
+        logs_of = lambda label: root / "state" / "predictions" / ("diabetes" if label.startswith("regression") else "penguins")
         logged, answered, rounds, warmups = {}, {}, {}, {}
         bentoml_serve = lambda target: lambda p: [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(p)]
         servers = [
             ("mlkit batched", bentoml_serve(bento), {"MLKIT_SERVE__BATCHING": "true"}, "/readyz", "rows"),
             ("mlkit unbatched", bentoml_serve(bento), {"MLKIT_SERVE__BATCHING": "false"}, "/readyz", "rows"),
             ("BentoML identity", bentoml_serve("."), {}, "/readyz", "rows"),
+            ("regression batched", bentoml_serve(bentos["diabetes"]), {"MLKIT_SERVE__BATCHING": "true"}, "/readyz", "regression"),
+            ("regression unbatched", bentoml_serve(bentos["diabetes"]), {"MLKIT_SERVE__BATCHING": "false"}, "/readyz", "regression"),
             ("mlflow models serve", lambda p: [str(BIN / "mlflow"), "models", "serve", "-m", "models:/penguins@champion", "--env-manager", "local",
                                                "-h", "127.0.0.1", "-p", str(p), "-w", "1"], {}, "/ping", "mlflow"),
             ("raw Starlette", lambda p: [str(BIN / "uvicorn"), "raw_app:app", "--host", "127.0.0.1", "--port", str(p), "--workers", "1",
                                          "--log-level", "warning", "--no-access-log"], {"RAW_BUNDLE": str(bundle)}, "/readyz", "rows"),
         ]
-        schedule = [s for _ in range(ROUNDS) for s in servers[:3]] + servers[3:]
+        schedule = [s for _ in range(ROUNDS) for s in servers[:5]] + servers[5:]
         for label, cmd, extra, ready, kind in schedule:
             port = free_port()
+            logs = logs_of(label)
             before = len(read_prediction_log(logs)) if logs.exists() else 0
             cwd = root / "identity" if label == "BentoML identity" else root
-            mine = label.startswith("mlkit")
+            mine = label.startswith(("mlkit", "regression"))
             res, more = measure(label, cmd(port), {**env, **extra}, cwd, port, ready, bodies[kind], SERVER_LOG,
                                 "/invocations" if kind == "mlflow" else "/predict", answered_rows if mine else None)
             rounds.setdefault(label, []).append(res)
@@ -223,6 +233,7 @@ def main(out: Path):
         results = {label: median_round(r) for label, r in rounds.items()}
     figs = []
     mk, ub, ident, mlf, raw = (results[k] for k in ("mlkit batched", "mlkit unbatched", "BentoML identity", "mlflow models serve", "raw Starlette"))
+    rb, ru = results["regression batched"], results["regression unbatched"]
     for c, rows in CASES:
         tag = f"{rows}-row requests, {c} clients"
         if rows == 1:
@@ -232,7 +243,13 @@ def main(out: Path):
         else:
             figs.append(fig(f"mlkit batched rows/s vs mlflow models serve, {tag}", "rows/s", mk, mlf, (c, rows), "rows_per_s", 2.0, "mlflow models serve"))
         figs.append(fig(f"mlkit batched vs raw Starlette app, {tag}", "rows/s", mk, raw, (c, rows), "rows_per_s", None, "raw Starlette"))
-    for label in ("mlkit batched", "mlkit unbatched"):  # counts summed over every round, warm-ups included
+        # the regression (diabetes) served the same ways, against the baselines of this same run
+        figs.append(fig(f"regression batched rows/s vs BentoML identity, {tag}", "rows/s", rb, ident, (c, rows), "rows_per_s",
+                        1.0 if rows == 1 else None, "BentoML identity"))
+        figs.append(fig(f"regression unbatched rows/s vs BentoML identity, {tag}", "rows/s", ru, ident, (c, rows), "rows_per_s", None, "BentoML identity"))
+        figs.append(fig(f"regression batched rows/s vs the classifier batched, {tag}", "rows/s", rb, mk, (c, rows), "rows_per_s", None, "mlkit batched"))
+        if rows == 1: figs.append(fig(f"regression batched req/s vs unbatched, {tag}", "req/s", rb, ru, (c, rows), "rps", 1.5, "regression unbatched"))
+    for label in ("mlkit batched", "mlkit unbatched", "regression batched", "regression unbatched"):  # counts summed over every round, warm-ups included
         runs = [*results[label].values(), *warmups[label]]
         total, bad = sum(r["complete"] for r in runs), sum(r["non_2xx"] + r["failed"] for r in runs)
         figs.append({"name": f"{label}: non-2xx answers / requests", "unit": "%", "value": 100 * bad / total, "baseline": None,
