@@ -11,8 +11,8 @@ import inspect
 import socket
 
 # %% auto #0
-__all__ = ['CHECKED', 'CompatError', 'require', 'share_port', 'tracking_store', 'deleted_runs', 'deleted_logged_models',
-           'cork_dispatcher', 'lean_tracing', 'check_targets']
+__all__ = ['CHECKED', 'PROMETHEUS_DIR_ENV', 'CompatError', 'require', 'share_port', 'tracking_store', 'deleted_runs',
+           'deleted_logged_models', 'cork_dispatcher', 'lean_tracing', 'bentoml_serve', 'check_targets']
 
 # %% ../nbs/76_compat.ipynb #71c8b3bd
 CHECKED = {  # distribution -> (lowest version checked, first version not checked)
@@ -100,6 +100,19 @@ def lean_tracing(io_spans: bool):
         return await call(self, scope, receive, send)
     mw.__init__, mw.__call__, mw._mlkit_init, mw._mlkit_call = __init__, __call__, init, call
 
+# %% ../nbs/76_compat.ipynb #fdbb42af
+PROMETHEUS_DIR_ENV = "MLKIT_PROMETHEUS_DIR"  # the Prometheus folder of one `bentoml serve` (see `bentoml_serve`)
+
+def bentoml_serve(argv: list[str] | None = None):
+    "BentoML's command line (`serve TARGET ...`), its Prometheus folder the one `MLKIT_PROMETHEUS_DIR` names, when set."
+    import os
+    import sys
+    require("bentoml")
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml_cli.cli import cli
+    if folder := os.environ.get(PROMETHEUS_DIR_ENV): BentoMLContainer.prometheus_multiproc_dir.set(folder)
+    return cli.main(args=sys.argv[1:] if argv is None else argv, prog_name="bentoml")
+
 # %% ../nbs/76_compat.ipynb #e16cc105
 def _params(f) -> set[str]: return set(inspect.signature(f).parameters)
 
@@ -128,6 +141,11 @@ def check_targets() -> list[str]:
          "CorkDispatcher.__init__ changed")
     need(callable(getattr(importlib.import_module("mlflow.tracking._tracking_service.utils"), "_get_store", None)),
          "mlflow.tracking._tracking_service.utils._get_store is gone")
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml.serving import ensure_prometheus_dir
+    need(callable(getattr(getattr(BentoMLContainer, "prometheus_multiproc_dir", None), "set", None)),
+         "BentoMLContainer.prometheus_multiproc_dir cannot be set")
+    need("directory" in _params(ensure_prometheus_dir), "bentoml.serving.ensure_prometheus_dir(directory=) changed")
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     for m in ("_get_deleted_runs", "_get_deleted_logged_models"):
         need("older_than" in _params(getattr(SqlAlchemyStore, m, lambda: None)), f"mlflow SqlAlchemyStore.{m}(older_than=) is gone")

@@ -101,9 +101,23 @@ def build_bento(name: str, models: dict | str, settings: Settings | None = None,
                          **{f"{role}_model": tag.replace(":", "_") for role, tag in models.items()}, **(labels or {})}
         (ctx / "bentofile.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         out = run_tool("bentoml", ["build", str(ctx), "--output", "tag"], settings, cwd=ctx)
-    tags = [ln.split("__tag__:", 1)[1].strip() for ln in out.splitlines() if "__tag__:" in ln]
-    if not tags: raise RuntimeError(f"bentoml build printed no tag:\n{out[-2000:]}")
-    return tags[-1]
+    return _built_tag(out, name, settings or current_settings())
+
+# %% ../nbs/77_bento.ipynb #109d6721
+def _built_tag(out: str, name: str, settings: Settings) -> str:
+    "The tag of the Bento `bentoml build --output tag` printed `out` for, checked to be the service of model `name`."
+    import re
+    printed = [ln.split("__tag__", 1)[1].strip() for ln in out.splitlines() if "__tag__" in ln]
+    version = (re.search(r"([a-z0-9]+)$", printed[-1]) or [None, ""])[1] if printed else ""
+    found = sorted(settings.bentoml_home.glob(f"bentos/*/{version}/bento.yaml")) if version else []
+    if len(found) != 1: raise RuntimeError(f"bentoml build printed no tag found in the store ({printed[-1:] or 'none'}):\n{out[-2000:]}")
+    tag = f"{found[0].parent.parent.name}:{version}"
+    if not tag.startswith(f"{name}:"):
+        try: run_tool("bentoml", ["delete", tag, "-y"], settings)
+        except Exception: pass  # the error below is the one to see; `mlkit gc` removes what is left
+        raise ValueError(f"{settings.project.bentos_dir / name}: its service is named {tag.split(':')[0]!r}, not {name!r} "
+                         f"(rename it in service.py's @bentoml.service(name=...) and the bentofile's labels); nothing was built")
+    return tag
 
 # %% ../nbs/77_bento.ipynb #e47a41f1
 def build(name: str, alias: str | None = "champion", version: str | None = None, with_challenger: bool = False,
@@ -131,7 +145,7 @@ def packed_champion(bento: str, settings: Settings | None = None) -> str | None:
     if not f.is_file(): return None
     return (_yaml(f).get("labels") or {}).get("champion_model", "").rsplit("-", 1)[0]
 
-# %% ../nbs/77_bento.ipynb #12ff0942
+# %% ../nbs/77_bento.ipynb #554bab09
 def _yaml(path: Path) -> dict:
     import yaml
     return yaml.safe_load(path.read_text()) or {}

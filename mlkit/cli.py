@@ -47,6 +47,8 @@ def cmd_train(args) -> int:
         parent, children, best = sweep(args.name, parse_grid(args.sweep), params)
         for c in children: _out(f"  child {c.run_id}: {c.status}" + (f" ({c.error})" if c.error else ""))
         _out(f"sweep {parent}: {len(children)} runs; best {best or 'none'}" + (" registered as challenger" if best else ""))
+        if not best: print(f"mlkit train: {args.name}: no child finished with the validation twin of the gate's metric "
+                           "(see `mlkit.best_child` on the sweep's run); nothing was registered", file=sys.stderr)
         return 0 if best and all(c.status == "FINISHED" for c in children) else 1
     res = run_notebook(args.name, params)
     _out(f"run {res.run_id}: {res.status} in {res.seconds:.1f} s; executed notebook {res.notebook}")
@@ -92,7 +94,8 @@ def cmd_models_promote(args) -> int:
         print(f"mlkit models promote: {args.name} version {r.version} stays where it is; {hint}", file=sys.stderr)
         return 1
     _out(gate.summary())
-    _out(f"{args.name} version {gate.version} is now champion" + (" (forced)" if not gate.passed else ""))
+    if gate.champion == gate.version: _out(f"{args.name} version {gate.version} is already champion; nothing changed")
+    else: _out(f"{args.name} version {gate.version} is now champion" + (" (forced)" if not gate.passed else ""))
     return 0
 
 def cmd_models_rollback(args) -> int:
@@ -159,7 +162,7 @@ def cmd_serve(args) -> int:
     "Serve a model's Bento (building it from the registry first unless `--bento` names one) in the foreground."
     from mlkit.deploy import serve
     configure()
-    return serve(args.name, args.alias, args.bento, args.host, args.port, args.insecure)
+    return serve(args.name, args.alias, args.bento, args.host, args.port, args.insecure, say=_out)
 
 def cmd_deploy(args) -> int:
     "Serve the current champion's Bento locally, taking over from the previous deployment with no failed request."
@@ -196,11 +199,14 @@ def cmd_monitor(args) -> int:
             psi = "-" if d.get("psi") is None else f"{d['psi']:.3f}"
             _out(f"  {d['column']:<24} PSI {psi:>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
         for d in rep.get("outputs") or []:
-            _out(f"  {d['column']:<24} PSI {'-' if d.get('psi') is None else format(d['psi'], '.3f'):>7}  (predictions vs the training labels)")
+            _out(f"  {d['column']:<24} PSI {'-' if d.get('psi') is None else format(d['psi'], '.3f'):>7}  (served predictions vs the model's on its training rows)")
         if perf := rep.get("performance"):
-            shown = ("rmse", "mae", "r2") if "rmse" in perf else ("accuracy",)
+            shown = [k for k in perf if k.split(".")[0] in ("rmse", "mae", "r2")] if "rmse" in perf else ["accuracy"]
             _out("  live " + ", ".join(f"{k} {'-' if perf.get(k) is None else format(perf[k], '.4g')}" for k in shown)
                  + f" on {perf['labelled_rows']} labelled rows")
+            n = rep.get("labels") or {}
+            if n: _out(f"  labels: {n['matched']} of {n['in_file']} rows of the file name a served request"
+                       + (f"; {n['duplicates']} rows labelled twice (the last label counts)" if n["duplicates"] else ""))
         if rep["alert"]: _out("ALERT: " + "; ".join(rep["alerts"]))
         else: _out("no threshold crossed" if rep["judged"] else f"not judged: {rep['rows']} rows, fewer than [monitor] min_rows = {rep['thresholds']['min_rows']}")
         if rep["retirement"]["retire"]: _out("retirement criteria met: " + "; ".join(rep["retirement"]["reasons"]))
@@ -374,6 +380,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlkit {args.command}: {msg}", file=sys.stderr)
         return 2
 
-# %% ../nbs/90_cli.ipynb #a1d71a1a
+# %% ../nbs/90_cli.ipynb #87d7275c
 _MOVED = {"build": "mlkit.bento", "post_json": "mlkit.demo", "DEMO_ROWS": "mlkit.demo"}
 moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

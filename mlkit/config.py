@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'ENV_PREFIX', 'SETTINGS_ENV', 'MODEL_SECTIONS', 'MLKIT_STATE_ENV', 'SettingsError', 'find_settings',
-           'Settings', 'load_settings', 'tool_env', 'configure', 'current_settings', 'env_exports']
+__all__ = ['SETTINGS_FILE', 'ENV_PREFIX', 'SETTINGS_ENV', 'FLOOR', 'MODEL_SECTIONS', 'MLKIT_STATE_ENV', 'SettingsError',
+           'find_settings', 'Settings', 'load_settings', 'tool_env', 'configure', 'current_settings', 'env_exports']
 
 # %% ../nbs/00_config.ipynb #87c1ab6c
 SETTINGS_FILE = "settings.ini"  # the file name looked for from the working directory upward
@@ -24,6 +25,7 @@ SETTINGS_ENV = "MLKIT_SETTINGS"  # names the settings file explicitly
 _positive = (lambda v: v > 0, "must be > 0")
 _port = (lambda v: 0 < v < 65536, "must be a port number 1-65535")
 _days = (lambda v: v >= 0, "must be >= 0 (days)")
+FLOOR = re.compile(r"^\s*([\w.\-/]+)\s*(>=|<=)\s*(-?[\d.eE+-]+)\s*$")  # one `[gate] floors` bound: METRIC>=NUMBER or METRIC<=NUMBER
 
 _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, optional (check, message))
     "project": {"state_dir": (Path, ".mlkit"), "train_dir": (Path, "nbs/train"), "bentos_dir": (Path, "bentos")},
@@ -52,11 +54,13 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
     "split": {"strategy": (str, "auto", (lambda v: v in ("auto", "random", "stratified", "grouped", "time"),
                                          "must be auto, random, stratified, grouped or time")),
               "column": (str, ""), "test_size": (float, 0.2, (lambda v: 0 < v < 1, "must be between 0 and 1")),
-              "val_size": (float, 0.15, (lambda v: 0 <= v < 1, "must be between 0 and 1"))},
+              "val_size": (float, 0.15, (lambda v: 0 <= v < 1, "must be between 0 and 1")), "seed": (int, 0)},
     "retention": {"snapshot_days": (float, 30.0, _days), "prediction_log_days": (float, 90.0, _days),
                   "deleted_run_days": (float, 7.0, _days), "keep_retired_bentos": (bool, False)},
-    "gate": {"metric": (str, "test_accuracy"), "direction": (str, "max", (lambda v: v in ("max", "min"), "must be max or min")),
-             "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")), "floors": (str, "")},
+    "gate": {"metric": (str, ""), "direction": (str, "", (lambda v: v in ("", "max", "min"), "must be max or min (or empty: by the metric)")),
+             "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")),
+             "floors": (str, "", (lambda v: all(FLOOR.match(f) for f in v.split(",") if f.strip()),
+                                  "is not a comma-separated list of METRIC>=NUMBER or METRIC<=NUMBER"))},
 }
 MODEL_SECTIONS = ("gate", "card", "monitor", "split")  # what a `[model.NAME]` section may set, as `section.key = value`
 
@@ -140,7 +144,7 @@ class Settings:
 
     def __repr__(self): return f"Settings(file={self.file}, state_dir={self.state_dir}" + (f", model={self.model})" if self.model else ")")
 
-# %% ../nbs/00_config.ipynb #8e1bb0c6
+# %% ../nbs/00_config.ipynb #beb558a6
 def _for_model(self: Settings, name: str) -> Settings:
     "These settings with model `name`'s own (`[model.NAME]`, `MLKIT_MODEL_<NAME>__<SECTION>_<KEY>`) over the project's."
     values, sources = dict(self._values), dict(self.sources)
@@ -169,6 +173,9 @@ def _env_overrides(env: dict) -> tuple[dict, dict]:
     "`({(section, key): (raw, where)}, {model: {...}})` from `MLKIT_<SECTION>__<KEY>` and `MLKIT_MODEL_<NAME>__<SECTION>_<KEY>` variables; unknown names are errors."
     out, models = {}, {}
     for name, raw in env.items():
+        if name.startswith(ENV_PREFIX + "MODEL_") and "__" not in name:  # a typo that would otherwise be ignored
+            raise SettingsError(f"environment variable {name}: a model's setting is MLKIT_MODEL_<NAME>__<SECTION>_<KEY> "
+                                "(two underscores after the model's name)")
         if not name.startswith(ENV_PREFIX) or "__" not in name: continue
         if name.startswith(ENV_PREFIX + "MODEL_"):  # a model's own setting
             model, key = name[len(ENV_PREFIX) + 6:].lower().split("__", 1)
@@ -197,7 +204,7 @@ def _file_values(path: Path) -> tuple[dict, dict]:
             out[(section, key)] = (raw, str(path))
     return out, models
 
-# %% ../nbs/00_config.ipynb #53b8c4f9
+# %% ../nbs/00_config.ipynb #310063bc
 def load_settings(
     path: Path | str | None = None,  # settings file (default: `find_settings()`)
     env: dict | None = None,  # environment (default: `os.environ`)

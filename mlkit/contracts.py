@@ -33,7 +33,7 @@ def _kind_of(dtype: pl.DataType) -> str:
 
 def _accepts(declared: str, actual: str) -> bool: return declared == actual or (declared == "float" and actual == "int")
 
-# %% ../nbs/11_contracts.ipynb #72d87226
+# %% ../nbs/11_contracts.ipynb #807a8263
 TASKS = ("classification", "regression")
 
 def targets_of(contract: dict) -> list[str]:
@@ -56,7 +56,7 @@ def task_of(contract: dict) -> str | None:
     c = contract["columns"][ts[0]]
     return "classification" if c.get("categories") or c.get("dtype") in ("string", "bool") else "regression"
 
-# %% ../nbs/11_contracts.ipynb #e72c4e58
+# %% ../nbs/11_contracts.ipynb #63af5d08
 def _check(c: Contract):
     "Raise `DataError` naming the file (or contract) and the column for anything the contract cannot mean."
     where = c.path or f"contract {c.name!r}"
@@ -78,7 +78,7 @@ def _check(c: Contract):
     for col in c.targets if kind == "regression" else []:
         if c.columns[col]["dtype"] not in ("int", "float"): raise DataError(f"{where}: label {col!r}: a regression label must be a number")
 
-# %% ../nbs/11_contracts.ipynb #314ef629
+# %% ../nbs/11_contracts.ipynb #2adcc83b
 @dataclass
 class Contract:
     "A data set's declared schema and quality rules (see the YAML above)."
@@ -282,9 +282,10 @@ def validate(
 def read_as(contract: Contract, data: Path | str) -> pl.DataFrame:
     """Read a data file as its contract types it: a CSV column the contract calls `string` stays text even when its
     values look like numbers (codes such as `1` and `2`, zip codes with leading zeros), where type inference would
-    read integers. (Parquet and NDJSON carry their types.)"""
-    strings = {c: pl.String for c, s in contract.columns.items() if s["dtype"] == "string"}
-    return read_data(data, schema_overrides=strings if str(data).split("?")[0].lower().endswith(".csv") else None)
+    read integers; `date` and `datetime` columns are parsed (ISO 8601). (Parquet and NDJSON carry their types.)"""
+    kinds = {"string": pl.String, "date": pl.Date, "datetime": pl.Datetime}
+    typed = {c: kinds[s["dtype"]] for c, s in contract.columns.items() if s["dtype"] in kinds}
+    return read_data(data, schema_overrides=typed if str(data).split("?")[0].lower().endswith(".csv") else None)
 
 def check_file(data: Path | str, contract: Path | str) -> ValidationReport:
     "Validate the data file `data` against the contract file `contract`; `DataError` when either cannot be read."

@@ -10,21 +10,23 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
+from ._compat import PROMETHEUS_DIR_ENV
 from .bento import build, packed_champion
 from .config import Settings, current_settings, tool_env
-from .core import atomic_write, tool_path
+from .core import atomic_write
 from .guard import INSTANCE_ENV, check_host
 from .ledger import record
 from .registry import get_version
 
 # %% auto #0
-__all__ = ['MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'serve', 'deployment_file', 'deployments',
-           'current_deployment', 'deploy', 'undeploy', 'deploy_champion']
+__all__ = ['MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'bento_of', 'serve', 'deployment_file',
+           'deployments', 'current_deployment', 'deploy', 'undeploy', 'deploy_champion']
 
 # %% ../nbs/79_deploy.ipynb #ec3b9961
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,13 +36,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 def start_service(target: str, host: str | None = None, port: int | None = None, settings: Settings | None = None,
-                  log: Path | None = None, extra_env: dict | None = None) -> subprocess.Popen:
-    "Start `bentoml serve target` (a Bento tag or a service folder) on `host:port` (default 127.0.0.1) in the background."
+                  log: Path | None = None, extra_env: dict | None = None, quiet: bool = True) -> subprocess.Popen:
+    """Start `bentoml serve target` (a Bento tag or a service folder) on `host:port` (default 127.0.0.1) in the background;
+    its output goes to `log`, else nowhere, or (`quiet=False`) to this process's own."""
     settings = settings or current_settings()
     host, port = host or settings.serve.host, port or settings.serve.port
-    env = {**os.environ, **tool_env(settings), **(extra_env or {})}
-    out = open(log, "ab") if log else subprocess.DEVNULL
-    cmd = [tool_path("bentoml"), "serve", target, "--host", host, "--port", str(port)]
+    prometheus = settings.bentoml_home / "prometheus" / f"{Path(target).name.split(':')[0]}-{port}"  # its own (`_compat.bentoml_serve`)
+    env = {**os.environ, **tool_env(settings), PROMETHEUS_DIR_ENV: str(prometheus), **(extra_env or {})}
+    out = open(log, "ab") if log else subprocess.DEVNULL if quiet else None
+    cmd = [sys.executable, "-c", "import sys; from mlkit._compat import bentoml_serve; sys.exit(bentoml_serve())",
+           "serve", target, "--host", host, "--port", str(port)]
     return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/readyz",
@@ -106,14 +111,29 @@ def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     return proc.wait()
 
 # %% ../nbs/79_deploy.ipynb #23b13926
+def bento_of(name: str, alias: str | None = "champion", version: str | None = None, settings: Settings | None = None):
+    "The Bento of a registered version and the version: the one recorded on it, if still in the store and packing it as champion, else a new build."
+    s = settings or current_settings()
+    mv = get_version(name, alias=None if version else alias, version=version)
+    bento = mv.tags.get("mlkit.bento")
+    if not bento or packed_champion(bento, s) != f"{name}_v{mv.version}":
+        bento = build(name, version=mv.version, settings=s)  # none yet, gone from the store, or one that packs this version as challenger
+    return bento, mv
+
 def serve(name: str, alias: str = "champion", bento: str | None = None, host: str | None = None, port: int | None = None,
-          insecure: bool = False, settings: Settings | None = None) -> int:
+          insecure: bool = False, settings: Settings | None = None, say=print) -> int:
     "Serve `name@alias` (or the Bento `bento`) with `bentoml serve` in the foreground; returns its exit code."
     s = settings or current_settings()
-    check_host(host or s.serve.host, insecure)
-    proc = start_service(bento or build(name, alias=alias, settings=s), host=host, port=port, settings=s)
+    host, port = host or s.serve.host, port or s.serve.port
+    check_host(host, insecure)
+    target = bento or bento_of(name, alias, settings=s)[0]
+    say(f"serving {target} on http://{host}:{port} (Ctrl-C or SIGTERM stops it)")
+    proc = start_service(target, host=host, port=port, settings=s, quiet=False)
+    def _stop(*_): raise KeyboardInterrupt
+    before = signal.signal(signal.SIGTERM, _stop)
     try: return proc.wait()
     except KeyboardInterrupt: return stop_service(proc)
+    finally: signal.signal(signal.SIGTERM, before)
 
 # %% ../nbs/79_deploy.ipynb #ccc18a72
 def deployment_file(name: str, settings: Settings | None = None) -> Path:
@@ -190,10 +210,7 @@ def deploy_champion(name: str, host: str | None = None, port: int | None = None,
     "Deploy the champion of `name`; returns the deployment record and whether a new service was started."
     s = settings or current_settings()
     check_host(host or s.serve.host, insecure)
-    mv = get_version(name, alias="champion")
-    bento = mv.tags.get("mlkit.bento")
-    if not bento or packed_champion(bento, s) != f"{name}_v{mv.version}":
-        bento = build(name, version=mv.version, settings=s)  # none yet, gone from the store, or one that packs this version as challenger
+    bento, mv = bento_of(name, "champion", settings=s)
     cur = current_deployment(name, s)
     if cur and cur["bento"] == bento and not restart: return cur, False
     return deploy(name, bento, version=mv.version, settings=s, host=host, port=port), True

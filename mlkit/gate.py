@@ -5,11 +5,13 @@
 # %% ../nbs/52_gate.ipynb #30ca2495
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
+from .config import FLOOR
+
 # %% auto #0
-__all__ = ['Evidence', 'GateCheck', 'GateResult', 'GateFailed', 'parse_floors', 'judge']
+__all__ = ['TASK_METRICS', 'LOWER_IS_BETTER', 'Evidence', 'GateCheck', 'GateResult', 'GateFailed', 'parse_floors', 'resolve',
+           'judge']
 
 # %% ../nbs/52_gate.ipynb #06935646
 @dataclass
@@ -21,6 +23,7 @@ class Evidence:
     contract_passed: str | None = None  # the run's contract result: "true", "false", or None (not recorded)
     retired: bool = False
     test_rows: str | None = None  # the hash of the test rows' keys it was judged on (`mlkit.splits`; None: not recorded)
+    task: str | None = None  # classification or regression (None: not recorded, a classifier from before tasks)
 
 @dataclass
 class GateCheck:
@@ -51,18 +54,31 @@ class GateFailed(ValueError):
         self.result = result
 
 # %% ../nbs/52_gate.ipynb #eab4bb3a
-_FLOOR = re.compile(r"^\s*([\w.\-/]+)\s*(>=|<=)\s*(-?[\d.eE+-]+)\s*$")
-
 def parse_floors(text: str) -> list[tuple[str, str, float]]:
     "`'test_accuracy>=0.8, test_loss<=1'` -> [(metric, op, bound)]."
     out = []
     for part in filter(str.strip, text.split(",")):
-        m = _FLOOR.match(part)
+        m = FLOOR.match(part)
         if not m: raise ValueError(f"[gate] floors: {part.strip()!r} is not METRIC>=NUMBER or METRIC<=NUMBER")
         out.append((m.group(1), m.group(2), float(m.group(3))))
     return out
 
+# %% ../nbs/52_gate.ipynb #fb6f7849
+TASK_METRICS = {"classification": "test_accuracy", "regression": "test_rmse"}  # the gate's metric when none is set
+LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error")  # metric names (their last word) where lower is better
+
+def resolve(metric: str, direction: str, task: str | None) -> tuple[str, str]:
+    "The gate's metric and direction: as set, else the task's metric and the direction its name implies."
+    metric = metric or TASK_METRICS.get(task or "classification", "test_accuracy")
+    lower = metric.split(".")[0].endswith(LOWER_IS_BETTER)
+    return metric, direction or ("min" if lower else "max")
+
 # %% ../nbs/52_gate.ipynb #2d728d64
+def _missing(c: Evidence, metric: str) -> str:
+    "Why `metric` has no value for `c`: the metrics its run does have (a typo, or a metric of another task)."
+    have = sorted(k for k in c.metrics if k.startswith(("test_", "val_")) and k.count(".") <= 1)
+    return f"{metric} is not a metric of version {c.version} ({c.task or 'classification'}; its run has {', '.join(have) or 'none'})"
+
 def _beats(c: Evidence, champ: Evidence, metric: str, direction: str, margin: float) -> GateCheck:
     "The comparison with the champion: on the same data version, by `margin`, in the `direction` that is better."
     mine, theirs = c.metrics.get(metric), champ.metrics.get(metric)
@@ -72,8 +88,8 @@ def _beats(c: Evidence, champ: Evidence, metric: str, direction: str, margin: fl
     if c.test_rows and champ.test_rows and c.test_rows != champ.test_rows:
         return GateCheck("beats_champion", False, f"champion v{champ.version} was judged on other test rows (another split: "
                                                   "strategy, seed or sizes); compare on the same split or promote with --force and a reason")
-    if mine is None or theirs is None:
-        return GateCheck("beats_champion", False, f"{metric} missing (candidate {mine}, champion {theirs})")
+    if mine is None: return GateCheck("beats_champion", False, _missing(c, metric))
+    if theirs is None: return GateCheck("beats_champion", False, _missing(champ, metric))
     ok = mine >= theirs + margin if direction == "max" else mine <= theirs - margin
     return GateCheck("beats_champion", ok, f"{metric} {mine:.6g} vs champion v{champ.version} {theirs:.6g} "
                                           f"({'higher' if direction == 'max' else 'lower'} is better, margin {margin})")
@@ -91,9 +107,11 @@ def judge(
     res.checks.append(GateCheck("contract", cp == "true", "data contract passed" if cp == "true" else f"data contract result: {cp or 'not recorded'}"))
     for m, op, bound in parse_floors(floors):
         v = candidate.metrics.get(m)
-        res.checks.append(GateCheck(f"floor {m}{op}{bound}", v is not None and (v >= bound if op == ">=" else v <= bound), f"{m} = {v}"))
+        res.checks.append(GateCheck(f"floor {m}{op}{bound}", v is not None and (v >= bound if op == ">=" else v <= bound),
+                                    f"{m} = {v}" if v is not None else _missing(candidate, m)))
     mine = candidate.metrics.get(metric)
     if champion is None or champion.version == candidate.version:
-        res.checks.append(GateCheck("beats_champion", mine is not None, f"no other champion; {metric} = {mine}"))
+        res.checks.append(GateCheck("beats_champion", mine is not None, f"no other champion; {metric} = {mine}" if mine is not None
+                                    else _missing(candidate, metric)))
     else: res.checks.append(_beats(candidate, champion, metric, direction, margin))
     return res

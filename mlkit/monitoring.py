@@ -24,8 +24,8 @@ from .tasks import regression_metrics
 from .tracking import experiment_id, mlflow
 
 # %% auto #0
-__all__ = ['served_log', 'answer_columns', 'read_labels', 'join_labels', 'performance', 'monitor', 'retirement', 'enforce',
-           'log_report', 'monitor_model']
+__all__ = ['served_log', 'answer_columns', 'read_labels', 'join_labels', 'label_counts', 'performance', 'monitor', 'retirement',
+           'enforce', 'log_report', 'monitor_model']
 
 # %% ../nbs/81_monitoring.ipynb #5779ee17
 def served_log(folder: Path | str, since: str | None = None, until: str | None = None, version: str | None = None,
@@ -58,17 +58,26 @@ def read_labels(path, contract: dict | None = None) -> pl.DataFrame:
     missing = [c for c in ("request_id", *answers) if c not in df.columns]
     if missing: raise ValueError(f"{path}: labels file needs columns request_id and {', '.join(answers)} (missing {', '.join(missing)})")
     if contract is not None and task_of(contract) == "regression":
-        for c in answers:  # a value that is not a number is named, not silently dropped
-            bad = df.filter(pl.col(c).is_not_null() & pl.col(c).cast(pl.Float64, strict=False).is_null())
-            if len(bad): raise ValueError(f"{path}: column {c!r}: {len(bad)} values are not numbers (e.g. {bad[c][0]!r})")
+        for c in answers:  # a value that is not a finite number is named, not silently dropped (a NaN would hide live RMSE)
+            bad = df.filter(pl.col(c).is_not_null() & ~pl.col(c).cast(pl.Float64, strict=False).is_finite().fill_null(False))
+            if len(bad): raise ValueError(f"{path}: column {c!r}: {len(bad)} values are not finite numbers (e.g. {bad[c][0]!r})")
         return df.with_columns(pl.col("request_id").cast(pl.String), pl.col(answers).cast(pl.Float64))
     return df.with_columns(pl.col("request_id").cast(pl.String), pl.col("label").cast(pl.String))
 
 def join_labels(log: pl.DataFrame, labels: pl.DataFrame, contract: dict | None = None) -> pl.DataFrame:
-    "The logged rows that have a true answer, with it (joined on `request_id`, and `row` when the file has it)."
+    """The logged rows that have a true answer, with it (joined on `request_id`, and `row` when the file has it; without
+    `row`, a request's answer holds for each of its rows). A row labelled twice counts once, with its last label."""
     keys = ["request_id", "row"] if "row" in labels.columns else ["request_id"]
-    return log.join(labels.select(*keys, *answer_columns(contract)), on=keys, how="inner")
+    return log.join(labels.select(*keys, *answer_columns(contract)).unique(keys, keep="last", maintain_order=True), on=keys, how="inner")
 
+def label_counts(log: pl.DataFrame, labels: pl.DataFrame) -> dict:
+    "How a labels file met the log: its rows, those naming a served request (and row), and rows labelled more than once."
+    keys = ["request_id", "row"] if "row" in labels.columns else ["request_id"]
+    served = log.select(keys).unique()
+    return {"in_file": len(labels), "matched": labels.join(served, on=keys, how="semi").height,
+            "duplicates": len(labels) - labels.select(keys).unique().height}
+
+# %% ../nbs/81_monitoring.ipynb #efbbb781
 def performance(j: pl.DataFrame, contract: dict | None = None) -> dict:
     "Live performance of logged predictions joined with their true answers (`join_labels`): accuracy and recall, or RMSE, MAE, R²."
     if contract is not None and task_of(contract) == "regression":
@@ -121,7 +130,7 @@ def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings
                                   "prediction_psi": max((d["psi"] for d in w["outputs"] if d.get("psi") is not None), default=None)})
     if labels is not None:
         truth = join_labels(log, labels, contract)
-        report["performance"] = performance(truth, contract)
+        report["performance"], report["labels"] = performance(truth, contract), label_counts(log, labels)
         true = {a: f"true_{a}" for a in answers}  # the true answers against the training labels' profile
         t = _drift.drift(profile, truth.rename(true), [], limits, {true[a]: labels_ref[p] for a, p in answers.items()})
         report["label_drift"], report["label_drifts"] = t["classes"], t["outputs"]

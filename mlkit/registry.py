@@ -111,7 +111,7 @@ def _evidence(client, name: str, version: str) -> _gate.Evidence:
     run = client.get_run(mv.run_id)
     return _gate.Evidence(str(mv.version), dict(run.data.metrics), run.data.tags.get("mlkit.dataset_version"),
                     run.data.tags.get("mlkit.contract_passed"), mv.tags.get("mlkit.retired") == "true",
-                    run.data.tags.get("mlkit.split.test_rows_sha256"))
+                    run.data.tags.get("mlkit.split.test_rows_sha256"), run.data.tags.get("mlkit.task"))
 
 def evaluate_gate(name: str, version: str | int, settings: Settings | None = None) -> _gate.GateResult:
     "Run every gate check for `version` of `name` against the current champion."
@@ -119,7 +119,8 @@ def evaluate_gate(name: str, version: str | int, settings: Settings | None = Non
     client, g = _client(), settings.for_model(name).gate  # the model's own gate ([model.NAME] over [gate])
     candidate, champ = _evidence(client, name, version), alias_version(name, CHAMPION)
     champion = None if champ is None else _gate.Evidence(champ) if champ == candidate.version else _evidence(client, name, champ)
-    return _gate.judge(name, candidate, champion, g.metric, g.direction, g.margin, g.floors)
+    metric, direction = _gate.resolve(g.metric, g.direction, candidate.task)
+    return _gate.judge(name, candidate, champion, metric, direction, g.margin, g.floors)
 
 # %% ../nbs/53_registry.ipynb #2124bf22
 def promote(name: str, version: str | int | None = None, force: bool = False, reason: str = "",
@@ -133,6 +134,7 @@ def promote(name: str, version: str | int | None = None, force: bool = False, re
     if not gate.passed:
         if not force or not gate.checks[0].passed: raise _gate.GateFailed(gate)  # a retired version cannot be forced
     frm = gate.champion
+    if frm == version: return gate  # already champion: nothing moves, nothing goes into the ledger
     _client().set_registered_model_alias(name, CHAMPION, version)
     _client().set_model_version_tag(name, version, "mlkit.champion_since", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     _record(settings, name, "promote" if gate.passed else "force-promote", CHAMPION, frm, version, reason, gate.to_dict())

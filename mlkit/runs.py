@@ -19,6 +19,7 @@ import yaml
 
 from .config import Settings, current_settings
 from .core import atomic_write, git, repo_root
+from .gate import resolve
 from .registry import alias_version, register, versions_of_run
 from .reports import render_notebook
 from .tracking import SOURCE_COMMIT_ENV, experiment_id, installed_packages, mlflow, source_tags
@@ -80,7 +81,7 @@ class RunResult:
     error: str | None = None
     seconds: float = 0.0
     registered: list = field(default_factory=list)  # [{"version": "3", "aliases": ["challenger"]}] of the versions it registered
-    metrics: dict = field(default_factory=dict)  # the run's headline metrics: `test_*` and `val_*` (not per slice)
+    metrics: dict = field(default_factory=dict)  # the run's headline metrics: `test_*` and `val_*`, per target too (not per slice)
 
 @contextmanager
 def _environ(**kv: str):
@@ -124,6 +125,8 @@ def run_notebook(
     settings = settings or current_settings()
     nb = notebook or notebook_path(name, settings)
     params = check_parameters(nb, dict(parameters or {}))
+    if "model_name" in declared_parameters(nb) and "model_name" not in params:
+        params["model_name"] = name  # `mlkit train churn2` trains churn2, even in a notebook copied from churn and not yet renamed
     client = mlflow(settings).MlflowClient()
     rel = (tags or {}).get("mlkit.notebook") or _repo_relative(nb)
     with _environ(**(extra_env or {})):
@@ -150,7 +153,7 @@ def run_notebook(
         if f and f.exists(): client.log_artifact(run_id, str(f), artifact_path="notebook")
     if params: client.set_tag(run_id, "mlkit.papermill_parameters", json.dumps(params)[:5000])
     client.set_terminated(run_id, status)
-    headline = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(("test_", "val_")) and "." not in k}
+    headline = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(("test_", "val_")) and k.count(".") <= 1}
     return RunResult(name, run_id, status, out, html, error, seconds, _registered(name, run_id) if status == "FINISHED" else [],
                      dict(sorted(headline.items())))
 
@@ -184,16 +187,19 @@ def sweep(name: str, grid: dict[str, list], parameters: dict | None = None, sett
         params = {**(parameters or {}), **point, **({"register": False} if "register" in declared else {})}
         children.append(run_notebook(name, params, settings, tags={"mlflow.parentRunId": parent, "mlkit.sweep_point": json.dumps(point)}))
     g = settings.for_model(name).gate
-    metric = validation_metric(g.metric)
-    scored = [(client.get_run(c.run_id).data.metrics.get(metric), c) for c in children if c.status == "FINISHED"]
+    done = [client.get_run(c.run_id) for c in children if c.status == "FINISHED"]
+    gate_metric, direction = resolve(g.metric, g.direction, done[0].data.tags.get("mlkit.task") if done else None)
+    metric = validation_metric(gate_metric)
+    scored = [(r.data.metrics.get(metric), c) for r, c in zip(done, [c for c in children if c.status == "FINISHED"])]
     scored = [(m, c) for m, c in scored if m is not None]
-    best = (max if g.direction == "max" else min)(scored, key=lambda mc: mc[0])[1] if scored else None
+    best = (max if direction == "max" else min)(scored, key=lambda mc: mc[0])[1] if scored else None
+    if done and not scored: client.set_tag(parent, "mlkit.best_child", f"none: no finished child recorded {metric}")
     if best is not None:
         (model,) = mlflow(settings).search_logged_models(experiment_ids=[experiment_id(name, settings)],
                                                          filter_string=f"source_run_id = '{best.run_id}'", output_format="list")
         register(model.model_uri, name, best.run_id, client.get_run(best.run_id).data.tags["mlkit.bundle_sha256"], settings=settings)
         client.set_tag(parent, "mlkit.best_child", best.run_id)
-        client.set_tag(parent, "mlkit.best_by", f"{metric} ({g.direction})")
+        client.set_tag(parent, "mlkit.best_by", f"{metric} ({direction})")
     client.set_terminated(parent, "FINISHED" if all(c.status == "FINISHED" for c in children) else "FAILED")
     return parent, children, best.run_id if best else None
 

@@ -3,6 +3,7 @@
 feature and of the predictions, late labels giving live RMSE), with the penguins classifier in the same project under
 its own gate."""
 import datetime as dt
+import os
 import json
 import re
 import time
@@ -245,3 +246,58 @@ def test_the_card_shows_a_regression(served, project, tmp_path):
     assert "Task: regression: predicts the value of progression." in page and "Split: random" in page
     assert "test_rmse" in page and "<h3>sex</h3>" in page and "rmse" in page.split('id="slices"')[1]
     assert "Classify penguin" not in page and "test_accuracy" not in page
+
+
+def test_mlkit_serve_prints_where_and_stops_on_sigterm(served, project):
+    """`mlkit serve` in the foreground says where it serves (reusing the version's Bento) and SIGTERM stops it with its
+    workers. Served beside the diabetes service from the same project, the penguins service keeps its metrics apart."""
+    import signal
+    import subprocess
+
+    from conftest import MLKIT
+
+    from mlkit.demo import post_json
+    from mlkit.deploy import free_port, wait_ready
+    mlkit("models", "promote", "penguins", "1", env=project["env"], check=True)
+    port = free_port()
+    proc = subprocess.Popen([MLKIT, "serve", "penguins", "--port", str(port)], env=project["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=180)
+        row = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215, "body_mass_g": 5000, "sex": "female"}
+        assert post_json(url + "/predict", {"rows": [row]})[0] == 200
+        assert _post(served["url"], _rows(__import__("mlkit.data").data.load_diabetes().head(1)))[0] == 200
+        mine, theirs = _get(url + "/metrics"), _get(served["url"] + "/metrics")
+        assert 'model="penguins"' in mine and 'model="diabetes"' not in mine
+        assert 'model="diabetes"' in theirs and 'model="penguins"' not in theirs  # the first service's series survive the second's start
+        proc.send_signal(signal.SIGTERM)  # to mlkit alone, as systemd or Docker would
+        assert proc.wait(timeout=60) is not None
+    finally:
+        if proc.poll() is None: os.killpg(proc.pid, signal.SIGKILL)
+    first = proc.stdout.read().splitlines()[0]
+    assert re.fullmatch(rf"serving penguins:[a-z0-9]+ on {url} \(Ctrl-C or SIGTERM stops it\)", first), first
+    with pytest.raises(OSError): urllib.request.urlopen(url + "/readyz", timeout=5)  # nothing serves on after mlkit
+    r = mlkit("serve", "diabetes", "--port", str(port), "--bento", "nope:nothing", env=project["env"], timeout=120)
+    assert r.returncode != 0 and r.stdout.startswith("serving nope:nothing")
+
+
+def test_a_copied_notebook_trains_under_its_own_name(tmp_path):
+    """A user's own model in a folder of their own, from a copy of the diabetes notebook not yet renamed inside: `mlkit
+    train sugar` trains and registers sugar (never diabetes), its run records the copied notebook, and the task's gate
+    (test_rmse, lower is better) judges it with no gate settings at all."""
+    import shutil
+    train_dir = tmp_path / "my_train"
+    train_dir.mkdir()
+    shutil.copy(REPO / "nbs/train/diabetes.ipynb", train_dir / "sugar.ipynb")
+    (train_dir / "sugar.contract.yaml").write_text((REPO / "nbs/train/diabetes.contract.yaml").read_text().replace("name: diabetes", "name: sugar"))
+    ini = write_project(tmp_path)
+    ini.write_text(ini.read_text().replace(f"train_dir = {REPO / 'nbs' / 'train'}", f"train_dir = {train_dir}"))
+    env = project_env(ini)
+    r = mlkit("train", "sugar", "-f", REPO / "nbs/train/diabetes.yaml", env=env, check=True)
+    assert "registered sugar version 1 as challenger" in r.stdout and "diabetes" not in r.stdout, r.stdout
+    r = mlkit("models", "lineage", "sugar@challenger", "--json", env=env, check=True)
+    assert json.loads(r.stdout)[0]["notebook"].endswith("my_train/sugar.ipynb"), r.stdout
+    r = mlkit("models", "promote", "sugar", env=env, check=True)
+    assert "no other champion; test_rmse" in r.stdout and "floor" not in r.stdout, r.stdout
+    assert mlkit("models", "lineage", "diabetes@champion", env=env).returncode != 0  # no diabetes model was made

@@ -114,3 +114,25 @@ def test_each_model_chooses_its_split():
     assert (g["strategy"], g["column"], g["test_size"]) == ("grouped", "patient", 0.25)
     t = split_for(df, c, s.for_model("audit"))
     assert t.record["strategy"] == "time" and t.train["day"].max() < t.test["day"].min()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    # a count label stratified on: each of its many values holds too few rows to give the test one
+    (dict(strategy="stratified", column="count"), "left no test rows"),
+    (dict(strategy="grouped", column="half", val_size=0.0), "too few groups or instants to hold out 20%"),
+    (dict(strategy="time", column="half", val_size=0.0), "too few groups or instants"),
+    (dict(strategy="random", val_size=0.0005), "left no validation rows"),
+    (dict(strategy="time", column="text"), "declare it a date, datetime or number"),
+])
+def test_a_split_that_cannot_do_its_job_is_an_error(kw, needle):
+    df = pl.DataFrame({"count": np.arange(600), "half": np.arange(600) % 2, "text": [f"t{i}" for i in range(600)]})
+    with pytest.raises(DataError, match=needle): split(df, **kw)
+
+
+def test_the_split_has_its_own_seed():
+    "Another run seed keeps the split; another `[split] seed` changes it."
+    df = visits(seed=8)
+    c = Contract("v", {"visit": {"dtype": "int"}, "outcome": {"dtype": "float"}}, label="outcome", key=["visit"])
+    a = split_for(df, c, _settings("[split]\nseed = 0\n")).record["test_rows_sha256"]
+    assert split_for(df, c, _settings("[split]\nseed = 0\n")).record["test_rows_sha256"] == a
+    assert split_for(df, c, _settings("[split]\nseed = 5\n")).record["test_rows_sha256"] != a
