@@ -28,7 +28,8 @@ def test_model_settings_precedence(tmp_path):
     s = load_settings(ini, env=layers)
     d, p = s.for_model("diabetes"), s.for_model("penguins")
     assert (d.gate.metric, d.gate.direction, d.gate.margin, d.gate.floors) == ("test_rmse", "min", 3.0, "test_accuracy>=0.5")
-    assert (p.gate.metric, p.gate.direction, p.gate.margin) == ("test_accuracy", "max", 0.2)  # the project's, env over file
+    assert (p.gate.metric, p.gate.direction, p.gate.margin) == ("test_accuracy", "", 0.2)  # the project's, env over file
+    # (an empty direction follows the metric: `mlkit.gate.resolve`)
     assert d.sources[("gate", "margin")] == "environment variable MLKIT_MODEL_DIABETES__GATE_MARGIN"
     assert d.sources[("gate", "metric")] == f"{ini} [model.diabetes]"
     assert load_settings(ini, env={}).for_model("diabetes").gate.margin == 1.0  # [model.NAME] over [gate] and its env

@@ -33,7 +33,7 @@ def test_metrics_of_different_data_do_not_compare():
 
 def test_a_missing_metric_and_an_unrecorded_contract_fail():
     res = judge("m", Evidence("2", {}, "d1", None), Evidence("1", {"acc": 0.5}, "d1", "true"), "acc")
-    assert res.checks[1].detail == "data contract result: not recorded" and "acc missing (candidate None, champion 0.5)" in res.checks[-1].detail
+    assert res.checks[1].detail == "data contract result: not recorded" and "acc is not a metric of version 2 (classification; its run has none)" in res.checks[-1].detail
 
 
 def test_the_champion_itself_is_judged_on_its_floors_only():
