@@ -9,6 +9,7 @@ import configparser
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,7 +29,10 @@ _days = (lambda v: v >= 0, "must be >= 0 (days)")
 FLOOR = re.compile(r"^\s*([\w.\-/]+)\s*(>=|<=)\s*(-?[\d.eE+-]+)\s*$")  # one `[gate] floors` bound: METRIC>=NUMBER or METRIC<=NUMBER
 
 _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, optional (check, message))
-    "project": {"state_dir": (Path, ".mlkit"), "train_dir": (Path, "nbs/train"), "bentos_dir": (Path, "bentos")},
+    "project": {"state_dir": (Path, ".mlkit"), "train_dir": (Path, "nbs/train"), "bentos_dir": (Path, "bentos"),
+                "package": (str, "", (lambda v: not v or v.isidentifier(), "must be a Python package name (or empty: none)")),
+                "model_packages": (str, "", (lambda v: all(p.strip().isidentifier() for p in v.split(",") if p.strip()),
+                                             "must be comma-separated top-level package names"))},
     "tracking": {"uri": (str, ""), "registry_uri": (str, "")},
     "runs": {"cell_timeout": (int, 1800, _positive), "kernel": (str, "python3")},
     "serve": {"host": (str, "127.0.0.1"), "port": (int, 3000, _port), "workers": (int, 1, _positive),
@@ -44,6 +48,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
               "tracing_sample_rate": (float, 1.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")),
               "tracing_io_spans": (bool, False)},
     "telemetry": {"disabled": (bool, True)},
+    "build": {"mlkit_wheel": (str, "")},
     "card": {"owner": (str, ""), "purpose": (str, "")},
     "monitor": {"psi_threshold": (float, 0.1, _positive), "prediction_psi": (float, 0.1, _positive),
                 "null_rate_change": (float, 0.05, _positive), "unseen_rate": (float, 0.01, _positive),
@@ -141,6 +146,11 @@ class Settings:
     def predictions_dir(self) -> Path: return self.state_dir / "predictions"
     @property
     def deployments_dir(self) -> Path: return self.state_dir / "deployments"
+    @property
+    def model_packages(self) -> tuple[str, ...]:
+        "Top-level packages whose `nn.Module` classes a bundle may name: mlkit, `[project] package` and `[project] model_packages`."
+        p = self._values[("project", "package")]
+        return tuple(dict.fromkeys(["mlkit", *([p] if p else []), *(x.strip() for x in self._values[("project", "model_packages")].split(",") if x.strip())]))
 
     def __repr__(self): return f"Settings(file={self.file}, state_dir={self.state_dir}" + (f", model={self.model})" if self.model else ")")
 
@@ -260,11 +270,18 @@ def configure(
     global _configured
     settings = settings or load_settings()
     os.environ.update(tool_env(settings))
+    _import_project_package(settings)
     if create:
         for p in (settings.state_dir, settings.artifacts_dir, settings.bentoml_home, settings.runs_dir):
             p.mkdir(parents=True, exist_ok=True)
     _configured = settings
     return settings
+
+def _import_project_package(settings: Settings):
+    "Make the project's own package (`[project] package`, a folder at the project root) importable, as a kernel started anywhere needs it."
+    pkg = settings.project.package
+    if pkg and ((settings.root / pkg).is_dir() or (settings.root / f"{pkg}.py").is_file()) and str(settings.root) not in sys.path:
+        sys.path.insert(0, str(settings.root))
 
 def current_settings() -> Settings:
     "The settings applied by the last `configure`, configuring from the environment on first use."

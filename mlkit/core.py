@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import Settings, tool_env
 
 # %% auto #0
-__all__ = ['atomic_write', 'git', 'git_state', 'repo_root', 'moved', 'tool_path', 'run_tool']
+__all__ = ['atomic_write', 'git', 'git_state', 'repo_root', 'moved', 'tool_path', 'tool_command', 'run_tool']
 
 # %% ../nbs/01_core.ipynb #7bb577c1
 _UMASK = os.umask(0o022); os.umask(_UMASK)  # the process's umask, read once (it can only be read by setting it)
@@ -75,8 +75,13 @@ def tool_path(name: str) -> str:
     exe = Path(sys.executable).parent / name
     return str(exe) if exe.exists() else name
 
+def tool_command(name: str) -> list[str]:
+    "The command line of tool `name` (mlflow, bentoml) for this Python: its script beside it, else `python -m name`."
+    exe = Path(sys.executable).parent / name
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", name]
+
 def run_tool(name: str, args: list[str], settings: Settings, cwd: Path | None = None) -> str:
     "Run `name` (mlflow, bentoml) of this environment against mlkit's state; returns its output, raises on failure."
-    r = subprocess.run([tool_path(name), *args], env={**os.environ, **tool_env(settings)}, cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run([*tool_command(name), *args], env={**os.environ, **tool_env(settings)}, cwd=cwd, capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{name} {' '.join(args[:3])} failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-3000:]}")
     return r.stdout

@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 # %% auto #0
-__all__ = ['ALLOWED_MODULE_PREFIXES', 'BUNDLE_PARTS', 'WEIGHTS_FILE', 'TabularMLP', 'model_config', 'build_model', 'Bundle',
+__all__ = ['CODE_DIR', 'BUNDLE_PARTS', 'WEIGHTS_FILE', 'TabularMLP', 'allowed_packages', 'model_config', 'build_model', 'Bundle',
            'save_bundle', 'bundle_sha256', 'load_bundle']
 
 # %% ../nbs/30_models.ipynb #1230503d
@@ -46,21 +47,110 @@ class TabularMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.net(x)
 
 # %% ../nbs/30_models.ipynb #94754d48
-ALLOWED_MODULE_PREFIXES = ("mlkit.",)  # packages whose nn.Module classes a model.json may name
+CODE_DIR = "code"  # a bundle's copy of the project's own model code, importable when the bundle is loaded
+
+def allowed_packages() -> tuple[str, ...]:
+    "The top-level packages whose classes a `model.json` may name, from the settings (`Settings.model_packages`)."
+    from mlkit import config
+    return (config._configured or config.load_settings()).model_packages
 
 def model_config(cls: type, **kwargs) -> dict:
     "The JSON-able config of a model: class path and constructor arguments."
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "kwargs": kwargs}
+    path = f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__ in ("__main__", "__mp_main__") or "<locals>" in cls.__qualname__:
+        raise ValueError(f"model class {cls.__qualname__} is defined in a notebook or a function: a bundle rebuilds its module "
+                         "in a fresh process from the class path, so define the class in the project's package "
+                         "(e.g. <package>/models.py, [project] package in settings.ini) and import it from there")
+    try: json.dumps(kwargs)
+    except (TypeError, ValueError) as e: raise ValueError(f"model_config({cls.__qualname__}): the arguments must be JSON ({e})") from None
+    return {"class": path, "kwargs": json.loads(json.dumps(kwargs))}
 
-def build_model(config: dict) -> nn.Module:
+def _check_allowed(path: str, allowed: tuple) -> str:
+    "The top-level package of class `path`, or a `ValueError` naming the setting that would allow it."
+    top = path.split(".")[0]
+    if top not in allowed:
+        raise ValueError(f"model class {path!r} is not in an allowed package ({', '.join(allowed)}): set [project] package "
+                         f"(the project's own) or add {top!r} to [project] model_packages in settings.ini "
+                         "(or MLKIT_PROJECT__MODEL_PACKAGES) if you trust its code")
+    return top
+
+def build_model(
+    config: dict,  # `model_config`, from a `model.json`
+    allowed: tuple | None = None,  # allowed top-level packages (default: `allowed_packages()`)
+    code: Path | str | None = None,  # a bundle's `code` folder: the packages it carries are imported from there
+) -> nn.Module:
     "Construct the `nn.Module` a config names (see `model_config`)."
     path = config.get("class", "")
-    if not path.startswith(ALLOWED_MODULE_PREFIXES):
-        raise ValueError(f"model class {path!r} is not under an allowed package {ALLOWED_MODULE_PREFIXES}")
+    carried = _carried(config, Path(code)) if code else []
+    top = _check_allowed(path, (*(allowed_packages() if allowed is None else allowed), *carried))
     mod, _, name = path.rpartition(".")
-    cls = getattr(importlib.import_module(mod), name, None)
+    module = _carried_module(mod, Path(code)) if top in carried else importlib.import_module(mod)
+    cls = getattr(module, name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)): raise ValueError(f"model class {path!r} is not an nn.Module")
     return cls(**config.get("kwargs", {}))
+
+# %% ../nbs/30_models.ipynb #c0de7a02
+_MAX_CODE_BYTES = 20_000_000  # a model's code package larger than this holds data, not code
+
+def _source_of(top: str) -> Path:
+    "The folder (or single file) of top-level package `top`."
+    m = sys.modules.get(top) or importlib.import_module(top)
+    return Path(list(m.__path__)[0]) if hasattr(m, "__path__") else Path(m.__file__)
+
+def _tree_sha(path: Path) -> str:
+    "A hash of the `.py` files under `path` (or of the file), by relative name: is this the same code?"
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(q for q in path.rglob("*.py") if "__pycache__" not in q.parts)
+    for f in files: h.update(f.relative_to(path.parent).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+def _ship_code(config: dict, dst: Path) -> dict:
+    "Copy the source of the project package `config`'s class lives in to `dst/code/`; returns the config naming what it carries (or requires)."
+    top = config["class"].split(".")[0]
+    if top == "mlkit": return config
+    src = _source_of(top)
+    if {"site-packages", "dist-packages"} & set(src.parts):  # installed from an index: a requirement, not code to copy
+        from importlib.metadata import packages_distributions, version
+        dists = packages_distributions().get(top, [])
+        return {**config, "requires": [f"{d}=={version(d)}" for d in dists[:1]]}
+    files = [src] if src.is_file() else [q for q in src.rglob("*") if q.is_file() and "__pycache__" not in q.parts and ".ipynb_checkpoints" not in q.parts]
+    if (size := sum(f.stat().st_size for f in files)) > _MAX_CODE_BYTES:
+        raise ValueError(f"{src}: the model's code package holds {size / 1e6:.0f} MB; keep data out of it (a bundle carries its code)")
+    (dst / CODE_DIR).mkdir()
+    for f in files:
+        out = dst / CODE_DIR / f.relative_to(src.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, out)
+    return {**config, "code": [top]}
+
+def _carried(config: dict, code: Path) -> list[str]:
+    "The packages a bundle's `model.json` says it carries and its `code` folder holds; never one of Python's own or mlkit."
+    names = [c for c in config.get("code") or [] if isinstance(c, str) and c.isidentifier()]
+    if bad := [c for c in names if c in sys.stdlib_module_names or c == "mlkit"]:
+        raise ValueError(f"model.json: a bundle cannot carry {bad}: the code it carries is the project's own")
+    return [c for c in names if (code / c / "__init__.py").is_file() or (code / f"{c}.py").is_file()]
+
+def _carried_module(modname: str, code: Path):
+    "Import `modname` from a bundle's `code` folder (see above); returns the module."
+    top = modname.split(".")[0]
+    carried = code / top if (code / top).is_dir() else code / f"{top}.py"
+    if top in sys.modules and _tree_sha(_source_of(top)) == _tree_sha(carried):
+        return importlib.import_module(modname)  # this very code is imported already
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == top or k.startswith(top + ".")}
+    sys.path.insert(0, str(code))
+    bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the bundle: its hash covers its files
+    try:
+        importlib.invalidate_caches()
+        module = importlib.import_module(modname)
+        if not Path(module.__file__).resolve().is_relative_to(code.resolve()):
+            raise ValueError(f"model class module {modname!r} was not imported from the bundle's code ({module.__file__})")
+        return module
+    finally:
+        sys.dont_write_bytecode = bytecode
+        sys.path.remove(str(code))
+        if saved:  # put the other copy back; the bundle's classes keep their own module
+            for k in [k for k in sys.modules if k == top or k.startswith(top + ".")]: del sys.modules[k]
+            sys.modules.update(saved)
 
 # %% ../nbs/30_models.ipynb #d766d992
 BUNDLE_PARTS = ("model", "features", "contract", "task", "profile", "metrics", "lineage")  # JSON files beside the weights
@@ -80,16 +170,18 @@ def save_bundle(
     config: dict,  # its `model_config`
     **parts: dict,  # JSON parts: features, contract, task, profile, metrics, lineage
 ) -> Path:
-    "Write a model bundle atomically (temp folder + rename) and return its path."
+    "Write a model bundle atomically (temp folder + rename) with the project's model code in it; returns its path."
     path = Path(path)
     unknown = set(parts) - set(BUNDLE_PARTS)
     if unknown: raise ValueError(f"unknown bundle parts {sorted(unknown)}; expected some of {BUNDLE_PARTS}")
+    _check_allowed(config.get("class", ""), allowed_packages())
     if path.exists(): raise FileExistsError(f"{path}: bundle already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "mlkit-bundle-1"})
+        config = _ship_code(config, tmp)
         for name, obj in {"model": config, **parts}.items():
             (tmp / f"{name}.json").write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
         os.rename(tmp, path)
@@ -100,9 +192,9 @@ def save_bundle(
 
 # %% ../nbs/30_models.ipynb #1575de45
 def bundle_sha256(path: Path | str) -> str:
-    "`sha256:<hex>` over the bundle's file names and contents, in name order."
+    "`sha256:<hex>` over the bundle's file names and contents, in name order (bytecode caches aside)."
     h, path = hashlib.sha256(), Path(path)
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
         h.update(f.relative_to(path).as_posix().encode() + b"\0")
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return "sha256:" + h.hexdigest()
@@ -119,7 +211,7 @@ def load_bundle(
     if expected_sha256 and (actual := bundle_sha256(path)) != expected_sha256:
         raise ValueError(f"{path}: bundle hash {actual} does not match the expected {expected_sha256}")
     parts = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in path.glob("*.json")}
-    module = build_model(parts["model"])
+    module = build_model(parts["model"], code=path / CODE_DIR)
     try: state = load_file(path / WEIGHTS_FILE, device=device)  # safetensors: tensors only, nothing executed
     except Exception as e:
         raise ValueError(f"{path / WEIGHTS_FILE}: not a safetensors file ({type(e).__name__}); refusing to load it any other way") from None

@@ -105,6 +105,11 @@ def _repo_relative(path: Path) -> str:
     top = repo_root(path.parent)
     return path.resolve().relative_to(top).as_posix() if top and path.resolve().is_relative_to(top) else str(path)
 
+def _project_env(settings: Settings) -> dict:
+    "The kernel's `PYTHONPATH` with the project root first when the project has a package of its own: `import <package>` works anywhere."
+    if not settings.project.package: return {}
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(settings.root), os.environ.get("PYTHONPATH", "")) if p)}
+
 def _registered(name: str, run_id: str) -> list[dict]:
     "The versions of `name` that run `run_id` registered, each with its `challenger`/`champion` aliases."
     return [{"version": str(v.version), "aliases": [a for a in ("challenger", "champion") if alias_version(name, a) == str(v.version)]}
@@ -128,8 +133,9 @@ def run_notebook(
     if "model_name" in declared_parameters(nb) and "model_name" not in params:
         params["model_name"] = name  # `mlkit train churn2` trains churn2, even in a notebook copied from churn and not yet renamed
     client = mlflow(settings).MlflowClient()
+    extra_env = {**_project_env(settings), **(extra_env or {})}
     rel = (tags or {}).get("mlkit.notebook") or _repo_relative(nb)
-    with _environ(**(extra_env or {})):
+    with _environ(**extra_env):
         src = source_tags(nb.parent)
     run = client.create_run(experiment_id(name, settings), run_name=f"{name}-papermill",
                             tags={**src, "mlkit.model": name, "mlkit.notebook": rel, "mlkit.runner": "papermill", **(tags or {})})
@@ -139,7 +145,7 @@ def run_notebook(
     out = out_dir / f"{run_id}.ipynb"
     status, error, t0 = "FINISHED", None, time.perf_counter()
     try:
-        with _environ(MLFLOW_RUN_ID=run_id, **(extra_env or {})):
+        with _environ(MLFLOW_RUN_ID=run_id, **extra_env):
             papermill.execute_notebook(str(nb), str(out), parameters=params, kernel_name=settings.runs.kernel,
                                        cwd=str(nb.parent), execution_timeout=settings.runs.cell_timeout,
                                        progress_bar=False, log_output=False)

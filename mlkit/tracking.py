@@ -14,7 +14,7 @@ from pathlib import Path
 import mlkit
 from .config import Settings, current_settings
 from .contracts import classes_of, targets_of, task_of
-from .core import git_state, tool_path
+from .core import git_state, tool_command
 
 # %% auto #0
 __all__ = ['SOURCE_COMMIT_ENV', 'mlflow', 'experiment_id', 'source_tags', 'start_run', 'lineage_record', 'end_run', 'log_dataset',
@@ -217,11 +217,13 @@ def log_bundle(
     import polars
     import safetensors
     import torch
+    model = json.loads((Path(bundle) / "model.json").read_text())
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"safetensors=={safetensors.__version__}",
-            f"polars=={polars.__version__}", f"numpy=={numpy.__version__}", f"mlflow=={mlf.__version__}"]
+            f"polars=={polars.__version__}", f"numpy=={numpy.__version__}", f"mlflow=={mlf.__version__}", *model.get("requires", [])]
+    code = [str(c) for pkg in model.get("code", []) for c in (Path(bundle) / "code").glob(f"{pkg}*") if c.name in (pkg, f"{pkg}.py")]
     info = mlf.pyfunc.log_model(name=name, python_model=str(pyfunc_code()), artifacts={"bundle": str(bundle)},
                                 signature=contract_signature(contract), input_example=example,
-                                pip_requirements=reqs, code_paths=None)
+                                pip_requirements=reqs, code_paths=code or None)  # the project's model code, importable where it loads
     mlf.set_tag("mlkit.bundle_sha256", bundle_sha256(bundle))
     return info
 
@@ -229,7 +231,7 @@ def log_bundle(
 def ui_command(host: str = "127.0.0.1", port: int = 5000, settings: Settings | None = None) -> list[str]:
     "The `mlflow ui` command line for the project's store (and, embedded, its artifacts folder)."
     s = settings or current_settings()
-    cmd = [tool_path("mlflow"), "ui", "--backend-store-uri", s.tracking_uri,
+    cmd = [*tool_command("mlflow"), "ui", "--backend-store-uri", s.tracking_uri,
            "--host", host, "--port", str(port)]
     if s.embedded_tracking: cmd += ["--artifacts-destination", s.artifacts_dir.as_uri()]
     return cmd

@@ -71,7 +71,12 @@ def test_model_json_cannot_name_arbitrary_code(bundle, tmp_path):
     copy = tmp_path / "evil"
     shutil.copytree(bundle["path"], copy)
     (copy / "model.json").write_text(json.dumps({"class": "subprocess.Popen", "kwargs": {"args": ["true"]}}))
-    with pytest.raises(ValueError, match="not under an allowed package"): load_bundle(copy)
+    with pytest.raises(ValueError, match=r"'subprocess.Popen' is not in an allowed package \(mlkit\).*\[project\] model_packages"):
+        load_bundle(copy)
+    (copy / "model.json").write_text(json.dumps({"class": "subprocess.Popen", "kwargs": {"args": ["true"]}, "code": ["subprocess"]}))
+    with pytest.raises(ValueError, match=r"a bundle cannot carry \['subprocess'\]"): load_bundle(copy)  # claiming to carry it
+    (copy / "model.json").write_text(json.dumps({"class": "evilpkg.Popen", "kwargs": {}, "code": ["evilpkg"]}))
+    with pytest.raises(ValueError, match="'evilpkg.Popen' is not in an allowed package"): load_bundle(copy)  # claimed, not carried
 
 
 def test_failed_write_leaves_nothing(tmp_path):
