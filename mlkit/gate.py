@@ -24,6 +24,7 @@ class Evidence:
     retired: bool = False
     test_rows: str | None = None  # the hash of the test rows' keys it was judged on (`mlkit.splits`; None: not recorded)
     task: str | None = None  # classification or regression (None: not recorded, a classifier from before tasks)
+    loaded_back: str | None = None  # "passed" when its bundle loaded back and scored in a fresh interpreter before it was registered
 
 @dataclass
 class GateCheck:
@@ -105,6 +106,10 @@ def judge(
     res.checks.append(GateCheck("not_retired", not candidate.retired, "retired: un-retire it first" if candidate.retired else "not retired"))
     cp = candidate.contract_passed
     res.checks.append(GateCheck("contract", cp == "true", "data contract passed" if cp == "true" else f"data contract result: {cp or 'not recorded'}"))
+    lb = candidate.loaded_back
+    res.checks.append(GateCheck("loaded_back", lb == "passed", "the bundle loaded back and scored in a fresh interpreter" if lb == "passed" else
+                                f"no record that its bundle loaded back in a fresh interpreter ({lb or 'not recorded'}): retrain it with "
+                                "mlkit.pipeline.finish, or promote it with --force and a reason"))
     for m, op, bound in parse_floors(floors):
         v = candidate.metrics.get(m)
         res.checks.append(GateCheck(f"floor {m}{op}{bound}", v is not None and (v >= bound if op == ">=" else v <= bound),

@@ -24,7 +24,7 @@ from .tasks import Task
 from . import tracking
 
 # %% auto #0
-__all__ = ['Prepared', 'default_features', 'prepare', 'track', 'Finished', 'scores', 'check_bundle', 'finish']
+__all__ = ['LOADBACK_ROWS', 'Prepared', 'default_features', 'prepare', 'track', 'Finished', 'scores', 'load_back', 'finish']
 
 # %% ../nbs/54_pipeline.ipynb #9951a33b
 @dataclass
@@ -164,17 +164,53 @@ def scores(p: Prepared, module, part: str) -> tuple[dict, np.ndarray]:
     return {f"{part}_{k}": v for k, v in {"loss": loss, **m}.items()}, out
 
 # %% ../nbs/54_pipeline.ipynb #f1f7a8df
-def check_bundle(bundle: Path, module, X: np.ndarray, rows: int = 64):
-    "Load `bundle` as serving does and check it scores the first `rows` of `X` as `module` does; raise naming the gap."
+LOADBACK_ROWS = 16  # example rows scored by the fresh interpreter
+
+def _score_records(bundle: Path | str, rows: list[dict]) -> np.ndarray:
+    "A bundle's decoded outputs for raw records, from its files alone (the fresh interpreter's side of `load_back`)."
     import torch
     from mlkit.models import load_bundle
+    b = load_bundle(bundle)
+    X = FeatureSpec.from_dict(b["features"]).transform_records(rows)
+    with torch.inference_mode(): return Task.from_dict(b["task"]).decode(b.module(torch.from_numpy(X)))
+
+def _load_back_child():
+    "`python -I -c ...` entry: argv = bundle, rows JSON file; prints the outputs as JSON."
+    import json
+    import sys
+    bundle, rows = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
+    print(json.dumps(_score_records(bundle, rows).tolist()))
+
+def load_back(bundle: Path, module, spec: FeatureSpec, task: Task, rows: list[dict]) -> dict:
+    "Score `rows` with `bundle` in a fresh interpreter and check they match `module`'s outputs; returns the check's record, raises naming the gap."
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import torch
     from mlkit.train import predict_outputs
-    loaded = load_bundle(bundle).module
-    a, b = predict_outputs(module, X[:rows]), predict_outputs(loaded, X[:rows])
-    if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
-        gap = (a - b).abs().max().item() if a.shape == b.shape else f"shape {tuple(b.shape)} vs {tuple(a.shape)}"
-        raise RuntimeError(f"{bundle}: the bundle, loaded back, does not score like the trained module (largest difference {gap}); "
-                           "its model.json must rebuild the module and its state_dict hold everything it learned")
+    t0 = time.perf_counter()
+    expected = task.decode(predict_outputs(module, spec.transform_records(rows)))
+    with tempfile.TemporaryDirectory(prefix="mlkit-loadback-") as d:
+        (Path(d) / "rows.json").write_text(json.dumps(rows, default=str))
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+        r = subprocess.run([sys.executable, "-I", "-c", "from mlkit.pipeline import _load_back_child; _load_back_child()",
+                            str(Path(bundle).resolve()), str(Path(d) / "rows.json")], cwd=d, env=env, capture_output=True, text=True)
+    if r.returncode:
+        err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+        raise RuntimeError(f"{bundle}: the bundle does not load in a fresh interpreter, so nothing was registered: "
+                           f"{err[-1] if err else f'exit {r.returncode}'} (the module must be rebuilt from model.json: "
+                           "its class in the project's package, any code it imports inside that package)")
+    got = np.asarray(json.loads(r.stdout.strip().splitlines()[-1]), dtype=np.float64).reshape(expected.shape[0], -1)
+    same = got.shape == expected.shape and bool(torch.allclose(torch.from_numpy(got), torch.from_numpy(np.asarray(expected, np.float64)), rtol=1e-4, atol=1e-5))
+    gap = float(np.abs(got - expected).max()) if got.shape == expected.shape and got.size else None
+    if not same:
+        raise RuntimeError(f"{bundle}: the bundle, loaded back in a fresh interpreter, does not score like the trained module "
+                           f"(largest difference {gap if gap is not None else f'shape {got.shape} vs {expected.shape}'}); its model.json "
+                           "must rebuild the module and its state_dict hold everything it learned; nothing was registered")
+    return {"format": 1, "passed": True, "rows": len(rows), "max_abs_diff": gap, "python": sys.executable,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 # %% ../nbs/54_pipeline.ipynb #902087d5
 def finish(
@@ -205,8 +241,11 @@ def finish(
     bundle = save_bundle(Path(tempfile.mkdtemp()) / "bundle", module, config, features=p.spec.to_dict(),
                          contract=p.model_contract.to_dict(), task=p.task.to_dict(), profile={**p.profile, "predictions": predicted},
                          metrics=metrics, lineage=lineage)
-    check_bundle(bundle, module, p.X["test"] if len(p.X["test"]) else p.X["train"])
-    info = tracking.log_bundle(bundle, input_example=p.split.test.head(3).to_dicts() or p.split.train.head(3).to_dicts())
+    example = (p.split.test if len(p.split.test) else p.split.train).head(LOADBACK_ROWS).select(p.features).to_dicts()
+    check = load_back(bundle, module, p.spec, p.task, example)
+    mlf.log_dict(check, "checks/loadback.json")
+    mlf.set_tags({"mlkit.loadback": "passed", "mlkit.loadback.rows": str(check["rows"])})
+    info = tracking.log_bundle(bundle, input_example=example[:3])
     version = register(info.model_uri, p.name, p.run_id, bundle_sha256(bundle), settings=p.settings) if register_version else None
     tracking.end_run()
     return Finished(p.name, p.run_id, metrics, slices, bundle, info.model_uri, version)

@@ -43,7 +43,7 @@ def register(
     except mlf.exceptions.MlflowException: client.create_registered_model(name)
     run_tags = client.get_run(run_id).data.tags
     tags = {"mlkit.bundle_sha256": bundle_sha256, "mlkit.run_id": run_id,
-            **{k: v for k, v in run_tags.items() if k in ("mlkit.dataset_version", "mlkit.feature_spec", "mlflow.source.git.commit")}}
+            **{k: v for k, v in run_tags.items() if k in ("mlkit.dataset_version", "mlkit.feature_spec", "mlflow.source.git.commit", "mlkit.loadback")}}
     mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, alias, mv.version)
     _record(settings, name, "register", alias, None, str(mv.version), reason=f"run {run_id}")
@@ -111,7 +111,7 @@ def _evidence(client, name: str, version: str) -> _gate.Evidence:
     run = client.get_run(mv.run_id)
     return _gate.Evidence(str(mv.version), dict(run.data.metrics), run.data.tags.get("mlkit.dataset_version"),
                     run.data.tags.get("mlkit.contract_passed"), mv.tags.get("mlkit.retired") == "true",
-                    run.data.tags.get("mlkit.split.test_rows_sha256"), run.data.tags.get("mlkit.task"))
+                    run.data.tags.get("mlkit.split.test_rows_sha256"), run.data.tags.get("mlkit.task"), run.data.tags.get("mlkit.loadback"))
 
 def evaluate_gate(name: str, version: str | int, settings: Settings | None = None) -> _gate.GateResult:
     "Run every gate check for `version` of `name` against the current champion."
