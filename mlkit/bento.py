@@ -22,7 +22,8 @@ from .tracking import mlflow
 
 # %% auto #0
 __all__ = ['BENTO_MODEL_ENV', 'MODELS_FILE', 'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento',
-           'build_bento', 'build', 'packed_champion', 'bentoml_models', 'bentoml_bentos']
+           'service_source', 'mlkit_wheel', 'build_bento', 'build', 'packed_champion', 'bentoml_models',
+           'bentoml_bentos']
 
 # %% ../nbs/77_bento.ipynb #0a7c169d
 BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # development: the model tag `bentoml serve bentos/<name>` packs (else `<name>:latest`)
@@ -64,7 +65,6 @@ def _project_root() -> Path | None:
     root = Path(__file__).resolve().parent.parent
     return root if (root / "pyproject.toml").is_file() and (root / "nbs").is_dir() else None
 
-
 def _source_commit(root: Path | None) -> str:
     "The commit of the checkout at `root`, `-dirty` when tracked files changed; empty outside git."
     commit, dirty = git_state(root) if root is not None else (None, False)
@@ -74,31 +74,87 @@ def _mlkit_version() -> str:
     from mlkit import __version__
     return __version__
 
+def _mlkit_commit() -> str:
+    "The commit of the running mlkit: its checkout's, else the one its wheel recorded (`_source.json`), else empty."
+    if (root := _project_root()) is not None: return _source_commit(root)
+    f = Path(__file__).resolve().parent / "_source.json"
+    try: return json.loads(f.read_text()).get("commit", "") if f.is_file() else ""
+    except ValueError: return ""
+
+def service_source(name: str) -> str:
+    "The generic `service.py` of model `name` (what `mlkit build` writes when `bentos/<name>/` has none)."
+    return (f'"""The {name} model as a BentoML service: everything but its name is mlkit\'s (`mlkit.service.bento_service`)."""\n'
+            f"from mlkit.service import bento_service\n\nsvc = bento_service({json.dumps(name)})\n")
+
+# %% ../nbs/77_bento.ipynb #c0de7b01
+def _installed_wheel(dst: Path) -> Path:
+    "A wheel of the installed mlkit rebuilt from its files and RECORD (refused when a file changed since it was installed)."
+    import base64
+    import csv
+    import hashlib
+    import io
+    import zipfile
+    from importlib.metadata import distribution
+    dist = distribution("mlkit")
+    info = next(f.parts[0] for f in dist.files if f.parts[0].endswith(".dist-info"))
+    skip = {f"{info}/{n}" for n in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json")}
+    files = [f for f in dist.files if f.parts[0] in ("mlkit", info) and f.as_posix() not in skip and "__pycache__" not in f.parts]
+    tag = next((ln.split(":", 1)[1].strip() for ln in dist.read_text("WHEEL").splitlines() if ln.startswith("Tag:")), "py3-none-any")
+    out, record = dst / f"mlkit-{dist.version}-{tag}.whl", io.StringIO()
+    rows, changed = csv.writer(record), []
+    dst.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in files:
+            data = Path(dist.locate_file(f)).read_bytes()
+            digest = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            if f.hash is not None and f"{f.hash.mode}={f.hash.value}" != digest: changed.append(f.as_posix())
+            z.writestr(f.as_posix(), data)
+            rows.writerow([f.as_posix(), digest, len(data)])
+        rows.writerow([f"{info}/RECORD", "", ""])
+        z.writestr(f"{info}/RECORD", record.getvalue())
+    if changed: raise RuntimeError(f"the installed mlkit differs from its wheel in {', '.join(changed[:5])}: reinstall it, or name a wheel in [build] mlkit_wheel")
+    return out
+
+def mlkit_wheel(dst: Path, settings: Settings) -> Path:
+    "The mlkit wheel a Bento packs, in `dst`: `[build] mlkit_wheel`, else built from this checkout, else rebuilt from the installed mlkit."
+    if settings.build.mlkit_wheel:
+        w = (settings.root / settings.build.mlkit_wheel).resolve()
+        if not (w.is_file() and w.name.startswith("mlkit-") and w.suffix == ".whl"):
+            raise FileNotFoundError(f"[build] mlkit_wheel = {settings.build.mlkit_wheel}: not an mlkit wheel ({w})")
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(w, dst / w.name))
+    if (root := _project_root()) is not None:
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dst), str(root)],
+                           capture_output=True, text=True)
+        if r.returncode: raise RuntimeError(f"building the mlkit wheel for the Bento failed:\n{r.stderr[-2000:]}")
+        return next(dst.glob("mlkit-*.whl"))
+    return _installed_wheel(dst)
+
 # %% ../nbs/77_bento.ipynb #4d3c2da8
-def build_bento(name: str, models: dict | str, settings: Settings | None = None, labels: dict | None = None) -> str:
-    "Run `bentoml build` for `bentos/<name>/` packing `models` (`{'champion': tag, 'challenger': tag}`); returns the Bento tag."
+def build_bento(name: str, models: dict | str, settings: Settings | None = None, labels: dict | None = None,
+                packages: list[str] | None = None) -> str:
+    "Run `bentoml build` for `bentos/<name>/` (or the generic service) packing `models` (`{'champion': tag, 'challenger': tag}`); returns the Bento tag."
     import yaml
     settings = settings or current_settings()
     models = {"champion": models} if isinstance(models, str) else dict(models)
     src = settings.project.bentos_dir / name
-    if not (src / "service.py").is_file(): raise FileNotFoundError(f"{src}/service.py: no service for model {name!r}")
     with tempfile.TemporaryDirectory(prefix=f"mlkit-bento-{name}-") as tmp:
         ctx = Path(tmp) / name
-        shutil.copytree(src, ctx, ignore=shutil.ignore_patterns("__pycache__", MODELS_FILE))
+        if src.is_dir(): shutil.copytree(src, ctx, ignore=shutil.ignore_patterns("__pycache__", MODELS_FILE))
+        else: ctx.mkdir()
+        if not (ctx / "service.py").is_file(): (ctx / "service.py").write_text(service_source(name))
         (ctx / MODELS_FILE).write_text(json.dumps(models, indent=1))
-        cfg = yaml.safe_load((ctx / "bentofile.yaml").read_text()) or {}
+        cfg = (yaml.safe_load((ctx / "bentofile.yaml").read_text()) if (ctx / "bentofile.yaml").is_file() else None) or {}
+        cfg.setdefault("service", "service:svc")
         cfg["include"] = [*cfg.get("include", ["service.py"]), MODELS_FILE]
-        root, py = _project_root(), cfg.setdefault("python", {})
-        commit = _source_commit(root)
-        if root is not None:  # mlkit itself as a wheel built from this checkout: the Bento pins the code it was built with
-            r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(ctx / "wheels"), str(root)],
-                               capture_output=True, text=True)
-            if r.returncode: raise RuntimeError(f"building the mlkit wheel for the Bento failed:\n{r.stderr[-2000:]}")
-            py["packages"] = [p for p in py.get("packages", []) if p.split("=")[0].strip() != "mlkit"]
-            py["wheels"] = [f"wheels/{w.name}" for w in (ctx / "wheels").glob("*.whl")]
-        else: py["packages"] = [p if p.split("=")[0].strip() != "mlkit" else f"mlkit=={_mlkit_version()}" for p in py.get("packages", [])]
-        cfg["labels"] = {**cfg.get("labels", {}), "mlkit_version": _mlkit_version(), "mlkit_commit": commit or "unknown",
-                         **{f"{role}_model": tag.replace(":", "_") for role, tag in models.items()}, **(labels or {})}
+        py = cfg.setdefault("python", {})
+        py.setdefault("lock_packages", False)  # offline builds: locking needs the network (and resolves a CUDA torch)
+        wheel = mlkit_wheel(ctx / "wheels", settings)  # mlkit as a wheel: never resolved by name from an index
+        py["packages"] = [p for p in [*py.get("packages", []), *(packages or [])] if p.split("=")[0].strip().lower() != "mlkit"]
+        py["wheels"] = [*py.get("wheels", []), f"wheels/{wheel.name}"]
+        cfg["labels"] = {"project": "mlkit", "model": name, **cfg.get("labels", {}), "mlkit_version": _mlkit_version(),
+                         "mlkit_commit": _mlkit_commit() or "unknown", **{f"{role}_model": tag.replace(":", "_") for role, tag in models.items()},
+                         **(labels or {})}
         (ctx / "bentofile.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         out = run_tool("bentoml", ["build", str(ctx), "--output", "tag"], settings, cwd=ctx)
     return _built_tag(out, name, settings or current_settings())
@@ -125,16 +181,17 @@ def build(name: str, alias: str | None = "champion", version: str | None = None,
     "Bundle of `name@alias` (or `version`), and the `challenger`'s with `with_challenger`, from the registry -> BentoML -> a Bento; returns its tag."
     s = configure(settings or current_settings())
     picks = [("champion", None if version else alias, version)] + ([("challenger", "challenger", None)] if with_challenger else [])
-    models, versions = {}, []
+    models, versions, requires = {}, [], []
     for role, a, v in picks:
         with fetched_bundle(name, alias=a, version=v) as (bundle, mv):
+            requires += json.loads((bundle / "model.json").read_text()).get("requires", [])  # model packages installed from an index
             labels = {"mlkit.run_id": mv.run_id, "mlkit.dataset_version": mv.tags.get("mlkit.dataset_version", ""),
                       "mlkit.git_commit": mv.tags.get("mlflow.source.git.commit", "")}
             models[role] = import_bundle(bundle, name, mv.version, labels=labels, settings=s)
             versions.append(mv.version)
     if with_challenger and versions[0] == versions[1]:
         raise ValueError(f"model {name!r}: the challenger is version {versions[1]}, the version being built as champion")
-    bento = build_bento(name, models, settings=s)
+    bento = build_bento(name, models, settings=s, packages=sorted(set(requires)))
     client = mlflow(s).MlflowClient()
     for v in versions: client.set_model_version_tag(name, v, "mlkit.bento", bento)
     return bento

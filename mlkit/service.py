@@ -17,8 +17,9 @@ import torch
 
 from . import guard
 from ._compat import cork_dispatcher, lean_tracing, share_port
-from .bento import bento_contract, predictor_from_bento
+from .bento import bento_contract, bento_models, predictor_from_bento
 from .config import Settings, SettingsError, current_settings
+from .contracts import task_of
 from .guard import OPEN_PATHS, ServiceGuard, api_key_hashes, request_id
 from .inputs import InvalidInput, validate_records
 from .openapi import openapi_doc
@@ -27,7 +28,7 @@ from .predlog import prediction_log
 from .telemetry import observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
 # %% auto #0
-__all__ = ['service_config', 'Overloaded', 'ModelServer', 'model_server', 'guard_service']
+__all__ = ['service_config', 'Overloaded', 'ModelServer', 'model_server', 'guard_service', 'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def service_config(settings: Settings | None = None) -> dict:
@@ -240,3 +241,42 @@ def guard_service(service, settings: Settings | None = None, models: dict | None
                                 docs_need_key=settings.serve.docs_need_key, openapi=openapi if models else None)
     # the service's `/predict` is answered by the guard once `model_server` has run (`mlkit.guard.set_server`)
     return service
+
+# %% ../nbs/78_service.ipynb #5e7c1ce2
+_ANSWERS = {"classification": "one label and the class probabilities per row",
+            "regression": "one value per row (a value per target when there are several), in the target's units"}
+
+def _class_name(name: str) -> str:
+    "`house-prices` -> `HousePrices`: the service class's name."
+    import re
+    words = "".join(w[:1].upper() + w[1:] for w in re.split(r"[^0-9A-Za-z]+", name) if w)
+    return words if words[:1].isalpha() else f"Model{words}"
+
+def bento_service(
+    name: str,  # the model: its BentoML service is named after it
+    doc: str | None = None,  # the `/predict` description (default: what the champion's task answers)
+    settings: Settings | None = None,
+):
+    "The BentoML service of model `name`, for a `service.py` of one line: `svc = bento_service(\"NAME\")`."
+    import inspect
+    from pathlib import Path
+    from typing import Any
+    import bentoml
+    caller = inspect.currentframe().f_back.f_globals  # service.py's globals: its folder holds mlkit-models.json
+    models = bento_models(name, Path(caller["__file__"]).parent if caller.get("__file__") else None)
+    try: task = task_of(bento_contract(models["champion"]))
+    except Exception: task = None  # not in the store yet: BentoModel below says so
+    doc = doc or (f"Score raw {name} records: {_ANSWERS.get(task, 'one answer per row')}, and the model version that answered. "
+                  "A row the contract rejects is a 422 naming the row and field; an overloaded server a 503 to retry.")
+    def __init__(self): self.server = model_server(self, settings)  # bundles hash-checked: a corrupt one never serves
+    async def predict(self, rows, ctx): return await self.server.handle(rows, ctx)  # a finished JSON response
+    async def close(self): await self.server.aclose()  # shadow scoring in flight, then the queued prediction-log rows
+    predict.__annotations__ = {"rows": list[dict[str, Any]], "ctx": bentoml.Context, "return": dict}
+    predict.__doc__ = doc
+    attrs = {"__doc__": f"The {name} model, served by mlkit.", "__module__": caller.get("__name__", "service"),
+             "__init__": __init__, "predict": bentoml.api(predict), "close": bentoml.on_shutdown(close),
+             "champion": bentoml.models.BentoModel(models["champion"])}
+    if "challenger" in models: attrs["challenger"] = bentoml.models.BentoModel(models["challenger"])  # canary and shadow
+    svc = bentoml.service(name=name, **service_config(settings))(type(_class_name(name), (), attrs))
+    svc._caller_module = attrs["__module__"]  # BentoML looks for the service in its caller's module: service.py, not this one
+    return guard_service(svc, settings, models)

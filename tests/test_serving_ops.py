@@ -133,7 +133,7 @@ def test_corrupt_bundle_never_serves(trained, tmp_path):
             "b = bytearray(f.read_bytes()); b[-1] ^= 1; f.write_bytes(bytes(b))\nprint(tag)\n")
     tag = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
     port, log = free_port(), tmp_path / "corrupt.log"
-    proc = _start("service:Penguins", {**env, "MLKIT_BENTO_MODEL": tag}, log, port, cwd=REPO / "bentos" / "penguins")
+    proc = _start("service:svc", {**env, "MLKIT_BENTO_MODEL": tag}, log, port, cwd=REPO / "bentos" / "penguins")
     seen = []
     try:
         deadline = time.monotonic() + 25
