@@ -19,7 +19,7 @@ from .core import moved
 __all__ = ['cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_models_promote', 'cmd_models_rollback',
            'cmd_models_retire', 'cmd_models_history', 'cmd_models_lineage', 'cmd_models_card', 'cmd_build', 'cmd_serve',
            'cmd_deploy', 'cmd_monitor', 'cmd_gc', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'cmd_demo',
-           'parser', 'main']
+           'cmd_init', 'cmd_new', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #2beb7acc
 def _out(*a): print(*a, flush=True)
@@ -188,31 +188,11 @@ def cmd_deploy(args) -> int:
 # %% ../nbs/90_cli.ipynb #cf69ff4a
 def cmd_monitor(args) -> int:
     "Drift of a served model's traffic against its training profile; exit 1 when a `[monitor]` threshold is crossed."
-    from mlkit.monitoring import monitor_model
+    from mlkit.monitoring import monitor_model, report_text
     configure()
     rep, _ = monitor_model(args.name, args.since, args.until, args.version, args.labels, enforce_retirement=args.enforce,
                            log_to_mlflow=args.log, json_path=args.output, html_path=args.html)
-    if args.json: _out(json.dumps(rep, indent=1, default=str))
-    else:
-        _out(f"{args.name} version {rep['version']}: {rep['rows']} rows {rep['since']} .. {rep['until']}, {len(rep['windows'])} window(s) of {rep['window']}")
-        for d in rep["columns"]:
-            psi = "-" if d.get("psi") is None else f"{d['psi']:.3f}"
-            _out(f"  {d['column']:<24} PSI {psi:>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
-        for d in rep.get("outputs") or []:
-            _out(f"  {d['column']:<24} PSI {'-' if d.get('psi') is None else format(d['psi'], '.3f'):>7}  (served predictions vs the model's on its training rows)")
-        if perf := rep.get("performance"):
-            shown = [k for k in perf if k.split(".")[0] in ("rmse", "mae", "r2")] if "rmse" in perf else ["accuracy"]
-            _out("  live " + ", ".join(f"{k} {'-' if perf.get(k) is None else format(perf[k], '.4g')}" for k in shown)
-                 + f" on {perf['labelled_rows']} labelled rows")
-            n = rep.get("labels") or {}
-            if n: _out(f"  labels: {n['matched']} of {n['in_file']} rows of the file name a served request"
-                       + (f"; {n['duplicates']} rows labelled twice (the last label counts)" if n["duplicates"] else ""))
-        if rep["alert"]: _out("ALERT: " + "; ".join(rep["alerts"]))
-        else: _out("no threshold crossed" if rep["judged"] else f"not judged: {rep['rows']} rows, fewer than [monitor] min_rows = {rep['thresholds']['min_rows']}")
-        if rep["retirement"]["retire"]: _out("retirement criteria met: " + "; ".join(rep["retirement"]["reasons"]))
-        done = rep.get("enforced", {})
-        if done.get("action") == "rollback": _out(f"enforced: champion rolled back {done['from_version']} -> {done['to_version']} (audit ledger)")
-        elif done.get("action") == "flag-retire": _out(f"enforced: version {done['version']} flagged for retirement (audit ledger)")
+    _out(json.dumps(rep, indent=1, default=str) if args.json else report_text(rep))
     return 1 if rep["alert"] else 0
 
 def cmd_gc(args) -> int:
@@ -261,11 +241,39 @@ def cmd_demo(args) -> int:
     "Train, register, promote, build, serve and query the penguins model on the embedded default."
     from mlkit.demo import TrainingFailed, demo
     from mlkit.runs import load_parameter_file
-    try: ok = demo(load_parameter_file(args.file) if args.file else {}, args.port, say=_out, settings=configure())
+    from mlkit.config import find_settings
+    if find_settings() is None:  # a pip-installed mlkit in an empty folder: the demo makes a project of its own
+        from mlkit.demo import demo_project
+        folder = Path.cwd() / "mlkit-demo"
+        _out(f"no settings.ini here or above: the demo runs in {folder} (mlkit init, and the penguins data drafted by mlkit new)")
+        settings = configure(demo_project(folder))
+    else: settings = configure()
+    try: ok = demo(load_parameter_file(args.file) if args.file else {}, args.port, say=_out, settings=settings)
     except TrainingFailed as e:
         print(f"mlkit demo: {e}", file=sys.stderr)
         return 1
     return 0 if ok else 1
+
+# %% ../nbs/90_cli.ipynb #c0de7c02
+def cmd_init(args) -> int:
+    "Write a new project (settings.ini, nbs/train/, bentos/, the project's package, .gitignore) into FOLDER."
+    from mlkit.project import init_project
+    files = init_project(args.folder, args.package)
+    root = files[0].parent
+    for f in files: _out(f"wrote {f.relative_to(root)}")
+    _out(f"project ready in {root}; next: mlkit new NAME --data FILE --label COLUMN")
+    return 0
+
+def cmd_new(args) -> int:
+    "Draft model NAME from a data file: contract, training notebook, tiny parameters, service, settings section."
+    from mlkit.project import new_model
+    s = load_settings()
+    files = new_model(args.name, args.data, args.label.split(",") if "," in args.label else args.label, args.task,
+                      args.key.split(",") if args.key else None, settings=s)
+    for f in files: _out(f"wrote {f.relative_to(s.root) if f.is_relative_to(s.root) else f}")
+    td = s.project.train_dir.relative_to(s.root) if s.project.train_dir.is_relative_to(s.root) else s.project.train_dir
+    _out(f"review {td}/{args.name}.contract.yaml, then: mlkit train {args.name} -f {td}/{args.name}.yaml")
+    return 0
 
 # %% ../nbs/90_cli.ipynb #981396fd
 def _models_parser(sub):
@@ -358,6 +366,13 @@ def parser() -> argparse.ArgumentParser:
     _models_parser(sub)
     _serving_parsers(add)
     _data_parser(sub)
+    sp = add("init", cmd_init, "start a project in FOLDER: settings.ini, nbs/train/, bentos/, a package for your code")
+    sp.add_argument("folder", nargs="?", default="."); sp.add_argument("--package", help="the project's package (default: from the folder's name)")
+    sp = add("new", cmd_new, "draft model NAME from a data file: contract, training notebook, parameters, service")
+    sp.add_argument("name"); sp.add_argument("--data", required=True, help="a sample of the data (csv, parquet, ndjson)")
+    sp.add_argument("--label", required=True, help="the label column (several, comma-separated: a multi-target regression)")
+    sp.add_argument("--task", choices=["classification", "regression"], help="default: guessed from the label's values")
+    sp.add_argument("--key", help="the columns that identify a row, comma-separated (default: an id-like unique column)")
     sp = add("demo", cmd_demo, "train, register, promote, build, serve and query the penguins model")
     sp.add_argument("-f", "--file", help="YAML parameter file for the training notebook")
     sp.add_argument("--port", type=int, help="port for the demo server (default: a free one)")

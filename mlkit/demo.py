@@ -9,16 +9,18 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Callable
 
 from .bento import build
-from .config import Settings, configure, current_settings
+from .config import Settings, configure, current_settings, load_settings
 from .deploy import free_port, start_service, stop_service, wait_ready
+from .project import init_project, new_model
 from .registry import promote
 from .runs import run_notebook
 
 # %% auto #0
-__all__ = ['DEMO_ROWS', 'post_json', 'TrainingFailed', 'demo']
+__all__ = ['DEMO_ROWS', 'post_json', 'TrainingFailed', 'demo', 'demo_project']
 
 # %% ../nbs/88_demo.ipynb #1b702ab6
 def post_json(url: str, body: dict, headers: dict | None = None, timeout: float = 30) -> tuple[int, dict, dict]:
@@ -63,3 +65,17 @@ def demo(params: dict | None = None, port: int | None = None, say: Callable[[str
         return status == 200 and len(body.get("predictions", [])) == len(DEMO_ROWS)
     finally:
         say(f"server stopped    (exit {stop_service(proc)}); demo took {time.perf_counter() - t0:.1f} s")
+
+# %% ../nbs/88_demo.ipynb #c0de7d02
+def demo_project(folder: Path | str) -> Settings:
+    "The settings of a project at `folder` holding the penguins model (made with `init_project` and `new_model` when missing)."
+    from mlkit.data import load_penguins
+    folder = Path(folder).resolve()
+    if not (folder / "settings.ini").exists(): init_project(folder)
+    s = load_settings(folder / "settings.ini")
+    if not (s.project.train_dir / "penguins.ipynb").exists():
+        data = folder / "data" / "penguins.csv"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        load_penguins().drop("year").write_csv(data)
+        new_model("penguins", data, "species", settings=s)
+    return load_settings(folder / "settings.ini")

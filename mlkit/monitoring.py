@@ -25,7 +25,7 @@ from .tracking import experiment_id, mlflow
 
 # %% auto #0
 __all__ = ['served_log', 'answer_columns', 'read_labels', 'join_labels', 'label_counts', 'performance', 'monitor', 'retirement',
-           'enforce', 'log_report', 'monitor_model']
+           'enforce', 'log_report', 'monitor_model', 'report_text']
 
 # %% ../nbs/81_monitoring.ipynb #5779ee17
 def served_log(folder: Path | str, since: str | None = None, until: str | None = None, version: str | None = None,
@@ -207,6 +207,29 @@ def monitor_model(
     for path, body in ((json_path, json.dumps(rep, indent=1, default=str)), (html_path, html)):
         if path: atomic_write(Path(path), lambda p, body=body: p.write_text(body))
     return rep, html
+
+# %% ../nbs/81_monitoring.ipynb #c0de7e02
+def report_text(rep: dict) -> str:
+    "The monitoring report `rep` as the lines `mlkit monitor` prints."
+    out = [f"{rep['model']} version {rep['version']}: {rep['rows']} rows {rep['since']} .. {rep['until']}, {len(rep['windows'])} window(s) of {rep['window']}"]
+    fmt = lambda v: "-" if v is None else format(v, ".3f")
+    for d in rep["columns"]: out.append(f"  {d['column']:<24} PSI {fmt(d.get('psi')):>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
+    for d in rep.get("outputs") or []:
+        out.append(f"  {d['column']:<24} PSI {fmt(d.get('psi')):>7}  (served predictions vs the model's on its training rows)")
+    if perf := rep.get("performance"):
+        shown = [k for k in perf if k.split(".")[0] in ("rmse", "mae", "r2")] if "rmse" in perf else ["accuracy"]
+        out.append("  live " + ", ".join(f"{k} {'-' if perf.get(k) is None else format(perf[k], '.4g')}" for k in shown)
+                   + f" on {perf['labelled_rows']} labelled rows")
+        if n := rep.get("labels") or {}:
+            out.append(f"  labels: {n['matched']} of {n['in_file']} rows of the file name a served request"
+                       + (f"; {n['duplicates']} rows labelled twice (the last label counts)" if n["duplicates"] else ""))
+    if rep["alert"]: out.append("ALERT: " + "; ".join(rep["alerts"]))
+    else: out.append("no threshold crossed" if rep["judged"] else f"not judged: {rep['rows']} rows, fewer than [monitor] min_rows = {rep['thresholds']['min_rows']}")
+    if rep["retirement"]["retire"]: out.append("retirement criteria met: " + "; ".join(rep["retirement"]["reasons"]))
+    done = rep.get("enforced", {})
+    if done.get("action") == "rollback": out.append(f"enforced: champion rolled back {done['from_version']} -> {done['to_version']} (audit ledger)")
+    elif done.get("action") == "flag-retire": out.append(f"enforced: version {done['version']} flagged for retirement (audit ledger)")
+    return "\n".join(out)
 
 # %% ../nbs/81_monitoring.ipynb #85ced793
 _MOVED = {**dict.fromkeys(["EPS", "psi", "tally", "column_drift", "thresholds", "drift"], "mlkit.drift"),

@@ -130,3 +130,14 @@ def test_repo_settings_file_is_valid_and_documented():
     first = (REPO / "settings.ini").read_text().splitlines()[0]
     assert first.startswith("#") and "runtime settings" in first
     assert ".mlkit/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_the_init_template_is_this_repos_settings_less_its_models():
+    "`mlkit init` writes the settings.ini the wheel carries: this repo's, documented the same, less its [model.*] sections."
+    from conftest import REPO
+    from mlkit.project import TEMPLATES
+    repo = (REPO / "settings.ini").read_text()
+    template = (TEMPLATES / "settings.ini").read_text()
+    assert template.count("package = {package}") == 1
+    import re
+    assert template.replace("package = {package}", "package =") == repo[:re.search(r"^\[model\.", repo, re.M).start()]

@@ -20,7 +20,7 @@ def test_version_from_installed_package(tmp_path):
 
 def test_help_lists_commands():
     r = subprocess.run([MLKIT, "--help"], capture_output=True, text=True, check=True)
-    for cmd in ["env", "ui", "train", "reproduce", "models", "data", "build", "serve", "deploy", "predict", "monitor", "gc", "demo"]:
+    for cmd in ["env", "ui", "init", "new", "train", "reproduce", "models", "data", "build", "serve", "deploy", "predict", "monitor", "gc", "demo"]:
         assert re.search(rf"^\s+{cmd}\s", r.stdout, re.M), (cmd, r.stdout)
 
 
