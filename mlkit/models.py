@@ -109,7 +109,9 @@ def _ship_code(config: dict, dst: Path) -> dict:
     top = config["class"].split(".")[0]
     if top == "mlkit": return config
     src = _source_of(top)
-    if {"site-packages", "dist-packages"} & set(src.parts):  # installed from an index: a requirement, not code to copy
+    from mlkit import config as _config
+    own = top == (_config._configured or _config.load_settings()).project.package  # the project's own travels, wherever it is installed
+    if not own and {"site-packages", "dist-packages"} & set(src.parts):  # installed from an index: a requirement, not code to copy
         from importlib.metadata import packages_distributions, version
         dists = packages_distributions().get(top, [])
         return {**config, "requires": [f"{d}=={version(d)}" for d in dists[:1]]}
@@ -123,6 +125,7 @@ def _ship_code(config: dict, dst: Path) -> dict:
         shutil.copyfile(f, out)
     return {**config, "code": [top]}
 
+# %% ../nbs/30_models.ipynb #c0de7a06
 def _carried(config: dict, code: Path) -> list[str]:
     "The packages a bundle's `model.json` says it carries and its `code` folder holds; never one of Python's own or mlkit."
     names = [c for c in config.get("code") or [] if isinstance(c, str) and c.isidentifier()]
