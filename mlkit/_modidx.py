@@ -350,6 +350,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'mlkit.project': { 'mlkit.project._check_package': ('project.html#_check_package', 'mlkit/project.py'),
                                'mlkit.project._key_of': ('project.html#_key_of', 'mlkit/project.py'),
                                'mlkit.project._nb': ('project.html#_nb', 'mlkit/project.py'),
+                               'mlkit.project._owner': ('project.html#_owner', 'mlkit/project.py'),
                                'mlkit.project._write_new': ('project.html#_write_new', 'mlkit/project.py'),
                                'mlkit.project.draft_contract': ('project.html#draft_contract', 'mlkit/project.py'),
                                'mlkit.project.guess_task': ('project.html#guess_task', 'mlkit/project.py'),

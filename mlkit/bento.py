@@ -55,10 +55,14 @@ def bento_contract(tag: str) -> dict:
     return json.loads((Path(bentoml.models.get(tag).path) / "bundle" / "contract.json").read_text())
 
 def predictor_from_bento(stored) -> Predictor:
-    "The Predictor for a stored BentoML model made by `import_bundle` (hash-checked against its labels)."
-    labels = stored.info.labels
+    "The Predictor for a stored BentoML model made by `import_bundle`, hash-checked: no recorded hash, or two that disagree, is refused."
+    labels, meta = stored.info.labels, stored.info.metadata or {}
+    sha = labels.get("mlkit_bundle_sha256")
+    if not sha or meta.get("mlkit.bundle_sha256", sha) != sha or not str(stored.tag.version).endswith(sha.split(":")[-1][:8]):
+        raise ValueError(f"BentoML model {stored.tag}: its bundle hash is missing or its records disagree (label {sha}, "
+                         f"metadata {meta.get('mlkit.bundle_sha256')}, tag); refusing to serve it")
     return Predictor.from_bundle(Path(stored.path) / "bundle", name=labels.get("mlkit_model", stored.tag.name),
-                                 version=labels.get("mlkit_version", ""), expected_sha256=labels.get("mlkit_bundle_sha256"))
+                                 version=labels.get("mlkit_version", ""), expected_sha256=sha)
 
 # %% ../nbs/77_bento.ipynb #cc2744ab
 def _project_root() -> Path | None:

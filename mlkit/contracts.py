@@ -282,10 +282,12 @@ def validate(
 def read_as(contract: Contract, data: Path | str) -> pl.DataFrame:
     """Read a data file as its contract types it: a CSV column the contract calls `string` stays text even when its
     values look like numbers (codes such as `1` and `2`, zip codes with leading zeros), where type inference would
-    read integers; `date` and `datetime` columns are parsed (ISO 8601). (Parquet and NDJSON carry their types.)"""
+    read integers, and integer codes in Parquet or NDJSON become their text; `date` and `datetime` columns are parsed (ISO 8601). (Parquet and NDJSON carry their types.)"""
     kinds = {"string": pl.String, "date": pl.Date, "datetime": pl.Datetime}
     typed = {c: kinds[s["dtype"]] for c, s in contract.columns.items() if s["dtype"] in kinds}
-    return read_data(data, schema_overrides=typed if str(data).split("?")[0].lower().endswith(".csv") else None)
+    df = read_data(data, schema_overrides=typed if str(data).split("?")[0].lower().endswith(".csv") else None)
+    codes = [c for c, s in contract.columns.items() if s["dtype"] == "string" and c in df.columns and df[c].dtype.is_integer()]
+    return df.with_columns(pl.col(codes).cast(pl.String)) if codes else df  # integer codes a contract calls text (Parquet, NDJSON)
 
 def check_file(data: Path | str, contract: Path | str) -> ValidationReport:
     "Validate the data file `data` against the contract file `contract`; `DataError` when either cannot be read."

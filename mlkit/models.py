@@ -82,7 +82,7 @@ def build_model(
     "Construct the `nn.Module` a config names (see `model_config`)."
     path = config.get("class", "")
     carried = _carried(config, Path(code)) if code else []
-    top = _check_allowed(path, (*(allowed_packages() if allowed is None else allowed), *carried))
+    top = _check_allowed(path, tuple(dict.fromkeys([*(allowed_packages() if allowed is None else allowed), *carried])))
     mod, _, name = path.rpartition(".")
     module = _carried_module(mod, Path(code)) if top in carried else importlib.import_module(mod)
     cls = getattr(module, name, None)

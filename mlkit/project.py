@@ -55,6 +55,12 @@ def _check_package(name: str):
     if name in sys.stdlib_module_names or name == "mlkit" or importlib.util.find_spec(name) is not None:
         raise ValueError(f"package {name!r} would shadow the module of that name already importable here (pass --package NAME)")
 
+def _owner() -> str:
+    "Who owns a new project's models (the model card's owner): git's user.name, else the login name."
+    import getpass
+    from mlkit.core import git
+    return (git("config", "user.name", cwd=Path.cwd()) or getpass.getuser() or "").replace("\n", " ")
+
 def _write_new(files: dict[Path, str]):
     "Write each file whole (atomic), after checking none exists: nothing is overwritten, nothing half-written."
     if taken := [str(p) for p in files if p.exists()]: raise FileExistsError(f"{', '.join(taken)}: already exists; nothing was written")
@@ -71,7 +77,7 @@ def init_project(
         raise FileExistsError(f"{folder / SETTINGS_FILE}: already a project (add a model with `mlkit new NAME --data FILE --label COL`)")
     package = package or package_name(folder)
     _check_package(package)
-    settings = (TEMPLATES / SETTINGS_FILE).read_text(encoding="utf-8").replace("{package}", package)
+    settings = (TEMPLATES / SETTINGS_FILE).read_text(encoding="utf-8").replace("{package}", package).replace("{owner}", _owner())
     files = {folder / SETTINGS_FILE: settings, folder / ".gitignore": _GITIGNORE,
              folder / package / "__init__.py": f'"""{package}: the project\'s own code (model classes in `models`)."""\n',
              folder / package / "models.py": _MODELS_PY,
@@ -105,13 +111,17 @@ def draft_contract(df: pl.DataFrame, name: str, label: str | list[str], task: st
     task = task or ("regression" if len(labels) > 1 else guess_task(df[labels[0]]))
     if task not in ("classification", "regression"): raise ValueError(f"--task {task!r}: expected classification or regression")
     cols = infer_contract(df, name).columns
+    for c in df.columns:  # ISO dates in text (a CSV's): dates, which are no default features
+        s = df[c].drop_nulls()
+        if df[c].dtype == pl.String and len(s) and s.str.contains(r"^\d{4}-\d{2}-\d{2}$").all(): cols[c] = {"dtype": "date", **({"nullable": True} if df[c].null_count() else {})}
+        elif df[c].dtype == pl.String and len(s) and s.str.contains(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}").all():
+            cols[c] = {"dtype": "datetime", **({"nullable": True} if df[c].null_count() else {})}
     for spec in cols.values():
         if not spec.get("nullable"): spec.pop("nullable", None)  # the default: not nullable
     if task == "classification":
         if len(labels) > 1: raise DataError(f"a classification has one label, not {labels}")
         s, spec = df[labels[0]].drop_nulls(), cols[labels[0]]
-        if spec["dtype"] == "int":  # classes coded as numbers: text classes (a CSV reads them as text, as the contract says)
-            if not source.lower().endswith(".csv"): raise DataError(f"{source}: label {labels[0]!r} holds integer codes: store the classes as text (or true/false)")
+        if spec["dtype"] == "int":  # classes coded as numbers: text classes (`read_as` reads them as text, as the contract says)
             spec.clear(); spec.update(dtype="string", categories=[str(v) for v in sorted(s.unique().to_list())])
         elif spec["dtype"] == "string" and "categories" not in spec: raise DataError(f"{source}: label {labels[0]!r} has {s.n_unique()} values: too many classes")
         for k in ("min", "max"): spec.pop(k, None)

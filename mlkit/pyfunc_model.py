@@ -15,7 +15,8 @@ class BundleModel(PythonModel):
     "An mlkit bundle as an MLflow pyfunc: raw columns in, `label` and `p_<class>` columns out."
     def load_context(self, context):
         from mlkit.predictor import Predictor
-        self.predictor = Predictor.from_bundle(context.artifacts["bundle"])
+        expected = (getattr(context, "model_config", None) or {}).get("bundle_sha256")  # recorded by log_bundle (none before)
+        self.predictor = Predictor.from_bundle(context.artifacts["bundle"], expected_sha256=expected)
 
     def predict(self, context, model_input, params=None):
         return self.predictor.predict_frame(model_input)

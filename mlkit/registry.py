@@ -81,7 +81,11 @@ def download_bundle(name: str, alias: str | None = None, version: str | int | No
     local = Path(mlflow().artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp)))
     src = local / "artifacts" / "bundle"
     expected = mv.tags.get("mlkit.bundle_sha256")
-    if expected and bundle_sha256(src) != expected:
+    if not expected:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"model {name} version {mv.version}: no bundle hash was recorded when it was registered (not by mlkit): "
+                         "refusing to load a bundle nothing vouches for")
+    if bundle_sha256(src) != expected:
         raise ValueError(f"model {name} version {mv.version}: bundle hash differs from the registered {expected}")
     if dst is None: return src, mv
     shutil.copytree(src, dst)
@@ -111,7 +115,8 @@ def _evidence(client, name: str, version: str) -> _gate.Evidence:
     run = client.get_run(mv.run_id)
     return _gate.Evidence(str(mv.version), dict(run.data.metrics), run.data.tags.get("mlkit.dataset_version"),
                     run.data.tags.get("mlkit.contract_passed"), mv.tags.get("mlkit.retired") == "true",
-                    run.data.tags.get("mlkit.split.test_rows_sha256"), run.data.tags.get("mlkit.task"), run.data.tags.get("mlkit.loadback"))
+                    run.data.tags.get("mlkit.split.test_rows_sha256"), run.data.tags.get("mlkit.task"),
+                    mv.tags.get("mlkit.loadback") if mv.tags.get("mlkit.bundle_sha256") else None)  # the version's, as `register` recorded it
 
 def evaluate_gate(name: str, version: str | int, settings: Settings | None = None) -> _gate.GateResult:
     "Run every gate check for `version` of `name` against the current champion."

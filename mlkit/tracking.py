@@ -217,14 +217,15 @@ def log_bundle(
     import polars
     import safetensors
     import torch
-    model = json.loads((Path(bundle) / "model.json").read_text())
+    model, sha = json.loads((Path(bundle) / "model.json").read_text()), bundle_sha256(bundle)
     reqs = [f"torch=={torch.__version__.split('+')[0]}", f"safetensors=={safetensors.__version__}",
             f"polars=={polars.__version__}", f"numpy=={numpy.__version__}", f"mlflow=={mlf.__version__}", *model.get("requires", [])]
     code = [str(c) for pkg in model.get("code", []) for c in (Path(bundle) / "code").glob(f"{pkg}*") if c.name in (pkg, f"{pkg}.py")]
     info = mlf.pyfunc.log_model(name=name, python_model=str(pyfunc_code()), artifacts={"bundle": str(bundle)},
                                 signature=contract_signature(contract), input_example=example,
-                                pip_requirements=reqs, code_paths=code or None)  # the project's model code, importable where it loads
-    mlf.set_tag("mlkit.bundle_sha256", bundle_sha256(bundle))
+                                pip_requirements=reqs, code_paths=code or None,  # the project's model code, importable where it loads
+                                model_config={"bundle_sha256": sha})  # checked when MLflow loads it (`pyfunc_model`)
+    mlf.set_tag("mlkit.bundle_sha256", sha)
     return info
 
 # %% ../nbs/50_tracking.ipynb #e6c98d03

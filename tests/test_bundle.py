@@ -112,3 +112,21 @@ def test_pickled_weights_are_refused(bundle, tmp_path):
     with pytest.raises(ValueError, match="not a safetensors file"): load_bundle(copy)
     with pytest.raises(ValueError, match="not a safetensors file"): Predictor.from_bundle(copy)
     assert not marker.exists()
+
+
+def test_a_stored_model_without_a_consistent_hash_never_serves(bundle, tmp_path):
+    "BentoML's store keeps the bundle's hash as a label, in the metadata and in the tag: missing or disagreeing, it is refused."
+    import shutil
+    from types import SimpleNamespace as NS
+    from mlkit.bento import predictor_from_bento
+    shutil.copytree(bundle["path"], tmp_path / "m" / "bundle")
+    sha = bundle_sha256(bundle["path"])
+    stored = lambda labels, meta, version: NS(path=str(tmp_path / "m"), tag=NS(name="m", version=version),
+                                              info=NS(labels=labels, metadata=meta))
+    good = {"mlkit_model": "m", "mlkit_version": "1", "mlkit_bundle_sha256": sha}
+    assert predictor_from_bento(stored(good, {"mlkit.bundle_sha256": sha}, f"v1-{sha[7:15]}")).version == "1"
+    for labels, meta, version in [({k: v for k, v in good.items() if k != "mlkit_bundle_sha256"}, {}, f"v1-{sha[7:15]}"),
+                                  (good, {"mlkit.bundle_sha256": "sha256:00"}, f"v1-{sha[7:15]}"), (good, {}, "v1-00000000")]:
+        with pytest.raises(ValueError, match="its bundle hash is missing or its records disagree"): predictor_from_bento(stored(labels, meta, version))
+    (tmp_path / "m" / "bundle" / "metrics.json").write_text("{}")  # the records agree, the bundle does not
+    with pytest.raises(ValueError, match="does not match the expected"): predictor_from_bento(stored(good, {}, f"v1-{sha[7:15]}"))

@@ -140,4 +140,4 @@ def test_the_init_template_is_this_repos_settings_less_its_models():
     template = (TEMPLATES / "settings.ini").read_text()
     assert template.count("package = {package}") == 1
     import re
-    assert template.replace("package = {package}", "package =") == repo[:re.search(r"^\[model\.", repo, re.M).start()]
+    assert template.replace("package = {package}", "package =").replace("owner = {owner}", "owner = mlkit team") == repo[:re.search(r"^\[model\.", repo, re.M).start()]

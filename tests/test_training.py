@@ -77,6 +77,10 @@ def test_mlflow_pyfunc_and_mlkit_predict_the_same(trained, in_project):
     from pathlib import Path
     files = [p.name for p in Path(local).rglob("*") if p.is_file()]
     assert "pyfunc_model.py" in files and not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))]
+    # a bundle changed in the artifact store is refused when MLflow loads the model (its hash is in the model's config)
+    metrics = next(Path(local).rglob("bundle/metrics.json"))
+    metrics.write_text(metrics.read_text().replace("{", '{"planted": 1, ', 1))
+    with pytest.raises(ValueError, match="does not match the expected sha256:"): mlflow().pyfunc.load_model(local)
 
 
 def test_unknown_parameter_is_one_line_listing_valid_names(trained):
