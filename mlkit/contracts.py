@@ -221,8 +221,11 @@ def _column_checks(c: str, spec: dict, kind: str) -> list[tuple[str, pl.Expr, st
     if kind in ("int", "float") and "max" in spec: out.append(("max", col > spec["max"], f"values above max {spec['max']}"))
     if kind == "float": out.append(("finite", col.is_nan() | col.is_infinite(), "NaN or infinite values"))
     if spec.get("categories") is not None and kind == "string":
-        out.append(("categories", col.is_not_null() & ~col.cast(pl.String).is_in(spec["categories"]),
-                    f"values outside the allowed categories {spec['categories']}"))
+        cats = spec["categories"]
+        if cats and all(isinstance(v, str) for v in cats) and len(set(cats)) == len(cats):  # a value outside an Enum casts to null:
+            outside = col.is_not_null() & col.cast(pl.Enum(cats), strict=False).is_null()  # half the time of is_in on text
+        else: outside = col.is_not_null() & ~col.cast(pl.String).is_in(cats)
+        out.append(("categories", outside, f"values outside the allowed categories {cats}"))
     if spec.get("unique"): out.append(("unique", col.is_not_null() & col.is_duplicated(), "duplicate values in a unique column"))
     return out
 
