@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
+from html import escape
 from pathlib import Path
 
 from .config import Settings, current_settings
@@ -14,16 +16,28 @@ from .core import atomic_write
 from .ledger import history
 from .registry import get_version, lineage, parse_ref
 from .reports import render_card
+from .tensors import TENSOR_DTYPES, FieldSpec
 from .tracking import mlflow
 
 # %% auto #0
-__all__ = ['card_data', 'write_card']
+__all__ = ['EXAMPLES_SHOWN', 'card_data', 'field_summary', 'examples_html', 'inputs_html', 'card_page', 'write_card']
 
 # %% ../nbs/82_card.ipynb #427dc8dc
 def _artifact_json(client, run_id: str, path: str):
     try:
         with tempfile.TemporaryDirectory() as d: return json.loads(Path(client.download_artifacts(run_id, path, d)).read_text())
     except Exception: return None
+
+def _bundle_json(name: str, version: str, parts: tuple, settings: Settings) -> dict:
+    "JSON parts of a registered version's bundle, read from the artifact store without its weights (None where missing)."
+    mlf, out = mlflow(settings), dict.fromkeys(parts)
+    try: folder = next(f.path for f in mlf.artifacts.list_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts") if f.is_dir)
+    except Exception: return out  # not a model logged by mlkit
+    with tempfile.TemporaryDirectory() as d:
+        for p in parts:
+            try: out[p] = json.loads(Path(mlf.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/{folder}/{p}.json", dst_path=d)).read_text())
+            except Exception: pass
+    return out
 
 def card_data(name: str, alias: str | None = "champion", version: str | None = None, settings: Settings | None = None) -> dict:
     "Everything a model card shows, gathered from the registry, the run, the audit ledger and the monitoring runs."
@@ -44,6 +58,7 @@ def card_data(name: str, alias: str | None = "champion", version: str | None = N
         if runs: mon = {"run_id": runs[0].info.run_id, **runs[0].data.metrics, "alert": runs[0].data.tags.get("mlkit.monitor.alert")}
     c = settings.for_model(name).card
     split = _artifact_json(client, mv.run_id, "data/split.json")
+    bundle = _bundle_json(name, str(mv.version), ("contract", "profile"), settings)  # tensor and image fields, example inputs
     return {"name": name, "version": str(mv.version), "aliases": list(mv.aliases), "owner": c.owner, "purpose": c.purpose,
             "task": _artifact_json(client, mv.run_id, "features/task.json"), "split": split,
             "run_id": mv.run_id, "dataset_version": mv.tags.get("mlkit.dataset_version", ""), "params": dict(run.data.params),
@@ -52,7 +67,66 @@ def card_data(name: str, alias: str | None = "champion", version: str | None = N
             "checks": [{k: ch.get(k) for k in ("column", "check", "passed", "failing", "detail")} for ch in report.get("checks", [])],
             "gate": gates[-1]["gate"] if gates else None, "lineage": lineage(f"{name}/{mv.version}"),
             "history": [{k: r.get(k) for k in ("seq", "time", "who", "action", "alias", "from_version", "to_version", "reason")} for r in hist],
-            "notebook": nb, "monitoring": mon}
+            "notebook": nb, "monitoring": mon, "examples": (bundle["profile"] or {}).get("examples"),
+            "inputs": {n: c for n, c in (bundle["contract"] or {}).get("columns", {}).items() if c.get("dtype") in TENSOR_DTYPES}}
+
+# %% ../nbs/82_card.ipynb #2d03afd6
+EXAMPLES_SHOWN = 8  # thumbnails per image field on a card
+_DATA_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/]+={0,2}")  # all a thumbnail's src may be
+_MAX_URI = 300_000  # characters of one thumbnail's data: URI: a larger one is left out
+
+def _steps_text(steps: list[dict]) -> str:
+    def one(s):
+        if s["op"] in ("resize", "center_crop"): return f"{s['op']} {s['size'][0]}x{s['size'][1]}"
+        if s["op"] == "scale": return f"scale x{s['factor']:.4g}"
+        return "normalize (" + ("mean " + ", ".join(f"{v:.3g}" for v in s["mean"]) if "mean" in s else "fitted on the training rows") + ")"
+    return ", ".join(one(s) for s in steps) or "none"
+
+def field_summary(name: str, column: dict) -> str:
+    "What a tensor or image field takes and how it is preprocessed, in words."
+    try: f = FieldSpec(name, column)
+    except ValueError as e: return f"not a valid field: {e}"
+    if f.kind == "tensor":
+        shape = "x".join("?" if d is None else str(d) for d in column["shape"])
+        rng = f", values {column.get('min', '')}..{column.get('max', '')}" if "min" in column or "max" in column else ""
+        what = f"a {shape} tensor of {column.get('element', 'float32')} per row (? any size){rng}"
+    else:
+        lo, hi = f.lo, f.hi
+        size = f"{lo[0]}x{lo[1]}" if lo == hi else f"{lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}" if hi else f"at least {lo[0]}x{lo[1]}"
+        what = (f"an image of {size} pixels (height x width), {f.channels} channel{'s' * (f.channels > 1)}, "
+                f"{' or '.join(x.upper() for x in f.formats)}, at most {f.max_pixels} pixels")
+    return f"{what}; preprocessing: {_steps_text(f.steps)}"
+
+def examples_html(examples: dict | None, limit: int = EXAMPLES_SHOWN) -> str:
+    "Each image field's example inputs as inline thumbnails (PNG/JPEG data: URIs only, nothing fetched); '' when there are none."
+    out = []
+    for field, uris in (examples or {}).items():
+        uris = uris if isinstance(uris, list) else []
+        good = [u for u in uris if isinstance(u, str) and len(u) <= _MAX_URI and _DATA_URI.fullmatch(u)][:limit]
+        if not good: continue
+        imgs = "".join(f'<img src="{escape(u)}" alt="{escape(field)} example {i + 1}" title="{escape(field)} example {i + 1}" '
+                       'style="width:64px;height:64px;object-fit:contain;image-rendering:pixelated;border:1px solid #ddd;margin:2px">'
+                       for i, u in enumerate(good))
+        left = len(uris) - len(good)
+        out.append(f"<h3>Example inputs: {escape(str(field))}</h3><p>{imgs}</p>"
+                   + (f"<p>{left} more not shown.</p>" if left else ""))
+    return "".join(out)
+
+def inputs_html(d: dict) -> str:
+    "The card's section on tensor and image inputs: what each field takes, then example thumbnails; '' for a tabular model."
+    inputs, examples = d.get("inputs") or {}, examples_html(d.get("examples"))
+    if not inputs and not examples: return ""
+    rows = "".join(f"<tr><td>{escape(str(n))}</td><td>{escape(str(c.get('dtype')))}</td><td>{escape(field_summary(n, c))}</td></tr>"
+                   for n, c in inputs.items())
+    table = f"<table><tr><th>field</th><th>kind</th><th>takes</th></tr>{rows}</table>" if rows else ""
+    return f'<h2 id="inputs">Tensor and image inputs</h2>{table}{examples}\n'
+
+def card_page(d: dict) -> str:
+    "The model card's HTML: `render_card`, with the tensor and image inputs section before the metrics when there is one."
+    page, extra = render_card(d), inputs_html(d)
+    if not extra: return page
+    at = page.find('<h2 id="metrics">')
+    return page[:at] + extra + page[at:] if at >= 0 else page.replace("</body>", extra + "</body>")
 
 # %% ../nbs/82_card.ipynb #a62c89a8
 def write_card(ref: str, output: Path | str | None = None, settings: Settings | None = None) -> tuple[Path, dict]:
@@ -60,5 +134,5 @@ def write_card(ref: str, output: Path | str | None = None, settings: Settings | 
     name, alias, version = parse_ref(ref)
     d = card_data(name, alias=alias, version=version, settings=settings)
     out = Path(output or f"{name}-v{d['version']}-card.html")
-    atomic_write(out, lambda p: p.write_text(render_card(d)))
+    atomic_write(out, lambda p: p.write_text(card_page(d)))
     return out, d

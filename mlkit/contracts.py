@@ -14,16 +14,19 @@ import polars as pl
 import yaml
 
 from .data import ENGINE, SYNTHETIC_PLANS, SYNTHETIC_REGIONS, DataError, read_data
+from .tensors import FIELD_KEYS, TENSOR_DTYPES, FieldSpec, InvalidInput
 
 # %% auto #0
 __all__ = ['DTYPES', 'TASKS', 'targets_of', 'classes_of', 'task_of', 'Contract', 'infer_contract', 'synthetic_contract', 'Check',
            'ValidationReport', 'validate', 'read_as', 'check_file', 'encode_labels']
 
 # %% ../nbs/11_contracts.ipynb #12f3de36
-DTYPES = ("int", "float", "string", "bool", "date", "datetime")
-_COLUMN_KEYS = {"dtype", "nullable", "min", "max", "categories", "unique", "pii", "description"}
+DTYPES = ("int", "float", "string", "bool", "date", "datetime", *TENSOR_DTYPES)
+_COLUMN_KEYS = {"dtype", "nullable", "min", "max", "categories", "unique", "pii", "description", *FIELD_KEYS}
 
 def _kind_of(dtype: pl.DataType) -> str:
+    if isinstance(dtype, (pl.Array, pl.List)): return "array"
+    if dtype == pl.Binary: return "binary"
     if dtype.is_integer(): return "int"
     if dtype.is_float(): return "float"
     if dtype == pl.Boolean: return "bool"
@@ -31,7 +34,9 @@ def _kind_of(dtype: pl.DataType) -> str:
     if isinstance(dtype, pl.Datetime): return "datetime"
     return "string"
 
-def _accepts(declared: str, actual: str) -> bool: return declared == actual or (declared == "float" and actual == "int")
+def _accepts(declared: str, actual: str) -> bool:
+    return declared == actual or (declared == "float" and actual == "int") or (declared, actual) in (
+        ("tensor", "array"), ("image", "array"), ("image", "binary"))
 
 # %% ../nbs/11_contracts.ipynb #807a8263
 TASKS = ("classification", "regression")
@@ -64,6 +69,10 @@ def _check(c: Contract):
         bad = set(spec) - _COLUMN_KEYS
         if bad: raise DataError(f"{where}: column {col!r}: unknown keys {sorted(bad)} (allowed: {sorted(_COLUMN_KEYS)})")
         if spec.get("dtype") not in DTYPES: raise DataError(f"{where}: column {col!r}: dtype {spec.get('dtype')!r} not one of {DTYPES}")
+        if spec["dtype"] in TENSOR_DTYPES:
+            try: FieldSpec(col, spec)  # its declaration and its preprocessing steps
+            except ValueError as e: raise DataError(f"{where}: {e}") from None
+        elif bad := set(spec) & FIELD_KEYS: raise DataError(f"{where}: column {col!r}: {sorted(bad)} are for tensor and image columns")
     for col in [*c.targets, *c.slices, *c.key]:
         if col not in c.columns: raise DataError(f"{where}: {col!r} is named as label, slice or key but is not a column")
     for col in [*c.targets, *c.slices]:
@@ -133,12 +142,25 @@ class Contract:
     def classes(self) -> list: return classes_of(self.to_dict())
 
 # %% ../nbs/11_contracts.ipynb #5a564c75
+def _draft_field(s: pl.Series) -> dict:
+    "A tensor column (an `Array`'s shape, else the first value's) or an image column (the first image's size and channels)."
+    v = s.drop_nulls().head(1).to_list()
+    if s.dtype == pl.Binary:
+        from PIL import Image
+        import io
+        im = Image.open(io.BytesIO(v[0])) if v else None
+        ch = {"L": 1, "RGB": 3, "RGBA": 4}.get(im.mode, 3) if im else 3
+        return {"dtype": "image", "channels": ch, **({"size": [im.size[1], im.size[0]]} if im else {"size": {"min": [1, 1]}})}
+    import numpy as np
+    return {"dtype": "tensor", "shape": list(s.dtype.shape) if isinstance(s.dtype, pl.Array) else list(np.shape(v[0])) if v else [None]}
+
 def infer_contract(df: pl.DataFrame, name: str, label: str | None = None, max_categories: int = 50) -> Contract:
     "Draft a contract from `df`: dtypes, nullability, observed ranges and (few) categories."
     cols = {}
     for c in df.columns:
         s, kind = df[c], _kind_of(df[c].dtype)
         spec = {"dtype": kind, "nullable": s.null_count() > 0}
+        if kind in ("array", "binary"): spec = {**_draft_field(s), "nullable": spec["nullable"]}
         if kind in ("int", "float") and s.drop_nulls().len(): spec.update(min=s.min(), max=s.max())
         if kind == "string" and s.n_unique() <= max_categories: spec["categories"] = sorted(s.drop_nulls().unique().to_list())
         cols[c] = spec
@@ -229,6 +251,17 @@ def _column_checks(c: str, spec: dict, kind: str) -> list[tuple[str, pl.Expr, st
     if spec.get("unique"): out.append(("unique", col.is_not_null() & col.is_duplicated(), "duplicate values in a unique column"))
     return out
 
+def _decode_check(lf: pl.LazyFrame, c: str, spec: dict, n: int, n_examples: int) -> Check:
+    "A tensor or image column's values decoded and checked as a served request's are (`mlkit.tensors`), a row at a time."
+    s, field, bad = lf.select(c).collect()[c], FieldSpec(c, spec, steps=[]), []
+    values = s.to_numpy() if isinstance(s.dtype, pl.Array) and not s.null_count() else s.to_list()
+    for i, v in enumerate(values):
+        if v is None: continue
+        try: field.decode(v, i)
+        except InvalidInput as e: bad.append({"row": i, c: str(e).split(": ", 1)[1]})
+    detail = f"{len(bad)} of {n} rows: {bad[0][c]}" if bad else "every value decodes and fits its declaration"
+    return Check(c, "decode", not bad, len(bad), detail, bad[:n_examples])
+
 def _count(name: str, bad: pl.Expr, c: str) -> pl.Expr:
     "Aggregation counting offending rows; for `unique`, a cheap lower bound (0 exactly when there are no duplicates)."
     if name == "unique": return pl.col(c).drop_nulls().len() - pl.col(c).drop_nulls().n_unique()
@@ -244,7 +277,7 @@ def validate(
     "Check `data` against `contract`; every check is reported, pass or fail."
     lf = data.lazy()
     schema = lf.collect_schema()
-    checks, exprs, pending = [], [pl.len().alias("__rows")], []
+    checks, exprs, pending, decoded = [], [pl.len().alias("__rows")], [], []
     pii = set(contract.pii)
     for c, spec in contract.columns.items():
         if c not in schema:
@@ -259,6 +292,7 @@ def validate(
             checks.append(Check(c, "dtype", False, 0, f"expected {spec['dtype']}, found {schema[c]}", ex))
             continue
         checks.append(Check(c, "dtype", True, detail=str(schema[c])))
+        if spec["dtype"] in TENSOR_DTYPES: decoded.append(c)
         for name, bad, detail in _column_checks(c, spec, kind):
             key = f"__{len(pending)}"
             exprs.append(_count(name, bad, c).alias(key))
@@ -273,6 +307,7 @@ def validate(
             rows = lf.with_row_index("__row").filter(bad).head(n_examples).select(["__row", c]).collect()
             ex = [{"row": r["__row"], c: ("<pii>" if c in pii else r[c])} for r in rows.to_dicts()]
         checks.append(Check(c, name, failing == 0, failing, f"{failing} of {n} rows: {detail}" if failing else detail, ex))
+    checks += [_decode_check(lf, c, contract.columns[c], n, n_examples) for c in decoded]
     lo, hi = contract.rows.get("min"), contract.rows.get("max")
     if lo is not None or hi is not None:
         ok = (lo is None or n >= lo) and (hi is None or n <= hi)
@@ -290,7 +325,19 @@ def read_as(contract: Contract, data: Path | str) -> pl.DataFrame:
     typed = {c: kinds[s["dtype"]] for c, s in contract.columns.items() if s["dtype"] in kinds}
     df = read_data(data, schema_overrides=typed if str(data).split("?")[0].lower().endswith(".csv") else None)
     codes = [c for c, s in contract.columns.items() if s["dtype"] == "string" and c in df.columns and df[c].dtype.is_integer()]
-    return df.with_columns(pl.col(codes).cast(pl.String)) if codes else df  # integer codes a contract calls text (Parquet, NDJSON)
+    df = df.with_columns(pl.col(codes).cast(pl.String)) if codes else df  # integer codes a contract calls text (Parquet, NDJSON)
+    files = [c for c, s in contract.columns.items() if s["dtype"] == "image" and c in df.columns and df[c].dtype == pl.String]
+    return df.with_columns([_image_files(df[c], Path(str(data).split("?")[0]).parent, data) for c in files]) if files else df
+
+def _image_files(paths: pl.Series, base: Path, data) -> pl.Series:
+    "An image column of file paths (relative to the data file's folder) as the files' bytes: the snapshot versions the pixels."
+    out = []
+    for i, p in enumerate(paths.to_list()):
+        if p is None: out.append(None); continue
+        f = base / p
+        try: out.append(f.read_bytes())
+        except OSError as e: raise DataError(f"{data}: column {paths.name!r}: row {i}: cannot read image file {f} ({e.strerror})") from None
+    return pl.Series(paths.name, out, dtype=pl.Binary)
 
 def check_file(data: Path | str, contract: Path | str) -> ValidationReport:
     "Validate the data file `data` against the contract file `contract`; `DataError` when either cannot be read."

@@ -16,7 +16,8 @@ from .core import moved
 
 # %% auto #0
 __all__ = ['ENGINE', 'READERS', 'DIABETES_COLUMNS', 'SYNTHETIC_REGIONS', 'SYNTHETIC_PLANS', 'DataError', 'read_data',
-           'penguins_path', 'load_penguins', 'diabetes_files', 'load_diabetes', 'synthetic', 'split_frame']
+           'penguins_path', 'load_penguins', 'diabetes_files', 'load_diabetes', 'digits_file', 'load_digits',
+           'synthetic', 'split_frame']
 
 # %% ../nbs/10_data.ipynb #7cf572dc
 class DataError(ValueError):
@@ -93,6 +94,23 @@ def load_diabetes() -> pl.DataFrame:
     cols = {c: X[:, i] for i, c in enumerate(DIABETES_COLUMNS)}
     return pl.DataFrame({"patient": np.arange(len(y), dtype=np.int64), **cols, "progression": y}).with_columns(
         pl.col("age").cast(pl.Int64), pl.col("sex").cast(pl.Int64).cast(pl.String))
+
+# %% ../nbs/10_data.ipynb #1cafd67d
+def digits_file() -> Path:
+    "The digits file inside the installed scikit-learn (no download, no `fetch_*`)."
+    return Path(str(resources.files("sklearn") / "datasets" / "data")) / "digits.csv.gz"
+
+def load_digits() -> pl.DataFrame:
+    "The digits image set (1,797 rows): `index`, `image` (8x8 uint8 grey pixels, 0..255) and `digit` (\"0\"..\"9\")."
+    import gzip
+    p = digits_file()
+    try:
+        with gzip.open(p, "rt") as f: raw = np.loadtxt(f, delimiter=",", ndmin=2)
+    except (OSError, ValueError) as e: raise DataError(f"{p}: cannot read the digits data ({e})") from None
+    pixels = np.rint(raw[:, :64] * 255 / 16).clip(0, 255).astype(np.uint8).reshape(-1, 8, 8)
+    return pl.DataFrame({"index": np.arange(len(raw), dtype=np.int64),
+                         "image": pl.Series("image", pixels, dtype=pl.Array(pl.UInt8, (8, 8))),
+                         "digit": raw[:, 64].astype(np.int64).astype(str)})
 
 # %% ../nbs/10_data.ipynb #c6711a91
 SYNTHETIC_REGIONS = ["north", "south", "east", "west", "central"]

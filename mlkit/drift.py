@@ -28,11 +28,24 @@ def _bin(c: str, edges: list[float] | None) -> pl.Expr:
     inside = pl.sum_horizontal([(x > e).cast(pl.Int32) for e in edges]) if edges else pl.lit(0, pl.Int32)
     return pl.when(x.is_null()).then(-2).when(x.is_finite()).then(inside).otherwise(-1)
 
+def _zeros(ref: dict) -> list | dict:
+    "The counts of no rows of one profile entry: per bin (numbers; histograms, in rows) or per category."
+    if ref["kind"] == "number": return [0] * (len(ref["bins"]["edges"]) + 1 if "bins" in ref else 0)
+    return [0.0] * len(ref["shares"]) if ref["kind"] == "histogram" else {}
+
 def _empty(profile: dict, columns: dict[str, str]) -> dict:
     "A tally of no rows."
-    n_bins = lambda ref: len(ref["bins"]["edges"]) + 1 if "bins" in ref else 0
-    return {"rows": 0, "columns": {c: {"nulls": 0, "counts": [0] * n_bins(profile["columns"][r]) if profile["columns"][r]["kind"] == "number" else {}}
-                                   for c, r in columns.items()}}
+    return {"rows": 0, "columns": {c: {"nulls": 0, "counts": _zeros(profile["columns"][r])} for c, r in columns.items()}}
+
+# %% ../nbs/80_drift.ipynb #6d742c41
+def _histograms(frame: pl.LazyFrame, profile: dict, columns: dict[str, str]) -> list[pl.LazyFrame]:
+    "Per group, each histogram column's nulls and the sum of its rows' shares in each bin: one aggregation (none without such columns)."
+    aggs = []
+    for c, r in columns.items():
+        x = pl.col(c).cast(pl.List(pl.Float64))
+        aggs += [x.null_count().alias(f"{c}__nulls"),
+                 *(x.list.get(i, null_on_oob=True).sum().alias(f"{c}__{i}") for i in range(len(profile["columns"][r]["shares"])))]
+    return [frame.group_by("__group").agg(aggs)] if aggs else []
 
 def tally(
     live: pl.DataFrame,  # live rows
@@ -40,15 +53,22 @@ def tally(
     columns: dict[str, str],  # live column -> the profile column it is compared with
     by: pl.Series | None = None,  # a group key per row (e.g. the time window); none: one group, `None`
 ) -> dict:
-    "Per group: rows, and for each column its nulls and its counts in the reference bins (numbers) or per category."
+    "Per group: rows, and for each column its nulls and its counts in the reference bins (numbers, histograms) or per category."
     group = (by if by is not None else pl.repeat(None, len(live), eager=True)).alias("__group")
     frame = (live.select(*columns).with_columns(group) if columns else group.to_frame()).lazy()
+    plain = {c: r for c, r in columns.items() if profile["columns"][r]["kind"] != "histogram"}
     keys = [_bin(c, profile["columns"][r].get("bins", {}).get("edges")) if profile["columns"][r]["kind"] == "number" else pl.col(c)
-            for c, r in columns.items()]
+            for c, r in plain.items()]
+    hist = {c: r for c, r in columns.items() if c not in plain}
+    hists = _histograms(frame, profile, hist)
     rows, *counted = pl.collect_all([frame.group_by("__group").len("__n"),
-                                     *(frame.group_by("__group", k.alias("__value")).len("__n") for k in keys)])
+                                     *(frame.group_by("__group", k.alias("__value")).len("__n") for k in keys), *hists])
     out = {g: {**_empty(profile, columns), "rows": n} for g, n in rows.iter_rows()}
-    for (c, r), t in zip(columns.items(), counted):
+    for row in (counted[-1].iter_rows(named=True) if hists else ()):  # histograms: nulls and summed shares, as they came
+        for c, r in hist.items():
+            bins = range(len(profile["columns"][r]["shares"]))
+            out[row["__group"]]["columns"][c] = {"nulls": row[f"{c}__nulls"], "counts": [row[f"{c}__{i}"] or 0.0 for i in bins]}
+    for (c, r), t in zip(plain.items(), counted):
         number = profile["columns"][r]["kind"] == "number"
         for g, v, n in t.iter_rows():
             d = out[g]["columns"][c]
@@ -70,6 +90,14 @@ def sum_tallies(tallies: list[dict], profile: dict, columns: dict[str, str]) -> 
     return out
 
 # %% ../nbs/80_drift.ipynb #53535bec
+def _bin_labels(ref: dict) -> list[str]:
+    "A histogram entry's bins by their lower edges over its `range` (short and distinct; else `#i`)."
+    k, (lo, hi) = len(ref["shares"]), ref.get("range") or (0.0, 1.0)
+    for digits in (3, 6):
+        labels = [f"{lo + i * (hi - lo) / k:.{digits}g}" for i in range(k)]
+        if len(set(labels)) == k: return labels
+    return [f"#{i}" for i in range(k)]
+
 def column_drift(name: str, ref: dict, rows: int, counted: dict) -> dict:
     "PSI, null-rate change and (categories) unseen share of one live column (its `tally`) against its reference profile entry."
     null_rate = counted["nulls"] / rows if rows else 0.0
@@ -81,6 +109,11 @@ def column_drift(name: str, ref: dict, rows: int, counted: dict) -> dict:
         shares = [v / n for v in counted["counts"]] if n else [0.0] * len(counted["counts"])
         out.update(psi=psi(ref["bins"]["shares"], shares), ref_shares=ref["bins"]["shares"], live_shares=shares,
                    edges=ref["bins"]["edges"])
+    elif ref["kind"] == "histogram":  # shares keyed by each bin's lower edge: drawn and read like categories
+        n, labels = sum(counted["counts"]), _bin_labels(ref)
+        shares = [v / n for v in counted["counts"]] if n else [0.0] * len(counted["counts"])
+        out.update(psi=psi(ref["shares"], shares), ref_shares=dict(zip(labels, ref["shares"])), live_shares=dict(zip(labels, shares)),
+                   range=ref.get("range"))
     else:
         freqs, n = ref["frequencies"], sum(counted["counts"].values())
         other = ref.get("other_share", 0.0)

@@ -21,9 +21,11 @@ from .encoders import (ENCODERS, FIT_KEYS, NUMBER_DTYPES, PARALLEL_ROWS, column_
                             numpy_plan, one_hot_into, run_jobs, step_outputs)
 from .fitting import fit_steps
 from .inputs import VALUE_KINDS, check_value
+from .tensors import TENSOR_DTYPES, TensorSpec, model_input
 
 # %% auto #0
-__all__ = ['TRANSFORM_SLICE', 'SMALL_RECORDS', 'FeatureSpec', 'fit', 'transform', 'records_frame', 'transform_records']
+__all__ = ['TRANSFORM_SLICE', 'SMALL_RECORDS', 'FeatureSpec', 'fit', 'transform', 'records_frame', 'transform_records',
+           'record_inputs', 'frame_values', 'frame_inputs']
 
 # %% ../nbs/22_features.ipynb #3e3a8589
 class FeatureSpec:
@@ -53,6 +55,7 @@ class FeatureSpec:
         features = features or contract.features
         steps, inputs = [], []
         for c in features:
+            if contract.columns[c]["dtype"] in TENSOR_DTYPES: continue  # tensors and images: `mlkit.tensors.TensorSpec`
             dtype = contract.columns[c]["dtype"]
             kind = VALUE_KINDS.get(dtype, "string")
             inputs.append({"name": c, "kind": kind})
@@ -200,3 +203,21 @@ FeatureSpec.transform_records = transform_records
 # %% ../nbs/22_features.ipynb #bc064445
 _MOVED = {"MISSING_CATEGORY": "mlkit.fitting", "SAMPLED_ROWS": "mlkit.fitting"}
 moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()
+
+# %% ../nbs/22_features.ipynb #89473049
+def record_inputs(spec: FeatureSpec, tensors: TensorSpec | None, records: list[dict]):
+    "The module input for raw (or validated) records: the feature matrix and each tensor field's batch."
+    X = spec.transform_records(records) if spec.inputs or not tensors else None
+    if not tensors: return X
+    return model_input(X, tensors.transform({n: [r.get(n) for r in records] for n in tensors.names}))
+
+def frame_values(df: pl.DataFrame, name: str) -> list:
+    "A tensor or image column's values: arrays (one per row) from an `Array` column, else Python values (bytes, lists)."
+    s = df.get_column(name)
+    return list(s.to_numpy()) if isinstance(s.dtype, pl.Array) and not s.null_count() else s.to_list()
+
+def frame_inputs(spec: FeatureSpec, tensors: TensorSpec | None, df: pl.DataFrame):
+    "The module input for a frame (a training split): what `record_inputs` gives for the same rows."
+    X = spec.transform(df) if spec.inputs or not tensors else None
+    if not tensors: return X
+    return model_input(X, tensors.transform({n: frame_values(df, n) for n in tensors.names}))

@@ -14,8 +14,8 @@ import random
 from .config import Settings, SettingsError, current_settings
 
 # %% auto #0
-__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'SERVER', 'api_key_hashes',
-           'check_host', 'set_server', 'request_id', 'parse_body', 'ServiceGuard']
+__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'SERVER', 'MULTIPART',
+           'api_key_hashes', 'check_host', 'set_server', 'request_id', 'parse_body', 'form_rows', 'ServiceGuard']
 
 # %% ../nbs/74_guard.ipynb #e65cf71d
 API_KEYS_ENV = "MLKIT_API_KEYS"  # comma-separated API keys (a secret: never in settings.ini, never logged)
@@ -77,20 +77,24 @@ def parse_body(body: bytes) -> tuple[list | None, str | None]:
     if (i := next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)) is not None: return rows, f"rows[{i}]: expected an object"
     return rows, None
 
-async def _predict(server, headers: dict, receive, send):
-    "`/predict` answered by `server` (a `ModelServer`): the whole body read, parsed once, answered."
+async def _predict(server, headers: dict, receive, send, scope: dict | None = None):
+    "`/predict` answered by `server` (a `ModelServer`): the whole body read, parsed once (JSON, or an upload), answered."
     chunks, more = [], True
     while more:
         msg = await receive()
         if msg["type"] != "http.request": return  # the client went away
         chunks.append(msg.get("body", b"")); more = msg.get("more_body", False)
-    rows, bad = parse_body(b"".join(chunks))
+    if _ctype(headers) == MULTIPART:
+        rows, bad = await form_rows(scope, b"".join(chunks), receive, server.models["champion"], server.max_rows)
+    else: rows, bad = parse_body(b"".join(chunks))
     rid = request_id({"x-request-id": headers.get(b"x-request-id", b"").decode("latin-1")})
     status, out, body = await server.answer(rows, rid, bad)
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         *((k.encode(), v.encode("latin-1")) for k, v in out.items())]})
     await send({"type": "http.response.body", "body": body})
+
+def _ctype(headers: dict) -> str: return headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
 
 def _tagged(send):
     "`send`, with the `x-mlkit-instance` header added to the response start."
@@ -111,15 +115,48 @@ def _replay(body: bytes, receive):
         return await receive()  # later: disconnect notices
     return replay
 
+# %% ../nbs/74_guard.ipynb #03482526
+MULTIPART = "multipart/form-data"
+
+def _typed(text: str, dtype: str | None):
+    "A form value as the contract's dtype reads it (left as text when it does not parse: the row check names it)."
+    try:
+        if dtype in ("int", "float"): return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+        if dtype == "bool" and text.lower() in ("true", "false"): return text.lower() == "true"
+        if dtype == "tensor": return json.loads(text)
+    except ValueError: pass
+    return text
+
+async def form_rows(scope: dict, body: bytes, receive, predictor, max_rows: int) -> tuple[list | None, str | None]:
+    "The rows of a multipart `/predict` body, or None and why it cannot form rows (a 400)."
+    from starlette.requests import Request
+    cols = {c: s for c, s in predictor.contract["columns"].items() if c not in predictor.targets}
+    images = [c for c, s in cols.items() if s["dtype"] == "image"]
+    try: form = await Request(scope, _replay(body, receive)).form(max_files=max_rows, max_fields=max(len(cols) * max_rows, 1000))
+    except Exception as e: return None, f"the multipart body cannot be parsed ({str(getattr(e, 'detail', e))[:200]})"
+    files, values = {}, {}
+    for k, v in form.multi_items():
+        if isinstance(v, str): values.setdefault(k, []).append(v)
+        else: files.setdefault(k, []).append(await v.read())
+    if bad := [k for k in files if k not in images]: return None, f"{bad[0][:100]}: a file for a field that is not an image (image fields: {', '.join(images)})"
+    if not files: return None, f"no image file: send each image as a file part named {images[0]!r}" if images else "this model takes no uploads"
+    if len(counts := {k: len(v) for k, v in files.items()}) > 1 and len(set(counts.values())) > 1: return None, f"image fields have different numbers of files {counts}"
+    n = len(next(iter(files.values())))
+    rows = [{k: v[i] for k, v in files.items()} for i in range(n)]
+    for k, vs in values.items():
+        if len(vs) not in (1, n): return None, f"{k[:100]}: {len(vs)} values for {n} rows (send one, or one per file)"
+        for i, r in enumerate(rows): r[k] = _typed(vs[0] if len(vs) == 1 else vs[i], cols.get(k, {}).get("dtype"))
+    return rows, None
+
 # %% ../nbs/74_guard.ipynb #65c71679
 class ServiceGuard:
     """ASGI middleware: API-key auth, body size limit (413) and JSON-only bodies (415), with JSON error bodies; and,
     once the worker's `ModelServer` is up (`set_server`), `/predict` itself."""
     def __init__(self, app, key_hashes: list[bytes], max_body_bytes: int, docs_need_key: bool = False, openapi=None,
-                 predict_path: str = "/predict"):
+                 predict_path: str = "/predict", multipart: bool = False):
         self.app, self.keys, self.max_body, self.docs_need_key = app, key_hashes, max_body_bytes, docs_need_key
         self.openapi, self._doc = openapi, None  # openapi: BentoML's spec (a dict) -> the spec to serve
-        self.predict_path = predict_path
+        self.predict_path, self.multipart = predict_path, multipart  # multipart: `/predict` takes uploads (image fields)
 
     def _open(self, path: str) -> bool:
         return path in OPEN_PATHS or (not self.docs_need_key and (path in DOCS_PATHS or path.startswith("/static_content/")))
@@ -143,10 +180,11 @@ class ServiceGuard:
         if self.openapi is not None and scope["path"] == "/docs.json" and scope["method"] == "GET":
             return await self._docs(scope, receive, send)
         if scope["method"] == "POST" and scope["path"] not in OPEN_PATHS + DOCS_PATHS:  # those are GET-only: the router's 405
-            ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-            if ctype not in JSON_TYPES:
-                return await _reply(send, 415, "unsupported_media_type",
-                                    f"content-type {ctype or '(none)'!r} is not accepted; send application/json")
+            ctype = _ctype(headers)
+            upload = self.multipart and ctype == MULTIPART and scope["path"] == self.predict_path
+            if ctype not in JSON_TYPES and not upload:
+                return await _reply(send, 415, "unsupported_media_type", f"content-type {ctype[:100] or '(none)'!r} is not accepted; "
+                                    f"send application/json{' (or multipart/form-data: an upload)' if self.multipart else ''}")
             length = headers.get(b"content-length")
             if length is not None and length.isdigit():
                 if int(length) > self.max_body:
@@ -161,7 +199,7 @@ class ServiceGuard:
                         return await _reply(send, 413, "payload_too_large", f"body exceeds the limit of {self.max_body} bytes")
                 receive = _replay(b"".join(chunks), receive)
             if scope["path"] == self.predict_path and SERVER is not None:
-                return await _predict(SERVER, headers, receive, send)
+                return await _predict(SERVER, headers, receive, send, scope)
         await self.app(scope, receive, send)
 
 # %% ../nbs/74_guard.ipynb #19797119

@@ -8,17 +8,13 @@ from __future__ import annotations
 import math
 
 from .contracts import targets_of
+from .tensors import TENSOR_DTYPES, FieldSpec, InvalidInput
 
 # %% auto #0
-__all__ = ['NUMBER_LIMIT', 'VALUE_KINDS', 'InvalidInput', 'check_value', 'validate_records']
+__all__ = ['NUMBER_LIMIT', 'VALUE_KINDS', 'DEFAULT_BODY_BYTES', 'MAX_DERIVED_BODY_BYTES', 'check_value', 'validate_records',
+           'body_limit']
 
 # %% ../nbs/14_inputs.ipynb #1b6be061
-class InvalidInput(ValueError):
-    "A request the model cannot score; `field` and `row` say where."
-    def __init__(self, message: str, field: str | None = None, row: int | None = None):
-        super().__init__(message)
-        self.field, self.row = field, row
-
 NUMBER_LIMIT = 1e300  # |numbers| above are refused: a round decimal, so JSON Schema's decimal `maximum` means the same
 _INT_LIMIT = 10**300  # the same limit for integers, compared exactly (a float64 cannot hold every JSON integer)
 
@@ -60,11 +56,12 @@ def _check_record(cols: dict, r, i: int):
             raise InvalidInput(f"rows[{i}].{name}: must be finite and within +-1e300, got {str(v)[:24]}", name, i)
 
 # %% ../nbs/14_inputs.ipynb #0e3b2336
-def validate_records(contract: dict, rows: list, max_rows: int | None = None) -> list[dict]:
-    """Check raw records against the contract; return them or raise `InvalidInput`.
+def validate_records(contract: dict, rows: list, max_rows: int | None = None, fields: dict | None = None) -> list[dict]:
+    """Check raw records against the contract; return them (tensor and image values decoded) or raise `InvalidInput`.
     A row of known fields holding exactly the JSON types the contract wants (what `json.loads` gives a valid request)
     passes a quick check; any other row (a bad one, or numpy numbers from Python callers) gets `_check_record`'s full
-    checks, which accept what they accept and name the field of what they refuse."""
+    checks, which accept what they accept and name the field of what they refuse. Tensor and image values are then
+    decoded and checked (`mlkit.tensors.FieldSpec.decode`; `fields`: the model's, name -> `FieldSpec`, when at hand)."""
     if not isinstance(rows, list) or not rows: raise InvalidInput("rows: expected a non-empty list of records", "rows")
     if max_rows and len(rows) > max_rows: raise InvalidInput(f"rows: {len(rows)} rows, at most {max_rows} allowed", "rows")
     targets = targets_of(contract)
@@ -83,4 +80,25 @@ def validate_records(contract: dict, rows: list, max_rows: int | None = None) ->
                 break  # NaN fails both comparisons, so it is refused below
             else: continue
         _check_record(cols, r, i)
-    return rows
+    tensors = [n for n, c in cols.items() if c["dtype"] in TENSOR_DTYPES]
+    if not tensors: return rows
+    fields = fields or {n: FieldSpec(n, cols[n], steps=[]) for n in tensors}  # decoding needs no preprocessing
+    return [{**r, **{n: fields[n].decode(r[n], i) for n in tensors if r.get(n) is not None}} for i, r in enumerate(rows)]
+
+# %% ../nbs/14_inputs.ipynb #0f93dac6
+DEFAULT_BODY_BYTES, MAX_DERIVED_BODY_BYTES = 1_048_576, 16 * 1_048_576
+
+def _field_bytes(f: FieldSpec) -> int:
+    "The most bytes one value of a tensor or image field takes in a JSON body, in its largest accepted form."
+    if f.kind == "tensor": return 24 * math.prod(d or 1024 for d in f.column["shape"]) + 64
+    pixels = f.hi[0] * f.hi[1] if f.hi else f.max_pixels
+    encoded = f.column.get("max_bytes", max(f.max_pixels * f.channels * 2, 65_536))
+    return max(5 * pixels * f.channels, encoded * 4 // 3) + 64
+
+def body_limit(contract: dict, max_rows: int, setting: int = 0) -> int:
+    "The largest request body (bytes) a service of this contract reads: `setting` when set, else derived (above)."
+    if setting: return setting
+    fields = [FieldSpec(n, c, steps=[]) for n, c in contract["columns"].items() if c["dtype"] in TENSOR_DTYPES]
+    if not fields: return DEFAULT_BODY_BYTES
+    per_row = sum(map(_field_bytes, fields)) + 64 * len(contract["columns"])
+    return int(min(MAX_DERIVED_BODY_BYTES, max(DEFAULT_BODY_BYTES, per_row * max_rows)))

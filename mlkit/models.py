@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 # %% auto #0
-__all__ = ['CODE_DIR', 'BUNDLE_PARTS', 'WEIGHTS_FILE', 'TabularMLP', 'allowed_packages', 'model_config', 'build_model', 'Bundle',
-           'save_bundle', 'bundle_sha256', 'load_bundle']
+__all__ = ['CODE_DIR', 'BUNDLE_PARTS', 'WEIGHTS_FILE', 'TabularMLP', 'SmallCNN', 'allowed_packages', 'model_config',
+           'build_model', 'Bundle', 'save_bundle', 'bundle_sha256', 'load_bundle']
 
 # %% ../nbs/30_models.ipynb #1230503d
 _NORMS = {"layer": nn.LayerNorm, "batch": nn.BatchNorm1d, "none": None}
@@ -45,6 +45,25 @@ class TabularMLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor: return self.net(x)
+
+# %% ../nbs/30_models.ipynb #5159ee44
+class SmallCNN(nn.Module):
+    "A small CNN: `widths` conv blocks (3x3 conv, batch norm, ReLU, 2x2 max pool), global average pooling, dropout and a linear head."
+    def __init__(self,
+                 in_channels: int,  # channels of the input (1 grey, 3 RGB)
+                 n_classes: int,  # number of outputs
+                 widths: list[int] = (16, 32),  # channels of each conv block (depth = its length)
+                 dropout: float = 0.1,  # dropout before the head
+                 ):
+        super().__init__()
+        layers, c = [], in_channels
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(c, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.head(self.features(x).mean((2, 3)))
 
 # %% ../nbs/30_models.ipynb #94754d48
 CODE_DIR = "code"  # a bundle's copy of the project's own model code, importable when the bundle is loaded
@@ -156,7 +175,7 @@ def _carried_module(modname: str, code: Path):
             sys.modules.update(saved)
 
 # %% ../nbs/30_models.ipynb #d766d992
-BUNDLE_PARTS = ("model", "features", "contract", "task", "profile", "metrics", "lineage")  # JSON files beside the weights
+BUNDLE_PARTS = ("model", "features", "tensors", "contract", "task", "profile", "metrics", "lineage")  # JSON files beside the weights
 WEIGHTS_FILE = "model.safetensors"
 
 @dataclass
@@ -171,7 +190,7 @@ def save_bundle(
     path: Path | str,  # bundle folder to create (must not exist)
     module: nn.Module,  # trained module
     config: dict,  # its `model_config`
-    **parts: dict,  # JSON parts: features, contract, task, profile, metrics, lineage
+    **parts: dict,  # JSON parts: features, tensors, contract, task, profile, metrics, lineage
 ) -> Path:
     "Write a model bundle atomically (temp folder + rename) with the project's model code in it; returns its path."
     path = Path(path)

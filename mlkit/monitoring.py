@@ -21,11 +21,12 @@ from .predlog import read_prediction_log
 from .registry import CHAMPION, alias_version, fetched_bundle, rollback
 from .reports import render_report
 from .tasks import regression_metrics
+from .tensors import TENSOR_DTYPES
 from .tracking import experiment_id, mlflow
 
 # %% auto #0
-__all__ = ['served_log', 'answer_columns', 'read_labels', 'join_labels', 'label_counts', 'performance', 'monitor', 'retirement',
-           'enforce', 'log_report', 'monitor_model', 'report_text']
+__all__ = ['served_log', 'answer_columns', 'read_labels', 'join_labels', 'label_counts', 'performance', 'compared_features',
+           'monitor', 'retirement', 'enforce', 'log_report', 'monitor_model', 'report_text']
 
 # %% ../nbs/81_monitoring.ipynb #5779ee17
 def served_log(folder: Path | str, since: str | None = None, until: str | None = None, version: str | None = None,
@@ -102,13 +103,21 @@ def _below_floor(perf: dict, m, min_rows: int) -> str | None:
     if m.rmse_ceiling and rmse is not None and rmse > m.rmse_ceiling: return f"live RMSE {rmse:.4g} > ceiling {m.rmse_ceiling}"
     return None
 
+def compared_features(contract: dict, profile: dict) -> list[str]:
+    """The feature columns drift is measured on: the contract's (not labels, not `pii`), a tensor or image field as the
+    summary columns of it that the profile has (`<f>.mean.<c>`, `<f>.std.<c>`, `<f>.hist`: `mlkit.profiles.tensor_profile`)."""
+    targets, cols = targets_of(contract), contract["columns"]
+    summary = lambda f: [k for k in profile["columns"] if k.startswith((f"{f}.mean.", f"{f}.std.")) or k == f"{f}.hist"]
+    return [s for c, spec in cols.items() if c not in targets and not spec.get("pii")
+            for s in (summary(c) if spec["dtype"] in TENSOR_DTYPES else [c])]
+
 def monitor(log: pl.DataFrame, profile: dict, contract: dict, settings: Settings | None = None,
             labels: pl.DataFrame | None = None, window: str | None = None) -> dict:
     "Drift (and, with labels, performance) of a prediction log against the training profile: overall and per window."
     settings = settings or current_settings()
     limits, window = _drift.thresholds(settings), window or settings.monitor.window
     targets = targets_of(contract)
-    feats = [c for c in contract["columns"] if c not in targets and not contract["columns"][c].get("pii")]
+    feats = compared_features(contract, profile)
     if "answered_by" in log.columns and (log["answered_by"].null_count() or (log["answered_by"] == "shadow").any()):
         log = log.filter(pl.col("answered_by") != "shadow")  # copied only when there is something to drop
     answers = answer_columns(contract)  # true answer -> prediction column
@@ -213,7 +222,8 @@ def report_text(rep: dict) -> str:
     "The monitoring report `rep` as the lines `mlkit monitor` prints."
     out = [f"{rep['model']} version {rep['version']}: {rep['rows']} rows {rep['since']} .. {rep['until']}, {len(rep['windows'])} window(s) of {rep['window']}"]
     fmt = lambda v: "-" if v is None else format(v, ".3f")
-    for d in rep["columns"]: out.append(f"  {d['column']:<24} PSI {fmt(d.get('psi')):>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}")
+    for d in rep["columns"]: out.append(f"  {d['column']:<24} PSI {fmt(d.get('psi')):>7}  null rate {d['ref_null_rate']:.3f} -> {d['null_rate']:.3f}"
+                                        + (f"  ({len(d['ref_shares'])}-bin histogram of values)" if d["kind"] == "histogram" else ""))
     for d in rep.get("outputs") or []:
         out.append(f"  {d['column']:<24} PSI {fmt(d.get('psi')):>7}  (served predictions vs the model's on its training rows)")
     if perf := rep.get("performance"):

@@ -5,13 +5,18 @@
 # %% ../nbs/73_openapi.ipynb #590d0699
 from __future__ import annotations
 
+import base64
 import json
+import struct
+import zlib
 
 from .contracts import classes_of, targets_of, task_of
 from .inputs import NUMBER_LIMIT
+from .tensors import MODES, TENSOR_DTYPES, FieldSpec
 
 # %% auto #0
-__all__ = ['ERROR_SCHEMA', 'ERROR_ANSWERS', 'request_schema', 'prediction_schema', 'response_schema', 'openapi_doc']
+__all__ = ['ERROR_SCHEMA', 'ERROR_ANSWERS', 'request_schema', 'tensor_schema', 'image_schema', 'form_body', 'error_answers',
+           'prediction_schema', 'response_schema', 'openapi_doc']
 
 # %% ../nbs/73_openapi.ipynb #dee74b32
 ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"], "properties": {
@@ -21,6 +26,7 @@ ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"], "properties":
     "row": {"type": "integer", "nullable": True, "description": "422: the offending row (0-based)"}}}
 
 def _example_value(c: dict):
+    if c["dtype"] in TENSOR_DTYPES: return _tensor_example(c)
     if c.get("categories"): return c["categories"][0]
     if c["dtype"] in ("int", "float"):
         lo, hi = c.get("min"), c.get("max")
@@ -28,14 +34,20 @@ def _example_value(c: dict):
         return round(mid) if c["dtype"] == "int" else round(float(mid), 3)
     return {"bool": True, "string": "text"}.get(c["dtype"])
 
+def _field_schema(name: str, c: dict) -> dict:
+    "One field's schema: a scalar's JSON type, or a tensor's or an image's (`tensor_schema`, `image_schema`)."
+    t = c["dtype"]
+    if t == "tensor": return tensor_schema(c)
+    if t == "image": return image_schema(name, c)
+    return ({"type": "number", "minimum": -NUMBER_LIMIT, "maximum": NUMBER_LIMIT} if t in ("int", "float")
+            else {"type": "string"} if t == "string" else {"type": "boolean"} if t == "bool" else {})
+
 def request_schema(contract: dict, max_rows: int) -> dict:
     "The OpenAPI 3.0 schema of a `/predict` body from the contract: exactly what `validate_records` accepts."
     targets, props, required = targets_of(contract), {}, []
     for name, c in contract["columns"].items():
         if name in targets: continue
-        t = c["dtype"]
-        s = ({"type": "number", "minimum": -NUMBER_LIMIT, "maximum": NUMBER_LIMIT} if t in ("int", "float")
-             else {"type": "string"} if t == "string" else {"type": "boolean"} if t == "bool" else {})
+        s = _field_schema(name, c)
         if c.get("categories"):
             s["description"] = f"seen in training: {', '.join(map(str, c['categories']))} (others follow the feature spec)"
         if c.get("nullable"): s["nullable"] = True
@@ -46,6 +58,120 @@ def request_schema(contract: dict, max_rows: int) -> dict:
     return {"type": "object", "required": ["rows"], "example": {"rows": [example]},
             "properties": {"rows": {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows,
                                     "description": f"raw records, 1 to {max_rows} per request"}}}
+
+# %% ../nbs/73_openapi.ipynb #49777710
+_FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: a float32 tensor refuses values beyond it
+_INT_RANGES = {"int64": (-2**63, 2**63 - 1), "int32": (-2**31, 2**31 - 1), "uint8": (0, 255)}
+_BASE64 = r"^(data:[a-z]+/[a-z0-9.+-]+;base64,)?[A-Za-z0-9+/]*={0,2}$"  # base64 text, an optional data: URI prefix
+
+def _dims(lo: int, hi: int | None) -> dict: return {"minItems": lo, **({"maxItems": hi} if hi is not None else {})}
+
+def _nested(shape: list, leaf: dict) -> dict:
+    "Arrays nested one level per size of `shape` (null: any size, at least one where deeper levels follow)."
+    s = leaf
+    for i in reversed(range(len(shape))):
+        d = shape[i]
+        s = {"type": "array", "items": s, **(_dims(d, d) if d is not None else _dims(1, None) if i < len(shape) - 1 else {})}
+    return s
+
+def tensor_schema(column: dict) -> dict:
+    "A tensor field's schema: arrays nested one level per size of its `shape`, of numbers in its element type and range."
+    el, shape = column.get("element", "float32"), column["shape"]
+    lo, hi = _INT_RANGES.get(el, (-_FLOAT32_MAX, _FLOAT32_MAX) if el == "float32" else (-NUMBER_LIMIT, NUMBER_LIMIT))
+    lo, hi = max(lo, column.get("min", lo)), min(hi, column.get("max", hi))
+    leaf = {"type": "integer" if el in _INT_RANGES else "number", "minimum": lo, "maximum": hi}
+    text = "x".join("?" if d is None else str(d) for d in shape)
+    return {**_nested(shape, leaf), "description": f"a {text} tensor of {el} ({len(shape)} levels of nested arrays, ? any size)"
+            + (f", values {column.get('min', '')}..{column.get('max', '')}" if "min" in column or "max" in column else "")}
+
+def _size_text(f: FieldSpec) -> str:
+    lo, hi = f.lo, f.hi
+    return f"{lo[0]}x{lo[1]}" if lo == hi else f"{lo[0]}x{lo[1]} to {hi[0]}x{hi[1]}" if hi else f"at least {lo[0]}x{lo[1]}"
+
+def image_schema(name: str, column: dict) -> dict:
+    "An image field's schema: `oneOf` a base64 PNG/JPEG string, or its pixels as nested arrays of 0..255."
+    f = FieldSpec(name, column, steps=[])
+    lo, hi, ch = f.lo, f.hi or [None, None], f.channels
+    pixel = {"type": "number", "minimum": 0, "maximum": 255}
+    grid = lambda px: {"type": "array", **_dims(lo[0], hi[0]), "items": {"type": "array", **_dims(lo[1], hi[1]), "items": px}}
+    what = f"{_size_text(f)} pixels (height x width), {ch} channel{'s' * (ch > 1)} ({MODES[ch]}), at most {f.max_pixels} pixels"
+    formats = " or ".join(x.upper() for x in f.formats)
+    encoded = {"type": "string", "format": "byte", "pattern": _BASE64,
+               "description": f"a base64 {formats} image of {what}; a data:image/...;base64, prefix is allowed"
+               + (f"; at most {column['max_bytes']} bytes before base64" if "max_bytes" in column else "")}
+    arrays = [grid(pixel)] * (ch == 1) + [grid({"type": "array", **_dims(ch, ch), "items": pixel})]
+    return {"oneOf": [encoded, *arrays], "description": f"an image of {what}: base64 {formats} text, or pixels as "
+            f"[height][width]{'' if ch == 1 else '[channels]'} arrays of 0..255" + (" ([height][width][1] too)" if ch == 1 else "")}
+
+# %% ../nbs/73_openapi.ipynb #8447b919
+def _png(h: int, w: int, channels: int, level: int = 128) -> bytes:
+    "A plain grey PNG of `h` x `w` pixels (opaque), written without Pillow: an image example that is always valid."
+    pixel = bytes([level] * min(channels, 3) + [255] * (channels == 4))
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, {1: 0, 3: 2, 4: 6}[channels], 0, 0, 0)
+    z, row = zlib.compressobj(9), b"\0" + pixel * w  # a row at a time: a large image costs no large buffer
+    idat = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+def _filled(shape: list, v):
+    return v if not shape else [_filled(shape[1:], v) for _ in range(shape[0] or 1)]
+
+def _tensor_example(c: dict):
+    "An example value of a tensor or image field that its checks accept."
+    if c["dtype"] == "tensor":  # zeros (the range's nearest value), one per size (1 where any)
+        v = min(max(0, c.get("min", 0)), c.get("max", float("inf")))
+        return _filled(c["shape"], int(v) if c.get("element", "float32") in _INT_RANGES else float(v))
+    f = FieldSpec("example", c, steps=[])  # a grey image of the smallest size: a PNG where PNG is accepted, else its pixels
+    if "png" in f.formats: return base64.b64encode(_png(*f.lo, f.channels)).decode()
+    return _filled([*f.lo, f.channels], 128)
+
+# %% ../nbs/73_openapi.ipynb #ac895742
+ERROR_ANSWERS = {400: "Malformed JSON, or a body that is not {\"rows\": [objects]}",
+                 401: "Missing or invalid API key (Authorization: Bearer <key>)",
+                 413: "Body over [serve] max_body_bytes (refused before it is read)",
+                 415: "Content type other than application/json (pickle above all)",
+                 422: "A row the contract rejects: wrong type, missing or unknown field, NaN or infinity, too many rows",
+                 500: "A fault in the service (never a client mistake)",
+                 503: "Overloaded: a queued request passed [serve] max_latency_ms; retry"}
+
+def form_body(contract: dict, max_rows: int) -> dict | None:
+    "The `multipart/form-data` request body of `/predict` (schema and encoding) when the contract has image fields, else None."
+    targets = targets_of(contract)
+    cols = {n: c for n, c in contract["columns"].items() if n not in targets}
+    images = [n for n, c in cols.items() if c["dtype"] == "image"]
+    if not images: return None
+    props, required = {}, []
+    for name, c in cols.items():
+        t = c["dtype"]
+        if t == "image":
+            f = FieldSpec(name, c, steps=[])
+            s = {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": max_rows,
+                 "description": f"{' or '.join(x.upper() for x in f.formats)} files of {_size_text(f)} pixels, {f.channels} "
+                                f"channel{'s' * (f.channels > 1)}: one row per file (1 to {max_rows})"}
+        else:
+            s = {"type": "number" if t in ("int", "float") else "boolean" if t == "bool" else "string",
+                 "description": ("the nested arrays as JSON text" if t == "tensor" else "a value")
+                                + ": one for every row, or one per file (in file order)"
+                 + (f"; seen in training: {', '.join(map(str, c['categories']))}" if c.get("categories") else "")}
+        if not c.get("nullable"): required.append(name)
+        props[name] = s
+    schema = {"type": "object", "properties": props, **({"required": required} if required else {})}
+    mime = lambda n: ", ".join(f"image/{x}" for x in FieldSpec(n, cols[n], steps=[]).formats)
+    return {"schema": schema, "encoding": {n: {"contentType": mime(n)} for n in images}}
+
+def error_answers(contract: dict) -> dict:
+    "`ERROR_ANSWERS`, worded for the contract: with tensor or image fields, uploads, the body limit it sets and bad values."
+    targets = targets_of(contract)
+    kinds = {c["dtype"] for n, c in contract["columns"].items() if n not in targets}
+    if not kinds & set(TENSOR_DTYPES): return dict(ERROR_ANSWERS)
+    form = " or multipart/form-data" if "image" in kinds else ""
+    return {**ERROR_ANSWERS,
+            400: f"Malformed JSON{' or multipart' if form else ''} body, or a body that is not {{\"rows\": [objects]}}",
+            413: "Body over the limit, refused before it is read: [serve] max_body_bytes, or the limit derived from the contract "
+                 "(its tensor and image fields' declared sizes and max_bytes, times max_rows)",
+            415: f"Content type other than application/json{form} (pickle above all)",
+            422: ERROR_ANSWERS[422] + "; a tensor or image the contract rejects: not decodable (not a PNG/JPEG, truncated), "
+                 "wrong size, channels or shape, NaN, out of range, over the pixel or byte limit"}
 
 # %% ../nbs/73_openapi.ipynb #ce2dd7f2
 def prediction_schema(contract: dict) -> dict:
@@ -72,14 +198,6 @@ def response_schema(contract: dict | list) -> dict:
         "answered_by": {"type": "string", "enum": ["champion", "challenger"]},
         "predictions": {"type": "array", "items": prediction_schema(contract)}}}
 
-ERROR_ANSWERS = {400: "Malformed JSON, or a body that is not {\"rows\": [objects]}",
-                 401: "Missing or invalid API key (Authorization: Bearer <key>)",
-                 413: "Body over [serve] max_body_bytes (refused before it is read)",
-                 415: "Content type other than application/json (pickle above all)",
-                 422: "A row the contract rejects: wrong type, missing or unknown field, NaN or infinity, too many rows",
-                 500: "A fault in the service (never a client mistake)",
-                 503: "Overloaded: a queued request passed [serve] max_latency_ms; retry"}
-
 def openapi_doc(spec: dict, contract: dict, max_rows: int, secured: bool, route: str = "/predict") -> dict:
     "BentoML's OpenAPI `spec` with the `route` operation's body, answers and security written from the contract."
     comps = spec.setdefault("components", {})
@@ -88,11 +206,15 @@ def openapi_doc(spec: dict, contract: dict, max_rows: int, secured: bool, route:
     ref = lambda name: {"application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}
     op = spec["paths"][route]["post"]
     op["requestBody"] = {"required": True, "content": ref("PredictRequest")}
+    if form := form_body(contract, max_rows):  # image fields: uploads too
+        comps["schemas"]["PredictForm"] = form["schema"]
+        op["requestBody"]["content"]["multipart/form-data"] = {"schema": {"$ref": "#/components/schemas/PredictForm"},
+                                                               "encoding": form["encoding"]}
     header = lambda d: {"schema": {"type": "string"}, "description": d}
     op["responses"] = {"200": {"description": "Predictions", "content": ref("PredictResponse"), "headers": {
         "x-request-id": header("the caller's x-request-id, or a new one"), "x-mlkit-model": header("model/version"),
         "x-mlkit-answered-by": header("champion or challenger")}},
-        **{str(code): {"description": d, "content": ref("Error")} for code, d in ERROR_ANSWERS.items()}}
+        **{str(code): {"description": d, "content": ref("Error")} for code, d in error_answers(contract).items()}}
     if secured:
         comps.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
         op["security"] = [{"bearer": []}]

@@ -15,12 +15,13 @@ import polars as pl
 from .config import Settings, current_settings
 from .contracts import Contract, ValidationReport, read_as, validate
 from .data import DataError
-from .features import FeatureSpec
-from .profiles import profile_frame
+from .features import FeatureSpec, frame_inputs, frame_values, record_inputs
+from .profiles import profile_frame, tensor_profile
 from .registry import register
 from .snapshots import Snapshot, load_snapshot, snapshot
 from .splits import Split, split_for
 from .tasks import Task
+from .tensors import TENSOR_DTYPES, TensorSpec, jsonable, thumbnails
 from . import tracking
 
 # %% auto #0
@@ -48,6 +49,7 @@ class Prepared:
     run_id: str | None = None  # the tracked run (`track`)
     params: dict = field(default_factory=dict)
     notebook: str | None = None
+    tensors: TensorSpec | None = None  # the tensor and image fields among the features, fitted on the training rows
 
     X_train = property(lambda self: self.X["train"]); y_train = property(lambda self: self.y["train"])
     X_test = property(lambda self: self.X["test"]); y_test = property(lambda self: self.y["test"])
@@ -63,7 +65,9 @@ class Prepared:
         r = self.split.record
         return (f"{self.name}: dataset {self.snapshot.id[:19]} ({self.snapshot.rows} rows), {self.task.kind} of "
                 f"{', '.join(self.task.targets)}; {r['strategy']} split {r['rows']['train']} train, {r['rows']['val']} "
-                f"validation, {r['rows']['test']} test; {self.X_train.shape[1]} features")
+                f"validation, {r['rows']['test']} test; " + (", ".join(f"{f.name} {f.kind} {'x'.join(map(str, f.out_shape or '?'))}"
+                for f in self.tensors.fields) + (f" and {len(self.spec.output_names)} features" if self.spec.inputs else "")
+                if self.tensors else f"{self.X_train.shape[1]} features"))
     def __repr__(self): return f"Prepared({self.summary()})"
 
 # %% ../nbs/54_pipeline.ipynb #1efe528d
@@ -108,12 +112,20 @@ def prepare(
     if contract.kind == "classification" and sp.train[contract.targets[0]].n_unique() < 2:
         raise DataError(f"{source}: the training rows hold one class of {contract.targets[0]!r} only: nothing to tell apart ({sp.record['rows']})")
     spec = FeatureSpec.from_contract(contract, features).fit(sp.train)
+    tensors = TensorSpec.from_contract(contract.to_dict(), features)
+    values = {n: frame_values(sp.train, n) for n in tensors.names}
+    tensors = tensors.fit(values) if tensors else None
     task = Task.from_contract(contract).fit(sp.train)
-    profile = profile_frame(sp.train.select([*features, *contract.targets]), pii=contract.pii)
+    scalar = [f for f in features if contract.columns[f]["dtype"] not in TENSOR_DTYPES]
+    profile = profile_frame(sp.train.select([*scalar, *contract.targets]), pii=contract.pii)
+    if tensors:  # per-channel statistics and intensity histograms; a few images as thumbnails for the card
+        profile["columns"].update(tensor_profile(tensors, values))
+        profile["examples"] = {f.name: thumbnails(f, values[f.name]) for f in tensors.fields if f.kind == "image"}
     parts = {"train": sp.train, "val": sp.val, "test": sp.test}
-    X = {k: spec.transform(v) for k, v in parts.items()}
+    X = {k: frame_inputs(spec, tensors, v) for k, v in parts.items()}
     y = {k: task.encode(v) for k, v in parts.items()}
-    return Prepared(name, contract, features, str(source), df, snap, report, sp, spec, task, profile, settings, seed, X, y)
+    return Prepared(name, contract, features, str(source), df, snap, report, sp, spec, task, profile, settings, seed, X, y,
+                    tensors=tensors)
 
 # %% ../nbs/54_pipeline.ipynb #8caabb67
 def _notebook_of(p: Prepared) -> str | None:
@@ -168,11 +180,11 @@ LOADBACK_ROWS = 16  # example rows scored by the fresh interpreter
 
 def _score_records(bundle: Path | str, rows: list[dict]) -> np.ndarray:
     "A bundle's decoded outputs for raw records, from its files alone (the fresh interpreter's side of `load_back`)."
-    import torch
     from mlkit.models import load_bundle
+    from mlkit.train import predict_outputs
     b = load_bundle(bundle)
-    X = FeatureSpec.from_dict(b["features"]).transform_records(rows)
-    with torch.inference_mode(): return Task.from_dict(b["task"]).decode(b.module(torch.from_numpy(X)))
+    X = record_inputs(FeatureSpec.from_dict(b["features"]), TensorSpec.from_dict(b.parts.get("tensors")), rows)
+    return Task.from_dict(b["task"]).decode(predict_outputs(b.module, X))
 
 def _load_back_child():
     "`python -I -c ...` entry: argv = bundle, rows JSON file; prints the outputs as JSON."
@@ -181,7 +193,7 @@ def _load_back_child():
     bundle, rows = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     print(json.dumps(_score_records(bundle, rows).tolist()))
 
-def load_back(bundle: Path, module, spec: FeatureSpec, task: Task, rows: list[dict]) -> dict:
+def load_back(bundle: Path, module, spec: FeatureSpec, task: Task, rows: list[dict], tensors: TensorSpec | None = None) -> dict:
     "Score `rows` with `bundle` in a fresh interpreter and check they match `module`'s outputs; returns the check's record, raises naming the gap."
     import json
     import os
@@ -191,7 +203,7 @@ def load_back(bundle: Path, module, spec: FeatureSpec, task: Task, rows: list[di
     import torch
     from mlkit.train import predict_outputs
     t0 = time.perf_counter()
-    expected = task.decode(predict_outputs(module, spec.transform_records(rows)))
+    expected = task.decode(predict_outputs(module, record_inputs(spec, tensors, rows)))
     with tempfile.TemporaryDirectory(prefix="mlkit-loadback-") as d:
         (Path(d) / "rows.json").write_text(json.dumps(rows, default=str))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
@@ -239,10 +251,12 @@ def finish(
     lineage = tracking.lineage_record(p.run_id, dataset_version=p.snapshot.id, feature_spec=p.spec.spec_hash(),
                                       notebook=p.notebook, parameters=p.params, split=p.split.record)
     bundle = save_bundle(Path(tempfile.mkdtemp()) / "bundle", module, config, features=p.spec.to_dict(),
+                         **({"tensors": p.tensors.to_dict()} if p.tensors else {}),
                          contract=p.model_contract.to_dict(), task=p.task.to_dict(), profile={**p.profile, "predictions": predicted},
                          metrics=metrics, lineage=lineage)
-    example = (p.split.test if len(p.split.test) else p.split.train).head(LOADBACK_ROWS).select(p.features).to_dicts()
-    check = load_back(bundle, module, p.spec, p.task, example)
+    example = [{k: jsonable(v) for k, v in r.items()}  # image bytes as base64 text, arrays as lists: what a request holds
+               for r in (p.split.test if len(p.split.test) else p.split.train).head(LOADBACK_ROWS).select(p.features).to_dicts()]
+    check = load_back(bundle, module, p.spec, p.task, example, p.tensors)
     mlf.log_dict(check, "checks/loadback.json")
     mlf.set_tags({"mlkit.loadback": "passed", "mlkit.loadback.rows": str(check["rows"])})
     info = tracking.log_bundle(bundle, input_example=example[:3])

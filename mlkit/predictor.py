@@ -15,11 +15,12 @@ import torch
 
 from .contracts import targets_of
 from .core import atomic_write
-from .features import FeatureSpec
+from .features import FeatureSpec, frame_inputs, record_inputs
 from .inputs import InvalidInput, validate_records
 from .models import Bundle, load_bundle
 from .registry import fetched_bundle, parse_ref
 from .tasks import Task
+from .tensors import TensorSpec
 
 # %% auto #0
 __all__ = ['FEATURE_BOUND', 'Predictor', 'predict_file']
@@ -27,10 +28,18 @@ __all__ = ['FEATURE_BOUND', 'Predictor', 'predict_file']
 # %% ../nbs/70_predictor.ipynb #c5c5857a
 FEATURE_BOUND = 1e6  # features are clipped to +-this before the forward pass (a million std devs of a standardized input)
 
+def _on(x, device: torch.device) -> torch.Tensor:
+    "A module input as a tensor on `device`: a feature matrix clipped to +-`FEATURE_BOUND` first (a finite but absurd input must not overflow into NaN logits)."
+    if isinstance(x, np.ndarray): x = torch.from_numpy(np.clip(x, -FEATURE_BOUND, FEATURE_BOUND, out=x))
+    return x if x.device == device else x.to(device, non_blocking=True)
+
 class Predictor:
     "Scores raw records with a model bundle: validation, features, forward pass, decoded as its task says."
     def __init__(self, bundle: Bundle, name: str = "", version: str = ""):
         self.bundle, self.name, self.version = bundle, name, str(version)
+        self.tensors = TensorSpec.from_dict(bundle.parts.get("tensors")) or None  # tensor and image fields, if any
+        self.fields = {f.name: f for f in self.tensors.fields} if self.tensors else None
+        self.device = next((t.device for t in bundle.module.parameters()), torch.device("cpu"))
         self.contract = bundle["contract"]
         self.task = Task.from_dict(bundle["task"]) if "task" in bundle.parts else Task.from_contract(self.contract)
         self.kind, self.classes, self.targets = self.task.kind, self.task.classes, self.task.targets
@@ -42,23 +51,29 @@ class Predictor:
         self._json_keys = [json.dumps(c if isinstance(c, str) else json.dumps(c)) + ": " for c in (self.classes or self.targets)]
 
     @classmethod
-    def from_bundle(cls, path: Path | str, name: str = "", version: str = "", expected_sha256: str | None = None) -> Predictor:
-        "A predictor for the bundle at `path` (hash-checked when `expected_sha256` is given)."
-        return cls(load_bundle(path, expected_sha256=expected_sha256), name, version)
+    def from_bundle(cls, path: Path | str, name: str = "", version: str = "", expected_sha256: str | None = None,
+                    device: str = "cpu") -> Predictor:
+        "A predictor for the bundle at `path` (hash-checked when `expected_sha256` is given), its model on `device`."
+        return cls(load_bundle(path, expected_sha256=expected_sha256, device=device), name, version)
 
-    def scores(self, X: np.ndarray) -> np.ndarray:
-        """Decoded outputs for a feature matrix (the part of a request that adaptive batching merges across requests):
-        class probabilities `(rows, classes)`, or values `(rows, targets)` in the targets' units."""
-        np.clip(X, -FEATURE_BOUND, FEATURE_BOUND, out=X)  # a finite but absurd input must not overflow into NaN logits
-        with torch.inference_mode(): return self.task.decode(self.bundle.module(torch.from_numpy(X)))
+    def scores(self, X) -> np.ndarray:
+        """Decoded outputs for the module's input (the part of a request that adaptive batching merges across requests):
+        a feature matrix, a tensor batch or a dict of them; class probabilities `(rows, classes)`, or values `(rows, targets)`."""
+        X = {k: _on(v, self.device) for k, v in X.items()} if isinstance(X, dict) else _on(X, self.device)
+        with torch.inference_mode(): out = self.bundle.module(X)
+        return self.task.decode(out if out.device.type == "cpu" and out.dtype == torch.float32 else out.float().cpu())
 
     def predict_proba(self, rows: list[dict]) -> np.ndarray:
         "Decoded outputs for valid raw records: class probabilities `(len(rows), len(classes))`, or values `(len(rows), len(targets))`."
-        return self.scores(self.spec.transform_records(rows))
+        return self.scores(record_inputs(self.spec, self.tensors, rows))
+
+    def validate(self, rows: list, max_rows: int | None = None) -> list[dict]:
+        "`rows` checked against the contract (`InvalidInput` naming the row and field), tensor and image values decoded."
+        return validate_records(self.contract, rows, max_rows, self.fields)
 
     def predict(self, rows: list[dict], max_rows: int | None = None) -> list[dict]:
         "Validate `rows` and return one answer per row (`{label, probabilities}`, or `{value}` for a regression)."
-        return self.format(self.predict_proba(validate_records(self.contract, rows, max_rows)))
+        return self.format(self.predict_proba(self.validate(rows, max_rows)))
 
     def respond(self, rows: list[dict], max_rows: int | None = None) -> dict:
         "Predictions with the model name and version that made them, shaped like a service's answer (for scripts and tests)."
@@ -105,7 +120,8 @@ def _predict_table(self: Predictor, df, batch_rows: int = 200_000):
     missing = [c for c in self.columns if c not in df.columns and not self.contract["columns"][c].get("nullable")]
     if missing: raise InvalidInput(f"required columns {missing} are missing (the data has {df.columns})", missing[0])
     df = df.with_columns([pl.lit(None).alias(c) for c in self.columns if c not in df.columns])
-    parts = [pl.DataFrame(self._output_columns(self.scores(np.ascontiguousarray(self.spec.transform(df.slice(off, batch_rows))))))
+    inputs = lambda part: (lambda x: np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x)(frame_inputs(self.spec, self.tensors, part))
+    parts = [pl.DataFrame(self._output_columns(self.scores(inputs(df.slice(off, batch_rows)))))
              for off in range(0, len(df), batch_rows)]
     return pl.concat(parts) if parts else pl.DataFrame(self._output_columns(np.zeros((0, self.task.n_outputs), np.float32)))
 
@@ -114,7 +130,7 @@ def _predict_frame(self: Predictor, df):
     import pandas as pd
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
             for r in df[[c for c in self.columns if c in df.columns]].to_dict("records")]
-    return pd.DataFrame(self._output_columns(self.predict_proba(validate_records(self.contract, rows))))
+    return pd.DataFrame(self._output_columns(self.predict_proba(self.validate(rows))))
 
 Predictor._output_columns, Predictor.predict_table, Predictor.predict_frame = _output_columns, _predict_table, _predict_frame
 

@@ -22,6 +22,7 @@ from .config import Settings, current_settings
 from .contracts import classes_of, targets_of, task_of
 from .core import atomic_write
 from .predictor import Predictor
+from .tensors import TENSOR_DTYPES, FieldSpec, TensorSpec
 
 # %% auto #0
 __all__ = ['PII_KEY_ENV', 'pii_key', 'PredictionLog', 'prediction_log', 'part_time', 'read_prediction_log']
@@ -50,21 +51,22 @@ _project_pii_key = pii_key  # `PredictionLog`'s default, under a name its `pii_k
 
 # %% ../nbs/72_predlog.ipynb #2bdf213e
 class PredictionLog:
-    "Append served rows to Parquet parts in the background; `pii` columns as keyed hashes (HMAC-SHA256), never raw."
+    "Append served rows to Parquet parts in the background; `pii` columns as keyed hashes (HMAC-SHA256), tensors as summaries, never raw."
     def __init__(self,
                  folder: Path | str,  # `<state>/predictions/<model>` normally
                  contract: dict,  # the bundle's contract: feature columns, task, classes and pii flags
                  flush_rows: int = 5_000,  # write a part once this many rows are queued...
                  flush_seconds: float = 2.0,  # ...or this long after the first queued row
                  pii_key: bytes | None = None,  # the key of the pii hashes (default: the project's, `pii_key()`)
+                 tensors: TensorSpec | None = None,  # the model's tensor and image fields (default: the contract's), logged as summaries
                  ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.targets, self.kind = targets_of(contract), task_of(contract)
-        self.features = [c for c in contract["columns"] if c not in self.targets]
+        self.targets, self.kind, self.classes = targets_of(contract), task_of(contract), classes_of(contract)
+        self.fields = (TensorSpec.from_contract(contract) if tensors is None else tensors).fields
+        self.features = [c for c, s in contract["columns"].items() if c not in self.targets and s["dtype"] not in TENSOR_DTYPES]
         self.pii = {c for c, s in contract["columns"].items() if s.get("pii")}
         self._pii_key = (pii_key or _project_pii_key()) if self.pii else b""
-        self.classes = classes_of(contract)
         import polars as pl  # raw values as the contract types them (ints in a float column become floats)
         kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
         self._dtypes = {c: kinds.get(contract["columns"][c]["dtype"], pl.String) for c in self.features}
@@ -116,13 +118,15 @@ def _frame(self: PredictionLog, batch: list):
     n = [len(b[5]) for b in batch]
     rep = lambda i: [x for b, k in zip(batch, n) for x in [b[i]] * k]
     rows = [r for b in batch for r in b[5]]
-    feats = pl.DataFrame(rows, schema={c: self._dtypes[c] for c in self.features}, strict=False) if rows else None
+    plain = [{c: r.get(c) for c in self.features} for r in rows] if self.fields else rows  # polars reads every key of a row
+    feats = pl.DataFrame(plain, schema={c: self._dtypes[c] for c in self.features}, strict=False) if rows else None
     cols = {"time": pl.from_epoch(pl.Series(rep(0)), time_unit="s"), "request_id": rep(1),
             "row": [i for k in n for i in range(k)], "answered_by": rep(2), "model": rep(3), "version": rep(4)}
     for c in self.features:
         vals = feats[c]
         if c in self.pii: vals = [None if v is None else hmac.digest(self._pii_key, str(v).encode(), "sha256").hex() for v in vals.to_list()]
         cols[c] = vals
+    for f in self.fields: cols.update(_summaries(f, [r.get(f.name) for r in rows]))  # a tensor's summary, never its values
     P = np.concatenate([b[7] for b in batch]).astype("float64", copy=False)
     if self.kind == "classification":
         cols["prediction"] = [x for b in batch for x in b[6]]
@@ -130,6 +134,12 @@ def _frame(self: PredictionLog, batch: list):
     else:  # a value JSON could not carry (NaN) is null
         for j, t in enumerate(self.targets): cols["prediction" if len(self.targets) == 1 else f"prediction_{t}"] = pl.Series(P[:, j]).fill_nan(None)
     return pl.DataFrame(cols, strict=False)
+
+def _summaries(f: FieldSpec, values: list) -> dict:
+    "A tensor or image field's summary columns (`FieldSpec.summarize`), typed as the log keeps them even when every value is missing."
+    import polars as pl
+    types = {f"{f.name}.shape": pl.String, f"{f.name}.sha256": pl.String, f"{f.name}.hist": pl.List(pl.Float64)}
+    return {c: pl.Series(c, v, dtype=types.get(c, pl.Float64)) for c, v in f.summarize(values).items()}
 
 def _outputs(self: PredictionLog, predictions: list[dict]) -> np.ndarray:
     "The outputs behind a service's answers: class probabilities, or values `(rows, targets)`."
@@ -144,7 +154,8 @@ def prediction_log(predictor: Predictor, settings: Settings | None = None) -> Pr
     "The prediction log of a served predictor: `<state>/predictions/<model>/`."
     settings = settings or current_settings()
     return PredictionLog(settings.predictions_dir / (predictor.name or "model"), predictor.contract,
-                         pii_key=pii_key(settings) if any(s.get("pii") for s in predictor.contract["columns"].values()) else None)
+                         pii_key=pii_key(settings) if any(s.get("pii") for s in predictor.contract["columns"].values()) else None,
+                         tensors=getattr(predictor, "tensors", None))
 
 _PART = re.compile(r"^part-(\d{19,20})-[0-9a-f]+\.parquet$")
 

@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from .contracts import Contract, read_as
 from .data import ENGINE, read_data
 
+if TYPE_CHECKING:  # named in annotations only: profiles load without torch
+    from mlkit.tensors import TensorSpec
+
 # %% auto #0
-__all__ = ['PROFILE_QUANTILES', 'profile_frame', 'profile_file']
+__all__ = ['PROFILE_QUANTILES', 'profile_frame', 'profile_file', 'tensor_profile']
 
 # %% ../nbs/13_profiles.ipynb #ede06de4
 PROFILE_QUANTILES = [i / 10 for i in range(11)]
@@ -70,3 +74,19 @@ def profile_file(data: Path | str, contract: Path | str | None = None) -> dict:
     if contract is None: return profile_frame(read_data(data))
     c = Contract.load(contract)
     return profile_frame(read_as(c, data), pii=c.pii)
+
+# %% ../nbs/13_profiles.ipynb #d2cf738a
+def tensor_profile(
+    spec: TensorSpec,  # the model's tensor and image fields (fitted: their `range` bins the histograms)
+    columns: dict,  # field name -> the training values (raw or decoded)
+) -> dict:
+    "Profile entries (a profile's `columns`) of each field's summary: `<f>.mean.<c>`, `<f>.std.<c>` as numbers, `<f>.hist` pooled."
+    out = {}
+    for f in spec.fields:
+        s = f.summarize(columns[f.name])
+        nums = [c for c in f.summary_columns() if c.startswith((f"{f.name}.mean.", f"{f.name}.std."))]
+        out.update(profile_frame(pl.DataFrame({c: pl.Series(c, s[c], dtype=pl.Float64) for c in nums}))["columns"])
+        n, hists = len(s[f"{f.name}.hist"]), [h for h in s[f"{f.name}.hist"] if h is not None]
+        out[f"{f.name}.hist"] = {"kind": "histogram", "dtype": "hist", "null_rate": 1 - len(hists) / n if n else 0.0,
+                                 "shares": [sum(b) / len(hists) for b in zip(*hists)], "range": f.range}
+    return out

@@ -21,14 +21,15 @@ from .bento import bento_contract, bento_models, predictor_from_bento
 from .config import Settings, SettingsError, current_settings
 from .contracts import task_of
 from .guard import OPEN_PATHS, ServiceGuard, api_key_hashes, request_id
-from .inputs import InvalidInput, validate_records
+from .inputs import InvalidInput, body_limit
 from .openapi import openapi_doc
 from .predictor import Predictor
 from .predlog import prediction_log
 from .telemetry import observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
 # %% auto #0
-__all__ = ['service_config', 'Overloaded', 'ModelServer', 'model_server', 'guard_service', 'bento_service']
+__all__ = ['service_config', 'serve_device', 'place', 'Overloaded', 'ModelServer', 'model_server', 'guard_service',
+           'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def service_config(settings: Settings | None = None) -> dict:
@@ -46,6 +47,18 @@ def service_config(settings: Settings | None = None) -> dict:
             cfg["tracing"]["otlp"] = {"protocol": "http", "endpoint": s.tracing_endpoint}
     return cfg
 
+# %% ../nbs/78_service.ipynb #62cfda00
+def serve_device(setting: str, predictor: Predictor, cuda: bool | None = None) -> torch.device:
+    "Where a served model runs: `[serve] device`; auto is CUDA when present for a model of tensor or image inputs, else the CPU."
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if setting == "cuda" and not cuda: raise SettingsError("[serve] device = cuda, but CUDA is not available on this machine")
+    return torch.device("cuda" if setting == "cuda" or (setting == "auto" and cuda and predictor.tensors is not None) else "cpu")
+
+def place(predictor: Predictor, device: torch.device) -> Predictor:
+    "Move a predictor's model to `device` (its batches follow: `Predictor.scores`)."
+    if predictor.device != device: predictor.bundle.module.to(device); predictor.device = device
+    return predictor
+
 # %% ../nbs/78_service.ipynb #a4afc4aa
 class Overloaded(RuntimeError):
     "A queued request passed the batching deadline (`[serve] max_latency_ms`): answer 503 and let the client retry."
@@ -59,6 +72,7 @@ class ModelServer:
             raise ValueError(f"the challenger ({challenger.kind} of {challenger.targets}) does not answer the champion's question "
                              f"({champion.kind} of {champion.targets}{', classes ' + str(champion.classes) if champion.classes else ''})")
         self.models = {"champion": champion, **({"challenger": challenger} if challenger is not None else {})}
+        for p in self.models.values(): place(p, serve_device(s.device, p))
         self.canary = s.canary_share if challenger is not None else 0.0
         self.shadow = bool(s.shadow and challenger is not None)
         self.max_rows = s.max_rows
@@ -142,7 +156,9 @@ async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, 
     role = self.route()
     p, m = self.models[role], self._series[role]
     t0 = time.perf_counter()
-    try: validate_records(p.contract, rows, self.max_rows)  # per request: a bad one never fails a batch
+    try:  # per request: a bad one never fails a batch; images are decoded off the event loop
+        rows = p.validate(rows, self.max_rows) if p.tensors is None else \
+            await asyncio.get_running_loop().run_in_executor(None, p.validate, rows, self.max_rows)
     except InvalidInput:
         m["invalid"].inc()
         raise
@@ -206,7 +222,7 @@ async def _shadow(self: ModelServer, rows: list, champion_out: np.ndarray, champ
     absolute difference of each value), logged; never an error to the caller."""
     c, m = self._lanes["shadow"], self._series["shadow"]
     try:
-        validate_records(c.contract, rows, self.max_rows)
+        rows = c.validate(rows, self.max_rows)  # (tensors arrive decoded: they pass as they are)
         proba = await self._scores("shadow", rows)  # counted as answered_by="shadow" there
     except InvalidInput: m["invalid"].inc(); return  # a shadow never affects serving; it is counted
     except Overloaded: m["overloaded"].inc(); return
@@ -237,8 +253,11 @@ def guard_service(service, settings: Settings | None = None, models: dict | None
     keys = api_key_hashes(settings)
     def openapi(spec: dict) -> dict:  # the champion's contract decides the documented request
         return openapi_doc(spec, bento_contract(models["champion"]), settings.serve.max_rows, secured=bool(keys))
-    service.add_asgi_middleware(ServiceGuard, key_hashes=keys, max_body_bytes=settings.serve.max_body_bytes,
-                                docs_need_key=settings.serve.docs_need_key, openapi=openapi if models else None)
+    s = settings.serve
+    contract = bento_contract(models["champion"]) if models else {"columns": {}}
+    service.add_asgi_middleware(ServiceGuard, key_hashes=keys, max_body_bytes=body_limit(contract, s.max_rows, s.max_body_bytes),
+                                docs_need_key=s.docs_need_key, openapi=openapi if models else None,
+                                multipart=any(c["dtype"] == "image" for c in contract["columns"].values()))
     # the service's `/predict` is answered by the guard once `model_server` has run (`mlkit.guard.set_server`)
     return service
 
@@ -277,6 +296,9 @@ def bento_service(
              "__init__": __init__, "predict": bentoml.api(predict), "close": bentoml.on_shutdown(close),
              "champion": bentoml.models.BentoModel(models["champion"])}
     if "challenger" in models: attrs["challenger"] = bentoml.models.BentoModel(models["challenger"])  # canary and shadow
-    svc = bentoml.service(name=name, **service_config(settings))(type(_class_name(name), (), attrs))
+    cfg, device = service_config(settings), (settings or current_settings()).serve.device
+    tensors = task is not None and any(c["dtype"] in ("tensor", "image") for c in bento_contract(models["champion"])["columns"].values())
+    if device == "cuda" or (device == "auto" and tensors and torch.cuda.is_available()): cfg["resources"] = {"gpu": 1}
+    svc = bentoml.service(name=name, **cfg)(type(_class_name(name), (), attrs))
     svc._caller_module = attrs["__module__"]  # BentoML looks for the service in its caller's module: service.py, not this one
     return guard_service(svc, settings, models)

@@ -189,7 +189,9 @@ def contract_signature(contract: dict):
     "MLflow signature from a contract: raw input columns in; the label and class probabilities, or the values, out."
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-    kinds = {"int": "double", "float": "double", "string": "string", "bool": "boolean", "date": "string", "datetime": "string"}
+    from mlflow.types.schema import AnyType
+    kinds = {"int": "double", "float": "double", "string": "string", "bool": "boolean", "date": "string", "datetime": "string",
+             "tensor": AnyType(), "image": AnyType()}  # nested arrays, or an image's base64 text: mlkit checks them
     targets = targets_of(contract)
     inputs = Schema([ColSpec(kinds[s["dtype"]], c, required=not s.get("nullable", False))
                      for c, s in contract["columns"].items() if c not in targets])
@@ -211,7 +213,8 @@ def log_bundle(
     contract = json.loads((Path(bundle) / "contract.json").read_text())
     cols = [c for c in contract["columns"] if c not in targets_of(contract)]
     example = pd.DataFrame([{c: r.get(c) for c in cols} for r in input_example], columns=cols)
-    for c in cols:
+    if any(contract["columns"][c]["dtype"] in ("tensor", "image") for c in cols): example = None  # no pixels in the run's files
+    for c in cols if example is not None else []:
         if contract["columns"][c]["dtype"] in ("int", "float"): example[c] = example[c].astype("float64")
     import numpy
     import polars

@@ -18,7 +18,8 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['seed_everything', 'pick_device', 'determinism', 'is_distributed', 'local_rank', 'rank', 'is_main_process',
-           'init_distributed', 'lr_lambda', 'evaluate', 'predict_outputs', 'predict_classes', 'fit']
+           'init_distributed', 'n_rows', 'autocast_for', 'lr_lambda', 'evaluate', 'predict_outputs', 'predict_classes',
+           'fit']
 
 # %% ../nbs/40_train.ipynb #e0b37c2c
 def seed_everything(seed: int) -> torch.Generator:
@@ -63,10 +64,34 @@ def _target_dtype(y) -> type:
     "Integer targets are class codes (int64, what a classification loss takes); any other stays a float target (float32)."
     return np.int64 if np.asarray(y).dtype.kind in "iub" else np.float32
 
+def _inputs(X):
+    "Model inputs as CPU float32 tensors: a feature matrix, any channel-first tensor (images), or a dict of them by name."
+    if isinstance(X, dict): return {k: _inputs(v) for k, v in X.items()}
+    if isinstance(X, torch.Tensor): return X.detach().to("cpu", torch.float32)
+    return _as_tensor(X, np.float32)
+
+def _each(X, f):
+    "`f` applied to an input tensor, or to each tensor of a dict of them."
+    return {k: f(v) for k, v in X.items()} if isinstance(X, dict) else f(X)
+
+def _part(X, i: int, j: int, dev: torch.device):
+    "Rows `i:j` of an input (or of each input of a dict) on `dev`."
+    return {k: v[i:j].to(dev) for k, v in X.items()} if isinstance(X, dict) else X[i:j].to(dev)
+
+def n_rows(X) -> int: return len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
+
 def _tensors(X, y, dev: torch.device, max_device_bytes: int):
-    X, y = _as_tensor(X, np.float32), _as_tensor(y, _target_dtype(y))
-    if dev.type == "cuda" and X.numel() * 4 > max_device_bytes: return X.pin_memory(), y.pin_memory(), False
-    return X.to(dev), y.to(dev), True
+    X, y = _inputs(X), _as_tensor(y, _target_dtype(y))
+    size = sum(v.numel() * 4 for v in X.values()) if isinstance(X, dict) else X.numel() * 4
+    if dev.type == "cuda" and size > max_device_bytes: return _each(X, torch.Tensor.pin_memory), y.pin_memory(), False
+    return _each(X, lambda v: v.to(dev)), y.to(dev), True
+
+def autocast_for(dev: torch.device, precision: str | None = None):
+    "The autocast context of a training step: bf16 on CUDA (`precision=None`), `bf16` asked for on any device, else none."
+    if precision not in (None, "bf16", "fp32"): raise ValueError(f"precision={precision!r}: expected 'bf16' or 'fp32'")
+    if precision == "bf16" or (precision is None and dev.type == "cuda"):
+        return lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 def lr_lambda(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     "Multiplier of the base learning rate at each step: `cosine` (after linear warm-up) or `constant`."
@@ -87,9 +112,9 @@ def evaluate(model: nn.Module, X, y, loss_fn: Callable = nn.functional.cross_ent
     model.eval()
     total, correct, n = 0.0, 0, 0
     dtype = _target_dtype(y)
-    Xt, yt = _as_tensor(X, np.float32), _as_tensor(y, dtype)
-    for i in range(0, len(Xt), batch_size):
-        xb, yb = Xt[i:i + batch_size].to(dev), yt[i:i + batch_size].to(dev)
+    Xt, yt = _inputs(X), _as_tensor(y, dtype)
+    for i in range(0, len(yt), batch_size):
+        xb, yb = _part(Xt, i, i + batch_size, dev), yt[i:i + batch_size].to(dev)
         logits = model(xb).float()
         total += loss_fn(logits, yb, reduction="sum").item()
         if dtype is np.int64: correct += (logits.argmax(1) == yb).sum().item()
@@ -102,8 +127,8 @@ def predict_outputs(model: nn.Module, X, batch_size: int = 65536) -> torch.Tenso
     dev = next(model.parameters()).device
     with torch.inference_mode():
         model.eval()
-        Xt = _as_tensor(X, np.float32)
-        return torch.cat([model(Xt[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(Xt), batch_size)])
+        Xt = _inputs(X)
+        return torch.cat([model(_part(Xt, i, i + batch_size, dev)).float().cpu() for i in range(0, n_rows(Xt), batch_size)])
 
 def predict_classes(model: nn.Module, X, batch_size: int = 65536) -> np.ndarray:
     "Predicted class index of every row of `X`."
@@ -115,7 +140,8 @@ def _epoch(net: nn.Module, model: nn.Module, opt, sched, Xt, yt, order, batch_si
     "One pass over the rows `order` of `Xt`, `yt` in batches; returns the summed training loss (on the device)."
     total = torch.zeros((), device=dev)
     for idx in order.split(batch_size):
-        xb, yb = (Xt[idx], yt[idx]) if on_device else (Xt[idx].to(dev, non_blocking=True), yt[idx].to(dev, non_blocking=True))
+        xb, yb = ({k: v[idx] for k, v in Xt.items()} if isinstance(Xt, dict) else Xt[idx]), yt[idx]
+        if not on_device: xb, yb = _each(xb, lambda v: v.to(dev, non_blocking=True)), yb.to(dev, non_blocking=True)
         with autocast(): loss = loss_fn(net(xb).float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,7 +171,7 @@ class _EarlyStopping:
 # %% ../nbs/40_train.ipynb #79e88072
 def fit(
     model: nn.Module,  # module mapping a float32 batch to outputs for `loss_fn`
-    X, y,  # training features (float32 matrix) and targets: integer class codes, or floats (`(rows, targets)` for a regression)
+    X, y,  # inputs (a float32 matrix, a channel-first tensor such as images, or a dict of them) and targets: integer class codes, or floats (`(rows, targets)`)
     X_val=None, y_val=None,  # validation data, evaluated each epoch (needed for early stopping)
     epochs: int = 20,  # maximum passes over the training data
     lr: float = 1e-2,  # peak AdamW learning rate
@@ -162,10 +188,11 @@ def fit(
     progress: bool = True,  # show a tqdm progress bar (rank 0 only)
     on_epoch: Callable[[int, dict], None] | None = None,  # called on rank 0 with (epoch, metrics) after each epoch
     max_device_bytes: int = 2 << 30,  # training data larger than this stays in pinned host memory on CUDA
+    precision: str | None = None,  # bf16 (autocast) or fp32; default: bf16 on CUDA, fp32 elsewhere
 ) -> list[dict]:
     "Train `model` in place; return each epoch's metrics. With `patience`, the best epoch's weights are restored."
     if epochs < 1: raise ValueError(f"epochs={epochs}: must be >= 1")
-    if len(X) != len(y): raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
+    if n_rows(X) != len(y): raise ValueError(f"X has {n_rows(X)} rows but y has {len(y)}")
     if patience is not None and X_val is None: raise ValueError("early stopping (patience) needs validation data X_val, y_val")
     distributed = init_distributed()
     gen = seed_everything(seed)
@@ -174,23 +201,23 @@ def fit(
     net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model
     Xt, yt, on_device = _tensors(X, y, dev, max_device_bytes)
     world, me = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    steps_per_epoch = math.ceil(math.ceil(len(Xt) / world) / batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(yt) / world) / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     # constant: no scheduler at all; on CPU: no autocast context (each costs microseconds on every step)
     f = lr_lambda(schedule, epochs * steps_per_epoch, int(warmup * epochs * steps_per_epoch))
     sched = None if schedule == "constant" else torch.optim.lr_scheduler.LambdaLR(opt, f)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
+    autocast = autocast_for(dev, precision)
     bar = None
     if progress and me == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=epochs, desc="epochs", leave=True)
     history, stopper = [], _EarlyStopping(patience, monitor) if patience is not None else None
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(Xt), generator=gen)[me::world]  # same permutation on every rank, a disjoint share each
+        order = torch.randperm(len(yt), generator=gen)[me::world]  # same permutation on every rank, a disjoint share each
         if on_device and dev.type != "cpu": order = order.to(dev)
         total = _epoch(net, model, opt, sched, Xt, yt, order, batch_size, on_device, dev, loss_fn, grad_clip, autocast)
         if distributed: dist.all_reduce(total)
-        m = {"epoch": epoch, "train_loss": total.item() / len(Xt), "lr": sched.get_last_lr()[0] if sched else lr}
+        m = {"epoch": epoch, "train_loss": total.item() / len(yt), "lr": sched.get_last_lr()[0] if sched else lr}
         if X_val is not None: m.update({f"val_{k}": v for k, v in evaluate(model, X_val, y_val, loss_fn).items()})
         history.append(m)
         if me == 0:
