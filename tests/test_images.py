@@ -222,7 +222,7 @@ def test_the_log_keeps_summaries_and_monitoring_flags_bright_and_noisy_images(se
         verdicts[name] = (r.returncode, json.loads(r.stdout))
     assert "image" not in log.columns and {"image.shape", "image.sha256", "image.mean.0", "image.std.0", "image.hist"} <= set(log.columns)
     assert set(log["image.shape"].to_list()) == {"1x8x8"} and len(log["image.hist"][0]) == 16
-    for name, (code, rep) in verdicts.items():
+    for name, (_code, rep) in verdicts.items():
         assert rep["judged"] and rep["rows"] == 600, (name, rep["rows"])
     assert verdicts["clean"][0] == 0 and not verdicts["clean"][1]["alerts"], verdicts["clean"][1]["alerts"]
     for name in ("bright", "noisy"):
