@@ -144,7 +144,7 @@ def median_round(rounds: list[dict]) -> dict:
 
 
 def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str, bodies: dict, log: Path,
-            route: str = "/predict", count=None) -> tuple[dict, dict]:
+            route: str = "/predict", count=None, cases: list | None = None) -> tuple[dict, dict]:
     """Start a server pinned to the server CPU, wait for its probe, warm it up, run every case, stop it. Returns the cases'
     figures and {"warmup": its figures, "answered": `count(url)` read before the stop}."""
     from mlkit.deploy import stop_service, wait_ready
@@ -155,7 +155,7 @@ def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str, 
         wait_ready(url, proc, timeout=180, path=ready)
         extra = {"warmup": load(url + route, bodies[1], 8, WARMUP)}
         res = {}
-        for c, rows in CASES:
+        for c, rows in cases or CASES:
             r = load(url + route, bodies[rows], c, SECONDS)
             r["rows_per_s"] = r["rps"] * rows
             res[(c, rows)] = r

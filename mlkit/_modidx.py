@@ -498,6 +498,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.service.guard_service': ('service.html#guard_service', 'mlkit/service.py'),
                                'mlkit.service.model_server': ('service.html#model_server', 'mlkit/service.py'),
                                'mlkit.service.place': ('service.html#place', 'mlkit/service.py'),
+                               'mlkit.service.row_values': ('service.html#row_values', 'mlkit/service.py'),
                                'mlkit.service.serve_device': ('service.html#serve_device', 'mlkit/service.py'),
                                'mlkit.service.service_config': ('service.html#service_config', 'mlkit/service.py')},
             'mlkit.snapshots': { 'mlkit.snapshots.Snapshot': ('snapshots.html#snapshot', 'mlkit/snapshots.py'),

@@ -28,8 +28,8 @@ from .predlog import prediction_log
 from .telemetry import observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
 # %% auto #0
-__all__ = ['service_config', 'serve_device', 'place', 'Overloaded', 'ModelServer', 'model_server', 'guard_service',
-           'bento_service']
+__all__ = ['OFFLOAD_VALUES', 'service_config', 'serve_device', 'row_values', 'place', 'Overloaded', 'ModelServer', 'model_server',
+           'guard_service', 'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def service_config(settings: Settings | None = None) -> dict:
@@ -54,6 +54,14 @@ def serve_device(setting: str, predictor: Predictor, cuda: bool | None = None) -
     if setting == "cuda" and not cuda: raise SettingsError("[serve] device = cuda, but CUDA is not available on this machine")
     return torch.device("cuda" if setting == "cuda" or (setting == "auto" and cuda and predictor.tensors is not None) else "cpu")
 
+OFFLOAD_VALUES = 262_144  # a request that may hold more tensor values (about one 512x512 image) is decoded on a worker thread
+
+def row_values(p: Predictor) -> int:
+    "The most tensor and image values one row of `p` may hold (0 for a tabular model)."
+    import math
+    return sum((f.channels * (f.hi[0] * f.hi[1] if f.hi else f.max_pixels)) if f.kind == "image" else
+               math.prod(d or 1024 for d in f.column["shape"]) for f in (p.tensors.fields if p.tensors else []))
+
 def place(predictor: Predictor, device: torch.device) -> Predictor:
     "Move a predictor's model to `device` (its batches follow: `Predictor.scores`)."
     if predictor.device != device: predictor.bundle.module.to(device); predictor.device = device
@@ -73,6 +81,7 @@ class ModelServer:
                              f"({champion.kind} of {champion.targets}{', classes ' + str(champion.classes) if champion.classes else ''})")
         self.models = {"champion": champion, **({"challenger": challenger} if challenger is not None else {})}
         for p in self.models.values(): place(p, serve_device(s.device, p))
+        self._row_values = {role: row_values(p) for role, p in self.models.items()}
         self.canary = s.canary_share if challenger is not None else 0.0
         self.shadow = bool(s.shadow and challenger is not None)
         self.max_rows = s.max_rows
@@ -156,8 +165,8 @@ async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, 
     role = self.route()
     p, m = self.models[role], self._series[role]
     t0 = time.perf_counter()
-    try:  # per request: a bad one never fails a batch; images are decoded off the event loop
-        rows = p.validate(rows, self.max_rows) if p.tensors is None else \
+    try:  # per request: a bad one never fails a batch; large images are decoded off the event loop
+        rows = p.validate(rows, self.max_rows) if len(rows) * self._row_values[role] <= OFFLOAD_VALUES else \
             await asyncio.get_running_loop().run_in_executor(None, p.validate, rows, self.max_rows)
     except InvalidInput:
         m["invalid"].inc()

@@ -300,20 +300,21 @@ def _n_channels(self: FieldSpec) -> int:
 
 def summarize(self: FieldSpec, values: list) -> dict:
     "Summary columns (see `summary_columns`) of raw or decoded values: lists, one entry per value (None for a missing one)."
-    cols = {c: [] for c in self.summary_columns()}
+    cols = {c: [None] * len(values) for c in self.summary_columns()}
     n, (lo, hi) = self.n_channels, getattr(self, "range", None) or ((0.0, 255.0) if self.kind == "image" else (0.0, 1.0))
+    groups = {}  # values of one shape are summarized together, vectorized: this runs beside serving
     for i, v in enumerate(values):
-        if v is None:
-            for c in cols.values(): c.append(None)
-            continue
-        a = np.asarray(self.decode(v, i), np.float32)
-        ch = a.reshape(n, -1) if n > 1 or a.ndim > 1 else a.reshape(1, -1)
-        cols[f"{self.name}.shape"].append(_shape_text(a.shape))
-        cols[f"{self.name}.sha256"].append(hashlib.sha256(_shape_text(a.shape).encode() + b"\0" + a.tobytes()).hexdigest())
-        m, s = ch.mean(1, dtype=np.float64), ch.std(1, dtype=np.float64)
-        for c in range(n): cols[f"{self.name}.mean.{c}"].append(float(m[c])); cols[f"{self.name}.std.{c}"].append(float(s[c]))
-        b = np.clip(((a.ravel() - lo) * (HIST_BINS / (hi - lo))).astype(np.int64), 0, HIST_BINS - 1)
-        cols[f"{self.name}.hist"].append((np.bincount(b, minlength=HIST_BINS) / max(a.size, 1)).tolist())
+        if v is not None: a = self.decode(v, i); groups.setdefault(a.shape, []).append((i, a))
+    for shape, items in groups.items():
+        k, text = len(items), _shape_text(shape)
+        A = np.stack([np.asarray(a) for _, a in items]).reshape(k, n, -1)  # (plain arrays: a subclass makes tolist slow)
+        m, s = A.mean(2, dtype=np.float64).tolist(), A.std(2, dtype=np.float64).tolist()
+        b = np.clip(((A.reshape(k, -1) - lo) * (HIST_BINS / (hi - lo))).astype(np.int64), 0, HIST_BINS - 1) + np.arange(k)[:, None] * HIST_BINS
+        h = (np.bincount(b.ravel(), minlength=k * HIST_BINS).reshape(k, HIST_BINS) / max(A[0].size, 1)).tolist()
+        for j, (i, a) in enumerate(items):
+            cols[f"{self.name}.shape"][i], cols[f"{self.name}.hist"][i] = text, h[j]
+            cols[f"{self.name}.sha256"][i] = hashlib.sha256(text.encode() + b"\0" + np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
+            for c in range(n): cols[f"{self.name}.mean.{c}"][i], cols[f"{self.name}.std.{c}"][i] = m[j][c], s[j][c]
     return cols
 
 FieldSpec.summary_columns, FieldSpec.n_channels, FieldSpec.summarize = summary_columns, property(_n_channels), summarize
