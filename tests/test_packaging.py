@@ -66,12 +66,14 @@ def test_gpu_check_script_runs_with_torch_alone(tmp_path):
     "scripts/gpu_check.py needs only torch (a GPU box may lack polars and MLflow); here it runs its CPU side."
     import json as _json
     code = ("import sys, runpy\nfor m in ['polars', 'mlflow', 'bentoml', 'papermill', 'pandas']: sys.modules[m] = None\n"
-            f"sys.argv = ['gpu_check.py', '--cpu-only', '--rows', '4000', '--width', '32', '--epochs', '1']\n"
+            f"sys.argv = ['gpu_check.py', '--cpu-only', '--rows', '4000', '--width', '32', '--epochs', '1', '--digits-epochs', '2']\n"
             f"runpy.run_path({str(REPO / 'scripts' / 'gpu_check.py')!r}, run_name='__main__')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     out = _json.loads(r.stdout.strip().splitlines()[-1])
     assert out["cpu"]["samples_per_s"] > 0 and 0 <= out["cpu"]["test_accuracy"] <= 1
+    d = out["digits"]["cpu"]  # the digits CNN: trained, then served in batches of 1 and 32 images (torch and numpy only)
+    assert d["train_images_per_s"] > 0 and d["test_accuracy"] > 0.5 and set(d["served_images_per_s"]) == {"1", "32"}, d
 
 
 def test_make_lab_serves_jupyterlab_with_the_venv_kernel(tmp_path):
