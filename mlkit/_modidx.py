@@ -126,6 +126,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'mlkit.contracts._kind_of': ('contracts.html#_kind_of', 'mlkit/contracts.py'),
                                  'mlkit.contracts.check_file': ('contracts.html#check_file', 'mlkit/contracts.py'),
                                  'mlkit.contracts.classes_of': ('contracts.html#classes_of', 'mlkit/contracts.py'),
+                                 'mlkit.contracts.draft_image': ('contracts.html#draft_image', 'mlkit/contracts.py'),
                                  'mlkit.contracts.encode_labels': ('contracts.html#encode_labels', 'mlkit/contracts.py'),
                                  'mlkit.contracts.infer_contract': ('contracts.html#infer_contract', 'mlkit/contracts.py'),
                                  'mlkit.contracts.read_as': ('contracts.html#read_as', 'mlkit/contracts.py'),

@@ -17,8 +17,8 @@ from .data import ENGINE, SYNTHETIC_PLANS, SYNTHETIC_REGIONS, DataError, read_da
 from .tensors import FIELD_KEYS, TENSOR_DTYPES, FieldSpec, InvalidInput
 
 # %% auto #0
-__all__ = ['DTYPES', 'TASKS', 'targets_of', 'classes_of', 'task_of', 'Contract', 'infer_contract', 'synthetic_contract', 'Check',
-           'ValidationReport', 'validate', 'read_as', 'check_file', 'encode_labels']
+__all__ = ['DTYPES', 'TASKS', 'targets_of', 'classes_of', 'task_of', 'Contract', 'draft_image', 'infer_contract',
+           'synthetic_contract', 'Check', 'ValidationReport', 'validate', 'read_as', 'check_file', 'encode_labels']
 
 # %% ../nbs/11_contracts.ipynb #12f3de36
 DTYPES = ("int", "float", "string", "bool", "date", "datetime", *TENSOR_DTYPES)
@@ -142,15 +142,27 @@ class Contract:
     def classes(self) -> list: return classes_of(self.to_dict())
 
 # %% ../nbs/11_contracts.ipynb #5a564c75
+def draft_image(samples: list[bytes]) -> dict:
+    """An image column drafted from a sample of encoded images: its channels, and its size, or (sizes that differ) a range
+    up to twice the largest seen, with a resize to the commonest size, scaling and a fitted normalize. Review it."""
+    import io
+    from collections import Counter
+    from PIL import Image
+    sizes, modes = [], set()
+    for b in samples:
+        with Image.open(io.BytesIO(b)) as im: sizes.append((im.size[1], im.size[0])); modes.add(im.mode)
+    ch = 1 if modes <= {"L", "1"} else 4 if modes == {"RGBA"} else 3
+    if not sizes: return {"dtype": "image", "channels": ch, "size": {"min": [1, 1], "max": [1024, 1024]}, "preprocess": [{"op": "resize", "size": [224, 224]}]}
+    if len(set(sizes)) == 1: return {"dtype": "image", "channels": ch, "size": list(sizes[0])}
+    h, w = Counter(sizes).most_common(1)[0][0]
+    return {"dtype": "image", "channels": ch, "size": {"min": [min(s[0] for s in sizes), min(s[1] for s in sizes)],
+                                                       "max": [2 * max(s[0] for s in sizes), 2 * max(s[1] for s in sizes)]},
+            "preprocess": [{"op": "resize", "size": [h, w]}, {"op": "scale", "factor": 1 / 255}, {"op": "normalize"}]}
+
 def _draft_field(s: pl.Series) -> dict:
-    "A tensor column (an `Array`'s shape, else the first value's) or an image column (the first image's size and channels)."
+    "A tensor column (an `Array`'s shape, else the first value's) or an image column (`draft_image` of up to 200 images)."
     v = s.drop_nulls().head(1).to_list()
-    if s.dtype == pl.Binary:
-        from PIL import Image
-        import io
-        im = Image.open(io.BytesIO(v[0])) if v else None
-        ch = {"L": 1, "RGB": 3, "RGBA": 4}.get(im.mode, 3) if im else 3
-        return {"dtype": "image", "channels": ch, **({"size": [im.size[1], im.size[0]]} if im else {"size": {"min": [1, 1]}})}
+    if s.dtype == pl.Binary: return draft_image(s.drop_nulls().head(200).to_list())
     import numpy as np
     return {"dtype": "tensor", "shape": list(s.dtype.shape) if isinstance(s.dtype, pl.Array) else list(np.shape(v[0])) if v else [None]}
 

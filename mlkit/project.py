@@ -16,7 +16,7 @@ import yaml
 
 from .bento import service_source
 from .config import SETTINGS_FILE, Settings, load_settings
-from .contracts import Contract, infer_contract
+from .contracts import Contract, draft_image, infer_contract
 from .core import atomic_write
 from .data import DataError, read_data
 
@@ -111,6 +111,12 @@ def draft_contract(df: pl.DataFrame, name: str, label: str | list[str], task: st
     task = task or ("regression" if len(labels) > 1 else guess_task(df[labels[0]]))
     if task not in ("classification", "regression"): raise ValueError(f"--task {task!r}: expected classification or regression")
     cols = infer_contract(df, name).columns
+    for c in df.columns:  # a column of image file names (a CSV's): an image column, drafted from the files beside the data
+        s = df[c].drop_nulls()
+        if df[c].dtype == pl.String and len(s) and s.str.contains(r"(?i)\.(png|jpe?g)$").all():
+            base = Path(source).parent if source else Path(".")
+            try: cols[c] = draft_image([(base / p).read_bytes() for p in s.head(200).to_list()])
+            except OSError as e: raise DataError(f"{source}: column {c!r} names image files, but {e.filename} cannot be read ({e.strerror})") from None
     for c in df.columns:  # ISO dates in text (a CSV's): dates, which are no default features
         s = df[c].drop_nulls()
         if df[c].dtype == pl.String and len(s) and s.str.contains(r"^\d{4}-\d{2}-\d{2}$").all(): cols[c] = {"dtype": "date", **({"nullable": True} if df[c].null_count() else {})}
@@ -147,6 +153,9 @@ def training_notebook(name: str, data: str, contract: dict, package: str | None)
     "The training notebook of model `name` (see above)."
     model = (f"from {package}.models import Net  # the project's own module: edit it, or name another class", "Net", "n_outputs")\
         if package else ("from mlkit.models import TabularMLP as Net", "Net", "n_classes")
+    images = [c for c, s in contract["columns"].items() if s["dtype"] in ("image", "tensor")]
+    if images:  # a model of images: a small CNN to start from (channels first), or the project's own module
+        model = ("from mlkit.models import SmallCNN as Net  # a small CNN to start from: or your own nn.Module, in your package", "Net", "n_classes")
     what = f"{contract['task']} of {', '.join([contract['label']] if isinstance(contract['label'], str) else contract['label'])}"
     return _nb([
         ("markdown", f"# Train the {name} model\n> A {what}: checked and versioned data, a split, a torch module, an MLflow run and a "
@@ -157,7 +166,8 @@ def training_notebook(name: str, data: str, contract: dict, package: str | None)
                  f"data = {json.dumps(data)}  # the training data (relative to the project's folder)\n"
                  "epochs = 100  # passes over the training data (at most: early stopping may end sooner)\n"
                  "lr = 0.003  # AdamW learning rate\nweight_decay = 1e-4  # AdamW weight decay\nbatch_size = 64  # rows per optimizer step\n"
-                 "hidden = 64  # width of the hidden layers\ndropout = 0.1  # dropout after each hidden layer\n"
+                 + ("hidden = 16  # channels of the first convolution block (the second has twice as many)\n" if images else
+                    "hidden = 64  # width of the hidden layers\n") + "dropout = 0.1  # dropout after each hidden layer\n"
                  "patience = 10  # stop after this many epochs without a better validation loss, keeping the best weights (None: never)\n"
                  "seed = 0  # seeds the weights and the batch order (the split has its own: [split] seed)\n"
                  "register = True  # register the model as the `challenger` version", ["parameters"]),
@@ -167,9 +177,10 @@ def training_notebook(name: str, data: str, contract: dict, package: str | None)
         ("markdown", "## Data: contract check, snapshot, split, features", []),
         ("code", "p = pipeline.prepare(model_name, settings.root / data, seed=seed)\nprint(p.summary())\np.report", []),
         ("markdown", "## Train, tracked\n\nThe module is the model-specific part; the task gives the loss and the number of outputs.", []),
-        ("code", f"run = pipeline.track(p, params)\ntrain.seed_everything(seed)\nconfig = models.model_config({model[1]}, n_features=p.X_train.shape[1], "
-                 f"{model[2]}=p.task.n_outputs,\n                             " + ("hidden=hidden" if package else "hidden=[hidden, hidden]") +
-                 ", dropout=dropout)\nmodule = models.build_model(config)\n"
+        ("code", f"run = pipeline.track(p, params)\ntrain.seed_everything(seed)\nconfig = models.model_config({model[1]}, "
+                 + ("in_channels=p.X_train.shape[1], n_classes=p.task.n_outputs,\n                             widths=[hidden, 2 * hidden]" if images else
+                    f"n_features=p.X_train.shape[1], {model[2]}=p.task.n_outputs,\n                             " + ("hidden=hidden" if package else "hidden=[hidden, hidden]"))
+                 + ", dropout=dropout)\nmodule = models.build_model(config)\n"
                  "history = train.fit(module, p.X_train, p.y_train, p.X_val, p.y_val, epochs=epochs, lr=lr, weight_decay=weight_decay,\n"
                  "                    batch_size=batch_size, seed=seed, loss_fn=p.task.loss, patience=patience if p.X_val is not None else None,\n"
                  "                    on_epoch=tracking.epoch_logger())", []),
