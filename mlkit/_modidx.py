@@ -569,6 +569,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.tensors.TensorSpec.transform': ('tensors.html#tensorspec.transform', 'mlkit/tensors.py'),
                                'mlkit.tensors._bad': ('tensors.html#_bad', 'mlkit/tensors.py'),
                                'mlkit.tensors._batch': ('tensors.html#_batch', 'mlkit/tensors.py'),
+                               'mlkit.tensors._channels': ('tensors.html#_channels', 'mlkit/tensors.py'),
                                'mlkit.tensors._check_size': ('tensors.html#_check_size', 'mlkit/tensors.py'),
                                'mlkit.tensors._decode_image': ('tensors.html#_decode_image', 'mlkit/tensors.py'),
                                'mlkit.tensors._elementwise': ('tensors.html#_elementwise', 'mlkit/tensors.py'),

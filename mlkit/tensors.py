@@ -29,12 +29,14 @@ class InvalidInput(ValueError):
 
 # %% ../nbs/05_tensors.ipynb #9c90833a
 TENSOR_DTYPES = ("tensor", "image")  # contract dtypes of the fields this module decodes
-FIELD_KEYS = {"shape", "element", "size", "channels", "formats", "max_pixels", "max_bytes", "preprocess"}  # their column keys
+FIELD_KEYS = {"shape", "element", "size", "channels", "mode", "formats", "max_pixels", "max_bytes", "preprocess"}  # their column keys
 ELEMENTS = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "int32": np.int32, "uint8": np.uint8}
 IMAGE_FORMATS = ("png", "jpeg")
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channels -> the Pillow mode an image is converted to
 MAX_PIXELS = 16_777_216  # an image's default pixel limit (4096 x 4096) when its size has no upper bound
 HIST_BINS = 16  # bins of the intensity histogram a summary keeps
+
+def _channels(spec: dict) -> int | None: return spec["channels"] if "channels" in spec else {"L": 1, "RGB": 3, "RGBA": 4}.get(spec.get("mode", "RGB"))
 
 def _where(name: str, spec: dict) -> str: return f"column {name!r} ({spec.get('dtype')})"
 
@@ -56,7 +58,8 @@ def check_field_spec(name: str, spec: dict) -> None:
         if spec.get("element", "float32") not in ELEMENTS: raise ValueError(f"{_where(name, spec)}: element must be one of {list(ELEMENTS)}")
     else:
         _size_range(name, spec.get("size", {"min": [1, 1]}))
-        if spec.get("channels", 3) not in MODES: raise ValueError(f"{_where(name, spec)}: channels must be 1, 3 or 4")
+        if _channels(spec) not in MODES: raise ValueError(f"{_where(name, spec)}: channels must be 1, 3 or 4 (mode L, RGB or RGBA)")
+        if "mode" in spec and "channels" in spec and MODES[spec["channels"]] != spec["mode"]: raise ValueError(f"{_where(name, spec)}: mode and channels disagree")
         if bad := set(spec.get("formats", IMAGE_FORMATS)) - set(IMAGE_FORMATS): raise ValueError(f"{_where(name, spec)}: formats {sorted(bad)} not among {IMAGE_FORMATS}")
     for k in ("max_pixels", "max_bytes"):
         if k in spec and not (isinstance(spec[k], int) and spec[k] > 0): raise ValueError(f"{_where(name, spec)}: {k} must be a positive integer")
@@ -108,7 +111,7 @@ class FieldSpec:
         check_steps(self)
         if self.kind == "image":
             self.lo, self.hi = _size_range(name, column.get("size", {"min": [1, 1]}))
-            self.channels, self.formats = column.get("channels", 3), list(column.get("formats", IMAGE_FORMATS))
+            self.channels, self.formats = _channels(column), list(column.get("formats", IMAGE_FORMATS))
             self.max_pixels = column.get("max_pixels", self.hi[0] * self.hi[1] if self.hi else MAX_PIXELS)
 
     def to_dict(self) -> dict: return {"name": self.name, "column": self.column, "steps": self.steps, "range": self.range}
