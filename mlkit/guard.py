@@ -14,8 +14,9 @@ import random
 from .config import Settings, SettingsError, current_settings
 
 # %% auto #0
-__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'SERVER', 'MULTIPART',
-           'api_key_hashes', 'check_host', 'set_server', 'request_id', 'parse_body', 'form_rows', 'ServiceGuard']
+__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'SERVER', 'PARSE_INLINE_BYTES',
+           'MULTIPART', 'api_key_hashes', 'check_host', 'set_server', 'request_id', 'parse_body', 'form_rows',
+           'ServiceGuard']
 
 # %% ../nbs/74_guard.ipynb #e65cf71d
 API_KEYS_ENV = "MLKIT_API_KEYS"  # comma-separated API keys (a secret: never in settings.ini, never logged)
@@ -71,6 +72,7 @@ def parse_body(body: bytes) -> tuple[list | None, str | None]:
     "The `rows` of a `/predict` body, or None and why the body is not `{\"rows\": [objects]}` (a 400)."
     try: payload = json.loads(body)
     except ValueError as e: return None, f"the body is not JSON: {e}"  # UnicodeDecodeError included
+    except RecursionError: return None, "the body nests arrays or objects too deeply"
     rows = payload.get("rows") if isinstance(payload, dict) else None
     if not isinstance(payload, dict): return None, 'the body must be a JSON object {"rows": [...]}'
     if not isinstance(rows, list): return rows, "rows: expected a list of objects"
@@ -86,13 +88,18 @@ async def _predict(server, headers: dict, receive, send, scope: dict | None = No
         chunks.append(msg.get("body", b"")); more = msg.get("more_body", False)
     if _ctype(headers) == MULTIPART:
         rows, bad = await form_rows(scope, b"".join(chunks), receive, server.models["champion"], server.max_rows)
-    else: rows, bad = parse_body(b"".join(chunks))
+    elif len(body := b"".join(chunks)) > PARSE_INLINE_BYTES:  # a large body is parsed on a worker thread: probes never wait
+        import asyncio
+        rows, bad = await asyncio.get_running_loop().run_in_executor(None, parse_body, body)
+    else: rows, bad = parse_body(body)
     rid = request_id({"x-request-id": headers.get(b"x-request-id", b"").decode("latin-1")})
     status, out, body = await server.answer(rows, rid, bad)
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         *((k.encode(), v.encode("latin-1")) for k, v in out.items())]})
     await send({"type": "http.response.body", "body": body})
+
+PARSE_INLINE_BYTES = 262_144  # bodies up to this size are parsed on the event loop (faster than a thread hop)
 
 def _ctype(headers: dict) -> str: return headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
 
@@ -157,6 +164,7 @@ class ServiceGuard:
         self.app, self.keys, self.max_body, self.docs_need_key = app, key_hashes, max_body_bytes, docs_need_key
         self.openapi, self._doc = openapi, None  # openapi: BentoML's spec (a dict) -> the spec to serve
         self.predict_path, self.multipart = predict_path, multipart  # multipart: `/predict` takes uploads (image fields)
+        self.inflight, self.max_inflight = 0, max(2 * max_body_bytes, 16 * 1_048_576)  # bytes of the bodies being answered
 
     def _open(self, path: str) -> bool:
         return path in OPEN_PATHS or (not self.docs_need_key and (path in DOCS_PATHS or path.startswith("/static_content/")))
@@ -198,8 +206,15 @@ class ServiceGuard:
                     if seen > self.max_body:
                         return await _reply(send, 413, "payload_too_large", f"body exceeds the limit of {self.max_body} bytes")
                 receive = _replay(b"".join(chunks), receive)
-            if scope["path"] == self.predict_path and SERVER is not None:
-                return await _predict(SERVER, headers, receive, send, scope)
+            size = int(length) if length is not None and length.isdigit() else seen
+            if self.inflight and self.inflight + size > self.max_inflight:  # large bodies at once: their parsed forms take many times their bytes
+                return await _reply(send, 503, "overloaded", "too many large requests at once: retry later", [(b"retry-after", b"1")])
+            self.inflight += size
+            try:
+                if scope["path"] == self.predict_path and SERVER is not None:
+                    return await _predict(SERVER, headers, receive, send, scope)
+                return await self.app(scope, receive, send)
+            finally: self.inflight -= size
         await self.app(scope, receive, send)
 
 # %% ../nbs/74_guard.ipynb #19797119

@@ -44,7 +44,9 @@ def _check_record(cols: dict, r, i: int):
     "Row `i` against the contract's feature columns `cols`: raise `InvalidInput` naming the field, or return."
     if not isinstance(r, dict): raise InvalidInput(f"rows[{i}]: expected an object", "rows", i)
     for k in r:
-        if k not in cols: raise InvalidInput(f"rows[{i}].{k}: unknown field (expected {', '.join(cols)})", k, i)
+        if k not in cols:  # named, but never echoed whole: a field name can be megabytes of anything
+            k = k if len(k) <= 64 and k.isprintable() else repr(k[:64]) + ("..." if len(k) > 64 else "")
+            raise InvalidInput(f"rows[{i}].{k}: unknown field (expected {', '.join(cols)})", k, i)
     for name, c in cols.items():
         v = r.get(name)
         if v is None:

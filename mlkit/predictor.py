@@ -138,13 +138,15 @@ Predictor._output_columns, Predictor.predict_table, Predictor.predict_frame = _o
 def predict_file(ref: str, src: Path | str, dst: Path | str, batch_rows: int = 200_000) -> dict:
     "Score the data file `src` with the registered version `ref` (`NAME@ALIAS`, `NAME/VERSION`) into the Parquet file `dst`."
     import polars as pl
-    from mlkit.data import read_data
+    from mlkit.contracts import Contract, read_as
     name, alias, version = parse_ref(ref)
     with fetched_bundle(name, alias=alias, version=version) as (bundle, mv):
         pred = Predictor.from_bundle(bundle, name=name, version=str(mv.version))
-    df = read_data(src)
+    df = read_as(Contract.from_dict(pred.contract), src)  # as training read it: a CSV's image paths as the images' bytes
     t0 = time.perf_counter()
-    out = pl.concat([df, pred.predict_table(df, batch_rows)], how="horizontal").with_columns(
+    scored = pred.predict_table(df, batch_rows)
+    clash = [c for c in df.columns if c in scored.columns or c in ("model", "model_version")]  # e.g. a label column named `label`
+    out = pl.concat([df.rename({c: f"input_{c}" for c in clash}), scored], how="horizontal").with_columns(
         pl.lit(name).alias("model"), pl.lit(str(mv.version)).alias("model_version"))
     atomic_write(Path(dst), out.write_parquet)
     return {"rows": len(out), "model": name, "version": str(mv.version), "seconds": time.perf_counter() - t0, "output": str(dst)}

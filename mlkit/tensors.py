@@ -76,10 +76,14 @@ def _numbers(value, field: str, row: int) -> np.ndarray:
     "Nested arrays of numbers as a float64 array; ragged nesting, text or nulls named."
     if isinstance(value, (str, bytes, bool, int, float)) or value is None:
         raise _bad(field, row, f"expected nested arrays of numbers, got {type(value).__name__}")
-    try: a = np.asarray(value, dtype=np.float64)
-    except (ValueError, TypeError, OverflowError) as e:
+    try: a = np.asarray(value)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise _bad(field, row, f"not a regular array of numbers ({str(e).split(' after ')[0][:120]})") from None
-    if not np.isfinite(a).all(): raise _bad(field, row, "NaN, infinite or null values in the array")
+    if a.dtype.kind not in "iuf":  # text, true/false, null, or an integer beyond 64 bits: not what the model takes
+        what = {"b": "true or false", "U": "text", "S": "text"}.get(a.dtype.kind, "null, a number out of range or a mix of types")
+        raise _bad(field, row, f"expected an array of numbers, found {what} in it")
+    a = a.astype(np.float64, copy=False)
+    if not np.isfinite(a).all(): raise _bad(field, row, "NaN or infinite values in the array")
     return a
 
 def _shape_text(shape) -> str: return "x".join("?" if d is None else str(d) for d in shape)
@@ -94,9 +98,12 @@ def _open_image(data: bytes, field: str, row: int, formats: list, max_pixels: in
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise _bad(field, row, f"the image claims more pixels than the limit of {max_pixels}") from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            if data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n": raise _bad(field, row, "a truncated or corrupt image (cannot decode it)") from None
             raise _bad(field, row, f"not a {' or '.join(f.upper() for f in formats)} image (cannot decode it)") from None
-    if im.format == "PNG" and not data.endswith(b"IEND\xaeB`\x82"):  # Pillow decodes a PNG cut after its pixels without a word
-        raise _bad(field, row, "a truncated PNG image (no IEND chunk at its end)")
+    if im.format == "PNG" and b"IEND\xaeB`\x82" not in data[-4096:]:  # Pillow decodes a PNG cut after its pixels without a word
+        raise _bad(field, row, "a truncated PNG image (no IEND chunk)")
+    if im.format == "PNG" and data[24:25] == b"\x10": raise _bad(field, row, "a 16-bit PNG: send 8 bits per channel")
+    if getattr(im, "n_frames", 1) > 1: raise _bad(field, row, "an animated image (several frames): send one frame")
     w, h = im.size
     if w * h > max_pixels: raise _bad(field, row, f"the image claims {h}x{w} pixels, more than the limit of {max_pixels}")
     return im
@@ -154,13 +161,16 @@ class FieldSpec:
         return a
 
 # %% ../nbs/05_tensors.ipynb #7d3bd11c
-_B64_PREFIX = "base64,"
-
 def _image_bytes(self: FieldSpec, value, row: int) -> bytes:
     "The encoded bytes of a base64 string (or of bytes), within `max_bytes`."
     limit = self.column.get("max_bytes", max(self.max_pixels * self.channels * 2, 65_536))
     if isinstance(value, str):
-        text = value.split(_B64_PREFIX, 1)[1] if value.startswith("data:") and _B64_PREFIX in value[:64] else value
+        text = value
+        if value[:5].lower() == "data:":  # a data: URL of a PNG or JPEG, base64
+            head, _, text = value.partition(",")
+            mime = head[5:].lower().split(";")
+            if mime[0] not in ("image/png", "image/jpeg", "image/jpg", "") or mime[-1] != "base64":
+                raise _bad(self.name, row, f"a data: URL must be image/png or image/jpeg, base64 (got {head[:60]!r})")
         if len(text) > limit * 4 // 3 + 4: raise _bad(self.name, row, f"the encoded image is over the limit of {limit} bytes")
         try: value = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError): raise _bad(self.name, row, "a string must be a base64 PNG or JPEG image") from None
@@ -184,7 +194,7 @@ def _decode_image(self: FieldSpec, value, row: int) -> np.ndarray:
                                                                        "LA": "LA", "I;16": "I", "I": "I", "F": "F"}[im.mode])
         if im.mode == "RGBA" and self.channels == 3 and im.getextrema()[3] == (255, 255): im = im.convert("RGB")  # opaque
         a = np.asarray(im)
-        if a.dtype != np.uint8: raise _bad(self.name, row, f"a {im.mode} image (more than 8 bits per channel): send 8-bit grey, RGB or RGBA")
+        if a.dtype != np.uint8: raise _bad(self.name, row, "an image of more than 8 bits per channel: send 8-bit grey, RGB or RGBA")
     else:
         a = _numbers(value, self.name, row)
         if a.ndim not in (2, 3): raise _bad(self.name, row, f"expected pixels as [height][width] or [height][width][channels], got {a.ndim} levels of nesting")
