@@ -81,6 +81,13 @@ def png(pixels: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+def png16(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def b64(data: bytes) -> str: return base64.b64encode(data).decode()
 
 
@@ -168,12 +175,20 @@ def test_bad_images_and_tensors_are_4xx_naming_the_field(served, digits):
         "ragged": [{"image": [[0] * 8] * 7 + [[0] * 3]}],
         "not base64": [{"image": "%%%"}],
         "out of range": [{"image": (images[0].astype(int) + 300).tolist()}],
+        "text in the array": [{"image": [["30"] * 8] * 8}],
+        "true/false in the array": [{"image": [[True] * 8] * 8}],
+        "a data: URL of text": [{"image": "data:text/plain;base64," + b64(good)}],
+        "16-bit PNG": [{"image": b64(png16(np.full((8, 8), 40000, np.uint16)))}],
     }
     for what, rows in cases.items():
         s, b = post_rows(url, rows)
         assert s == 422 and b["field"] == "image" and b["detail"].startswith("rows[0].image: "), (what, s, b)
     s, b = post(url, b'{"rows": [{"image": [[NaN, 0, 0, 0, 0, 0, 0, 0]]}]}')  # NaN: Python's JSON reads it
     assert s == 422 and b["field"] == "image" and "NaN" in b["detail"], b
+    s, b = post(url, b'{"rows": [{"image": ' + b"[" * 5000 + b"]" * 5000 + b"}]}")  # deeper than the parser goes: at once
+    assert s == 400 and "too deeply" in b["detail"], b
+    s, b = post_rows(url, [{"image": images[0].tolist(), "x" * 1_000_000: 1}])
+    assert s == 422 and len(json.dumps(b)) < 1000, len(json.dumps(b))  # an unknown field is named, never echoed whole
     s, b = upload(url, [good], field="picture")
     assert s == 400 and "picture" in b["detail"], b
     s, b = post(url, b"plain", "text/plain")
@@ -245,3 +260,14 @@ def test_the_card_shows_thumbnails(project, tmp_path):
     html = out.read_text()
     assert html.count("data:image/png;base64,") >= 4, html[:300]
     assert not re.search(r'src="(https?:)?//', html), "the card loads something from outside"
+
+
+def test_offline_scoring_reads_images_as_training_does(served, project, digits, tmp_path):
+    "`mlkit predict` on a CSV of image file names (read as the contract says) and on a Parquet of encoded images."
+    images, labels = digits
+    for i in range(5): (tmp_path / f"{i}.png").write_bytes(png(images[i]))
+    (tmp_path / "pics.csv").write_text("image,label\n" + "".join(f"{i}.png,{labels[i]}\n" for i in range(5)))
+    mlkit("predict", "digits@champion", tmp_path / "pics.csv", tmp_path / "out.parquet", env=project["env"], check=True)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert list(map(str, out["input_label"].to_list())) == labels[:5] and out["label"].to_list() == [
+        post_rows(served["url"], [{"image": images[i].tolist()}])[1]["predictions"][0]["label"] for i in range(5)]
