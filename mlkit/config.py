@@ -40,6 +40,8 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
               "max_body_bytes": (int, 0, (lambda v: v >= 0, "must be >= 0 (0: derived from the model's contract)")),
               "docs_need_key": (bool, False),
               "device": (str, "auto", (lambda v: v in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda")),
+              "log_queue_rows": (int, 100_000, _positive),
+              "log_when_full": (str, "refuse", (lambda v: v in ("refuse", "drop"), "must be refuse or drop")),
               "api_key_hashes_file": (Path, ""), "threads": (int, 1, _positive), "batching": (bool, True),
               "max_batch_size": (int, 512, _positive), "max_latency_ms": (int, 2000, _positive),
               "canary_share": (float, 0.0, (lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1")), "shadow": (bool, False),

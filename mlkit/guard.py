@@ -26,19 +26,27 @@ def api_key_hashes(settings: Settings | None = None, env: dict | None = None) ->
     settings = settings or current_settings()
     env = os.environ if env is None else env
     out = [hashlib.sha256(k.strip().encode()).digest() for k in env.get(API_KEYS_ENV, "").split(",") if k.strip()]
+    if API_KEYS_ENV in env and not out:  # set, but to nothing: fail closed, never serve open
+        raise SettingsError(f"{API_KEYS_ENV} is set but holds no key: set one or more keys (comma-separated), or unset it")
     f = settings.serve.api_key_hashes_file
-    if f and f.is_file():  # an unset path resolves to the project root, a folder: no file
-        for n, line in enumerate(f.read_text().splitlines(), 1):
+    if f and not f.is_dir():  # (unset, the path resolves to the project's folder) configured: it must hold keys
+        try: text = f.read_text()
+        except OSError as e: raise SettingsError(f"[serve] api_key_hashes_file: cannot read {f} ({e.strerror})") from None
+        n_file = 0
+        for n, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if not line: continue
             try: out.append(bytes.fromhex(line)); assert len(out[-1]) == 32
-            except (ValueError, AssertionError): raise ValueError(f"{f}: line {n} is not a SHA-256 hex digest") from None
+            except (ValueError, AssertionError): raise SettingsError(f"{f}: line {n} is not a SHA-256 hex digest") from None
+            n_file += 1
+        if not n_file: raise SettingsError(f"[serve] api_key_hashes_file: {f} holds no key hash")
     return out
 
-def check_host(host: str, insecure: bool = False, env: dict | None = None):
-    "Refuse (`SettingsError`) to serve on a non-loopback `host` without API keys, unless `insecure`."
-    env = os.environ if env is None else env
-    if host not in ("127.0.0.1", "localhost", "::1") and not env.get(API_KEYS_ENV) and not insecure:
+def check_host(host: str, insecure: bool = False, env: dict | None = None, settings: Settings | None = None):
+    """Check the key sources (`api_key_hashes`: a configured one that holds no key is an error), and refuse
+    (`SettingsError`) to serve on a non-loopback `host` without at least one real key, unless `insecure`."""
+    keys = api_key_hashes(settings, env)
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys and not insecure:
         raise SettingsError(f"refusing to serve on {host} without API keys (set MLKIT_API_KEYS or pass --insecure)")
 
 # %% ../nbs/74_guard.ipynb #246a7db5
@@ -100,6 +108,13 @@ async def _predict(server, headers: dict, receive, send, scope: dict | None = No
     await send({"type": "http.response.body", "body": body})
 
 PARSE_INLINE_BYTES = 262_144  # bodies up to this size are parsed on the event loop (faster than a thread hop)
+
+def _log_full() -> str | None:
+    "Why this worker is not ready, when its prediction log holds all the rows it may (no request could be answered)."
+    log = getattr(SERVER, "log", None)
+    if log is None or log.has_room(): return None
+    st = log.state()
+    return f"the prediction log holds {st['queued']} rows it cannot write ({st['last_error']}); it retries, and answers resume when it can"
 
 def _ctype(headers: dict) -> str: return headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
 
@@ -183,6 +198,7 @@ class ServiceGuard:
         if self.keys and not self._open(scope["path"]) and not self._authorized(headers):
             return await _reply(send, 401, "unauthorized", "missing or invalid API key: send Authorization: Bearer <key>",
                                 [(b"www-authenticate", b"Bearer")])
+        if scope["path"] == "/readyz" and (why := _log_full()): return await _reply(send, 503, "not_ready", why)
         if scope["path"] == "/readyz" and INSTANCE:  # which service answered, for `deploy` on a shared port
             return await self.app(scope, receive, _tagged(send))
         if self.openapi is not None and scope["path"] == "/docs.json" and scope["method"] == "GET":
@@ -206,10 +222,9 @@ class ServiceGuard:
                     if seen > self.max_body:
                         return await _reply(send, 413, "payload_too_large", f"body exceeds the limit of {self.max_body} bytes")
                 receive = _replay(b"".join(chunks), receive)
-            size = int(length) if length is not None and length.isdigit() else seen
-            if self.inflight and self.inflight + size > self.max_inflight:  # large bodies at once: their parsed forms take many times their bytes
+            if self.inflight and self.inflight + (size := int(length) if length is not None and length.isdigit() else seen) > self.max_inflight:
                 return await _reply(send, 503, "overloaded", "too many large requests at once: retry later", [(b"retry-after", b"1")])
-            self.inflight += size
+            self.inflight += (size := int(length) if length is not None and length.isdigit() else seen)  # large bodies parse into many times their bytes
             try:
                 if scope["path"] == self.predict_path and SERVER is not None:
                     return await _predict(SERVER, headers, receive, send, scope)

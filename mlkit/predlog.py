@@ -25,7 +25,7 @@ from .predictor import Predictor
 from .tensors import TENSOR_DTYPES, FieldSpec, TensorSpec
 
 # %% auto #0
-__all__ = ['PII_KEY_ENV', 'pii_key', 'PredictionLog', 'prediction_log', 'part_time', 'read_prediction_log']
+__all__ = ['PII_KEY_ENV', 'pii_key', 'PredictionLog', 'close', 'state', 'prediction_log', 'part_time', 'read_prediction_log']
 
 # %% ../nbs/72_predlog.ipynb #42fe5b4d
 PII_KEY_ENV = "MLKIT_PII_KEY"
@@ -59,6 +59,8 @@ class PredictionLog:
                  flush_seconds: float = 2.0,  # ...or this long after the first queued row
                  pii_key: bytes | None = None,  # the key of the pii hashes (default: the project's, `pii_key()`)
                  tensors: TensorSpec | None = None,  # the model's tensor and image fields (default: the contract's), logged as summaries
+                 max_queue_rows: int = 100_000,  # rows held while writes fail (a full disk) before `when_full` applies
+                 when_full: str = "refuse",  # refuse: `has_room` is False (the service answers 503); drop: rows are dropped and counted
                  ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -71,45 +73,101 @@ class PredictionLog:
         kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
         self._dtypes = {c: kinds.get(contract["columns"][c]["dtype"], pl.String) for c in self.features}
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        if when_full not in ("refuse", "drop"): raise ValueError(f"when_full={when_full!r}: expected refuse or drop")
+        self.max_queue_rows, self.when_full = max_queue_rows, when_full
+        # counters, each written by one thread only (requests: logged, dropped; the writer: the rest): no lock needed
+        self.logged = self.written = self.dropped = self.replaced = self.errors = 0
+        self.last_error: str | None = None
+        self.metrics: dict | None = None  # Prometheus series (`written`, `dropped`, `replaced`, `errors`, `queued`), set by the service
         self._q: collections.deque = collections.deque()  # atomic appends; the writer wakes on its timer or at flush_rows rows
-        self._queued, self._wake, self._closing = 0, threading.Event(), False
+        self._wake, self._closing = threading.Event(), False
         self._thread = threading.Thread(target=self._run, name="mlkit-prediction-log", daemon=True)
         self._thread.start()
 
+    @property
+    def queued(self) -> int: return self.logged - self.written  # rows held: queued, or kept while writes fail
+
+    def has_room(self) -> bool:
+        "Whether a request's rows may be queued: under `max_queue_rows`, or the policy drops what does not fit."
+        return self.when_full == "drop" or self.logged - self.written < self.max_queue_rows
+
     def log(self, rows: list[dict], response: dict, request_id: str, answered_by: str = "champion",
-            proba: np.ndarray | None = None, labels: list | None = None):
-        """Queue one request's rows and predictions (returns at once). `response` is the answer (`model`, `version`,
-        `predictions`); given the outputs `proba` (class probabilities and predicted `labels`, or a regression's values),
-        it needs only `model` and `version`."""
+            proba: np.ndarray | None = None, labels: list | None = None) -> bool:
+        """Queue one request's rows and predictions (returns at once; False when the queue is full and they were dropped).
+        `response` is the answer (`model`, `version`, `predictions`); given the outputs `proba` (class probabilities and
+        predicted `labels`, or a regression's values), it needs only `model` and `version`."""
         if proba is None: proba = self._outputs(response["predictions"])
         if labels is None and self.kind == "classification": labels = [p["label"] for p in response["predictions"]]
         if self._closing: raise RuntimeError("the prediction log is closed")
+        if self.logged - self.written >= self.max_queue_rows and self.when_full == "drop":
+            self.dropped += len(rows)
+            if self.metrics: self.metrics["dropped"].inc(len(rows))
+            return False
         self._q.append((time.time(), request_id, answered_by, response["model"], response["version"], rows, labels, proba))
-        self._queued += len(rows)  # advisory (a lost update only delays a write to the next tick)
-        if self._queued >= self.flush_rows: self._wake.set()
+        self.logged += len(rows)
+        if self.logged - self.written >= self.flush_rows: self._wake.set()
+        return True
 
-    def _write(self, batch: list):
-        if not batch: return
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order (`part_time`)
-        frame = self._frame(batch)  # lz4 below: a fraction of zstd's CPU beside serving
-        atomic_write(self.folder / name, lambda p: frame.write_parquet(p, compression="lz4"))
+# %% ../nbs/72_predlog.ipynb #00a7ce36
+def _write(self: PredictionLog, batch: list):
+    if not batch: return
+    name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order (`part_time`)
+    try: frame = self._frame(batch)
+    except UnicodeEncodeError:  # rare: only then is every string looked at
+        batch, flags = _replaced(batch)
+        import polars as pl
+        frame = self._frame(batch).with_columns(pl.Series("replaced_text", flags))
+        self.replaced += sum(flags)
+        if self.metrics: self.metrics["replaced"].inc(sum(flags))
+    atomic_write(self.folder / name, lambda p: frame.write_parquet(p, compression="lz4"))  # lz4: a fraction of zstd's CPU
 
-    def _run(self):
-        while True:
-            self._wake.wait(self.flush_seconds)
-            self._wake.clear()
-            closing = self._closing  # read before draining: every request queued before close() is in this drain
-            batch = []
-            while self._q: batch.append(self._q.popleft())
-            self._queued = 0
-            self._write(batch)
-            if closing: break
+def _replaced(batch: list) -> tuple[list, list]:
+    "The batch with text UTF-8 cannot encode replaced (U+FFFD), and a flag per row: was anything replaced."
+    def bad(v) -> bool:
+        try: v.encode("utf-8"); return False
+        except UnicodeEncodeError: return True
+    fix = lambda v: re.sub("[\ud800-\udfff]", "\ufffd", v) if isinstance(v, str) and bad(v) else v
+    out, flags = [], []
+    for b in batch:
+        flags += [any(isinstance(v, str) and bad(v) for v in r.values()) for r in b[5]]
+        rows = [{k: fix(v) for k, v in r.items()} for r in b[5]]
+        out.append((b[0], fix(b[1]), b[2], b[3], b[4], rows, None if b[6] is None else [fix(x) for x in b[6]], b[7]))
+    return out, flags
 
-    def close(self, timeout: float = 30.0):
-        "Write everything queued and stop the writer."
-        self._closing = True
-        self._wake.set()
-        self._thread.join(timeout)
+# %% ../nbs/72_predlog.ipynb #9ae79884
+def _run(self: PredictionLog):
+    pending, pause = [], 0.0
+    while True:
+        self._wake.wait(pause or self.flush_seconds)
+        self._wake.clear()
+        closing = self._closing  # read before draining: every request queued before close() is in this drain
+        while self._q: pending.append(self._q.popleft())
+        try: self._write(pending)
+        except Exception as e:  # kept, and retried: the thread lives on
+            self.errors, self.last_error = self.errors + 1, f"{type(e).__name__}: {str(e)[:200]}"
+            if self.metrics: self.metrics["errors"].inc(); self.metrics["queued"].set(self.queued)
+            pause = min(max(2 * pause, 0.5), 5.0)
+            if closing and self._thread_deadline and time.monotonic() > self._thread_deadline: break
+            continue
+        self.written += (n := sum(len(b[5]) for b in pending))
+        pending, pause, self.last_error = [], 0.0, None
+        if self.metrics: self.metrics["written"].inc(n); self.metrics["queued"].set(self.queued)
+        if closing: break
+
+def close(self: PredictionLog, timeout: float = 30.0):
+    "Write everything queued and stop the writer (rows that still cannot be written after `timeout` are given up)."
+    self._thread_deadline = time.monotonic() + timeout
+    self._closing = True
+    self._wake.set()
+    self._thread.join(timeout + 1)
+
+def state(self: PredictionLog) -> dict:
+    "Rows queued, written, dropped and stored with replaced text; write errors; the last one (None once writing works)."
+    return {"queued": self.queued, "written": self.written, "dropped": self.dropped, "replaced": self.replaced,
+            "errors": self.errors, "last_error": self.last_error, "when_full": self.when_full, "has_room": self.has_room()}
+
+PredictionLog._thread_deadline, PredictionLog.state = None, state
+PredictionLog._write, PredictionLog._run, PredictionLog.close = _write, _run, close
 
 # %% ../nbs/72_predlog.ipynb #243e606e
 def _frame(self: PredictionLog, batch: list):
@@ -155,7 +213,8 @@ def prediction_log(predictor: Predictor, settings: Settings | None = None) -> Pr
     settings = settings or current_settings()
     return PredictionLog(settings.predictions_dir / (predictor.name or "model"), predictor.contract,
                          pii_key=pii_key(settings) if any(s.get("pii") for s in predictor.contract["columns"].values()) else None,
-                         tensors=getattr(predictor, "tensors", None))
+                         tensors=getattr(predictor, "tensors", None), max_queue_rows=settings.serve.log_queue_rows,
+                         when_full=settings.serve.log_when_full)
 
 _PART = re.compile(r"^part-(\d{19,20})-[0-9a-f]+\.parquet$")
 

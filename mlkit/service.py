@@ -90,6 +90,11 @@ class ModelServer:
         if champion.kind == "regression":  # a histogram of the predicted values, bucketed by the deciles of the training target
             self.metrics["values"] = value_histogram(value_buckets(champion.bundle.parts.get("profile"), champion.targets[0]))
         self.log = prediction_log(champion, settings) if log else None
+        if self.log:
+            mm, name = self.metrics, champion.name
+            self.log.metrics = {**{k: mm["log_rows"].labels(name, k) for k in ("written", "dropped")},
+                                "replaced": mm["log_rows"].labels(name, "replaced_text"), "errors": mm["log_errors"].labels(name),
+                                "queued": mm["log_queued"].labels(name)}
         # lanes: who scores a request's rows, each with its metric series and batcher; a shadow challenger has its own lane,
         # so its rows are counted as answered_by="shadow" and never batched with the canary requests it answers
         self._lanes = {**self.models, **({"shadow": challenger} if self.shadow else {})}
@@ -171,6 +176,9 @@ async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, 
     except InvalidInput:
         m["invalid"].inc()
         raise
+    if self.log is not None and not self.log.has_room():  # no prediction without its log line (when_full = refuse)
+        m["overloaded"].inc()
+        raise Overloaded(f"the prediction log cannot write ({self.log.last_error or 'busy'}); retry later")
     try: proba = await self._scores(role, rows)
     except Overloaded:
         m["overloaded"].inc()

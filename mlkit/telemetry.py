@@ -21,7 +21,7 @@ _METRICS: dict = {}  # registry id -> the series
 
 def prometheus_metrics(registry=None) -> dict:
     "The service's Prometheus series, made once per process and registry (default: prometheus_client's, which BentoML exports)."
-    from prometheus_client import REGISTRY, Counter, Histogram
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
     registry = REGISTRY if registry is None else registry
     if id(registry) not in _METRICS:
         lab, r = ["model", "version", "answered_by"], registry
@@ -37,7 +37,13 @@ def prometheus_metrics(registry=None) -> dict:
                            ["model", "version"], registry=r),
             shadow_diff=Histogram("mlkit_shadow_abs_difference", "Absolute difference of the shadow challenger's value from the "
                                   "champion's, per row and target (a regression's)", ["model", "version", "target"],
-                                  buckets=VALUE_BUCKETS, registry=r))
+                                  buckets=VALUE_BUCKETS, registry=r),
+            log_rows=Counter("mlkit_prediction_log_rows", "Prediction-log rows by what became of them: written, dropped "
+                             "(queue full, when_full = drop), replaced_text (stored with text UTF-8 cannot hold replaced)",
+                             ["model", "state"], registry=r),
+            log_errors=Counter("mlkit_prediction_log_write_errors", "Failed prediction-log writes (each retried)", ["model"], registry=r),
+            log_queued=Gauge("mlkit_prediction_log_queued_rows", "Rows the prediction log holds, not yet written", ["model"],
+                             multiprocess_mode="livesum", registry=r))
     return _METRICS[id(registry)]
 
 # %% ../nbs/75_telemetry.ipynb #374b94c3
