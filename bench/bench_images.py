@@ -6,14 +6,13 @@ on CPU 1). Images are sent as pixel arrays, 1 and 32 per request, at 32 connecti
 in the detail, each the median of its rounds."""
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serving import BIN, REPO, ROUNDS, SERVER_LOG, fig, measure, median_round  # noqa: E402
+from bench_serving import BIN, REPO, ROUNDS, SERVER_LOG, bench_project, fig, measure, median_round  # noqa: E402
 
 CASES = [(32, 1), (32, 32)]  # (connections, images per request)
 
@@ -47,11 +46,7 @@ def main(out: Path):
     SERVER_LOG.parent.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        ini = root / "settings.ini"
-        ini.write_text(f"[project]\nstate_dir = state\ntrain_dir = {REPO / 'nbs/train'}\nbentos_dir = {REPO / 'bentos'}\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLKIT_", "MLFLOW_", "BENTOML_"))}
-        env.update(MLKIT_SETTINGS=str(ini), PATH=f"{BIN}:{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
-        run = lambda *a: subprocess.run([str(BIN / "mlkit"), *a], env=env, cwd=root, check=True, capture_output=True, text=True).stdout
+        ini, env, run = bench_project(root)
         run("train", "digits", "-f", str(REPO / "nbs/train/digits.yaml"))
         run("models", "promote", "digits")
         bento = run("build", "digits").strip().splitlines()[-1]

@@ -168,6 +168,16 @@ def measure(label: str, cmd: list, env: dict, cwd: Path, port: int, ready: str, 
         stop_service(proc, timeout=60)
 
 
+def bench_project(root: Path):
+    "A throwaway project in `root` over the repo's notebooks and services: its settings file, environment and an `mlkit` runner."
+    ini = root / "settings.ini"
+    ini.write_text(f"[project]\nstate_dir = state\ntrain_dir = {REPO / 'nbs/train'}\nbentos_dir = {REPO / 'bentos'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLKIT_", "MLFLOW_", "BENTOML_"))}
+    env.update(MLKIT_SETTINGS=str(ini), PATH=f"{BIN}:{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
+    run = lambda *a: subprocess.run([str(BIN / "mlkit"), *a], env=env, cwd=root, check=True, capture_output=True, text=True).stdout
+    return ini, env, run
+
+
 def main(out: Path):
     from mlkit.config import load_settings, tool_env
     from mlkit.deploy import free_port
@@ -177,11 +187,7 @@ def main(out: Path):
     SERVER_LOG.write_text("")
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
-        ini = root / "settings.ini"
-        ini.write_text(f"[project]\nstate_dir = state\ntrain_dir = {REPO / 'nbs/train'}\nbentos_dir = {REPO / 'bentos'}\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLKIT_", "MLFLOW_", "BENTOML_"))}
-        env.update(MLKIT_SETTINGS=str(ini), PATH=f"{BIN}:{env['PATH']}", MLFLOW_DISABLE_TELEMETRY="true", BENTOML_DO_NOT_TRACK="true")
-        run = lambda *a: subprocess.run([str(BIN / "mlkit"), *a], env=env, cwd=root, check=True, capture_output=True, text=True).stdout
+        ini, env, run = bench_project(root)
         bentos = {}
         for name in ("penguins", "diabetes"):
             run("train", name, "-f", str(REPO / f"nbs/train/{name}.yaml"))

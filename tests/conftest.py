@@ -1,4 +1,5 @@
 """Shared fixtures: a throwaway mlkit project (settings + state folder in tmp) over the repo's notebooks and services."""
+import contextlib
 import json
 import os
 import subprocess
@@ -71,3 +72,19 @@ def in_project(trained, clean_environ):
 
 
 def jdump(x) -> str: return json.dumps(x, indent=1, default=str)
+
+
+@contextlib.contextmanager
+def bento_served(bento: str, ini: Path, env: dict, log: Path, extra_env: dict | None = None):
+    "A real `bentoml serve` of `bento` for the project of `ini` (its environment `env`) on 127.0.0.1: yields (url, port), stops it after."
+    from mlkit.config import load_settings
+    from mlkit.deploy import free_port, start_service, stop_service, wait_ready
+    port, old = free_port(), dict(os.environ)
+    os.environ.update(env)
+    try: proc = start_service(bento, port=port, settings=load_settings(ini, env={}), log=log, extra_env=extra_env)
+    finally: os.environ.clear(); os.environ.update(old)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=180)
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        stop_service(proc)

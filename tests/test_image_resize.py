@@ -11,7 +11,7 @@ import urllib.request
 import numpy as np
 import polars as pl
 import pytest
-from conftest import mlkit, project_env, write_project
+from conftest import bento_served, mlkit, project_env, write_project
 
 pytestmark = [pytest.mark.serve]
 
@@ -36,9 +36,7 @@ def served(tmp_path_factory):
     "The colours model trained (in this process), registered, promoted, built and served on 127.0.0.1."
     from mlkit import config as mconfig
     from mlkit import models, pipeline, train
-    from mlkit.config import load_settings
     from mlkit.contracts import Contract
-    from mlkit.deploy import free_port, start_service, stop_service, wait_ready
     root = tmp_path_factory.mktemp("colours")
     ini = write_project(root)
     env = project_env(ini)
@@ -67,16 +65,8 @@ def served(tmp_path_factory):
         mconfig._configured = None
     mlkit("models", "promote", "colours", env=env, check=True)
     bento = mlkit("build", "colours", env=env, check=True).stdout.strip().splitlines()[-1]
-    port = free_port()
-    os.environ.update(env)
-    try: proc = start_service(bento, port=port, settings=load_settings(ini, env={}), log=root / "serve.log")
-    finally: os.environ.clear(); os.environ.update(old)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=180)
+    with bento_served(bento, ini, env, root / "serve.log") as (url, _):
         yield url
-    finally:
-        stop_service(proc)
 
 
 def post_rows(url: str, rows: list) -> tuple[int, dict]:

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REPO, mlkit, project_env, write_project
+from conftest import REPO, bento_served, mlkit, project_env, write_project
 
 pytestmark = [pytest.mark.serve, pytest.mark.papermill]
 
@@ -53,25 +53,12 @@ def configured(project, clean_environ):
 @pytest.fixture(scope="module")
 def served(project):
     "The digits champion (through the gate) built into a Bento and served by `bentoml serve` on 127.0.0.1."
-    import os
-
-    from mlkit.config import load_settings
-    from mlkit.deploy import free_port, start_service, stop_service, wait_ready
     env = project["env"]
     r = mlkit("models", "promote", "digits", env=env, check=True)
     assert "floor test_accuracy>=0.8" in r.stdout and "loaded_back" in r.stdout, r.stdout
     bento = mlkit("build", "digits", env=env, check=True).stdout.strip().splitlines()[-1]
-    port, log = free_port(), project["root"] / "serve-digits.log"
-    old = dict(os.environ)
-    os.environ.update(env)
-    try: proc = start_service(bento, port=port, settings=load_settings(project["ini"], env={}), log=log)
-    finally: os.environ.clear(); os.environ.update(old)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=180)
+    with bento_served(bento, project["ini"], env, project["root"] / "serve-digits.log") as (url, port):
         yield {"url": url, "port": port}
-    finally:
-        stop_service(proc)
 
 
 def png(pixels: np.ndarray, mode: str | None = None) -> bytes:

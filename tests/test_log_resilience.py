@@ -3,14 +3,13 @@ text replaced and flagged; when the log's folder cannot be written, rows are hel
 service answers 503 and /readyz says why, and once writing works again the answers resume and every answered row is in
 the log exactly once. And auth fails closed: a key source that is set but holds no key stops `mlkit serve` at start."""
 import json
-import os
 import shutil
 import time
 import urllib.request
 
 import polars as pl
 import pytest
-from conftest import mlkit
+from conftest import bento_served, mlkit
 
 pytestmark = pytest.mark.serve
 
@@ -37,21 +36,13 @@ def readyz(url: str) -> tuple[int, str]:
 
 
 def test_the_log_survives_bad_text_and_an_unwritable_folder(trained, tmp_path):
-    from mlkit.config import load_settings
-    from mlkit.deploy import free_port, start_service, stop_service, wait_ready
     from mlkit.predlog import read_prediction_log
     env = trained["env"]
     mlkit("models", "promote", "penguins", env=env)  # (a champion, whatever ran before)
     bento = mlkit("build", "penguins", env=env, check=True).stdout.strip().splitlines()[-1]
     folder = trained["state"] / "predictions" / "penguins"
-    port, old = free_port(), dict(os.environ)
-    os.environ.update(env)
-    try: proc = start_service(bento, port=port, settings=load_settings(trained["ini"], env={}), log=tmp_path / "serve.log",
-                              extra_env={"MLKIT_SERVE__LOG_QUEUE_ROWS": "5"})
-    finally: os.environ.clear(); os.environ.update(old)
-    url, answered = f"http://127.0.0.1:{port}", []
-    try:
-        wait_ready(url, proc, timeout=180)
+    answered = []
+    with bento_served(bento, trained["ini"], env, tmp_path / "serve.log", {"MLKIT_SERVE__LOG_QUEUE_ROWS": "5"}) as (url, _):
         s, b = post(url, b'{"rows": [{"island": "Bis\\ud800coe", "bill_length_mm": 45.1, "sex": "female", "bill_depth_mm": 14.5, '
                          b'"flipper_length_mm": 215, "body_mass_g": 5000}]}', "surrogate")
         assert s == 200, b
@@ -83,8 +74,6 @@ def test_the_log_survives_bad_text_and_an_unwritable_folder(trained, tmp_path):
             time.sleep(0.3)
         assert s == 200 and time.monotonic() - t0 < 10, (s, b)
         assert readyz(url)[0] == 200
-    finally:
-        stop_service(proc)
     logged = ids(folder)
     assert all(logged.count(r) == 1 for r in answered), [r for r in answered if logged.count(r) != 1]
 
