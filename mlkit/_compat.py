@@ -12,13 +12,15 @@ import socket
 
 # %% auto #0
 __all__ = ['CHECKED', 'PROMETHEUS_DIR_ENV', 'CompatError', 'require', 'share_port', 'tracking_store', 'deleted_runs',
-           'deleted_logged_models', 'cork_dispatcher', 'lean_tracing', 'bentoml_serve', 'check_targets']
+           'deleted_logged_models', 'cork_dispatcher', 'lean_tracing', 'limited_httptools', 'server_limits',
+           'bentoml_serve', 'check_targets']
 
 # %% ../nbs/76_compat.ipynb #71c8b3bd
 CHECKED = {  # distribution -> (lowest version checked, first version not checked)
     "bentoml": ("1.4.40", "1.4.41"),
     "mlflow": ("3.17", "3.18"),
     "kantoku": ("0.18.3", "0.19"),  # circus, as BentoML ships it
+    "uvicorn": ("0.55.0", "0.56"),  # its httptools protocol, which BentoML's workers run
     "opentelemetry-api": ("1.45", "1.46"),
     "opentelemetry-sdk": ("1.45", "1.46"),
     "opentelemetry-instrumentation-asgi": ("0.66b0", "0.67"),
@@ -100,6 +102,99 @@ def lean_tracing(io_spans: bool):
         return await call(self, scope, receive, send)
     mw.__init__, mw.__call__, mw._mlkit_init, mw._mlkit_call = __init__, __call__, init, call
 
+# %% ../nbs/76_compat.ipynb #c1a4e0d2
+class _Limits:
+    "What uvicorn's httptools protocol lacks (`limited_httptools` puts it before that class); the limits are class attributes."
+    max_header_bytes, header_timeout, body_timeout, max_connections = 16_384, 10.0, 60.0, 1000
+    _deadline, _head, _in_head = None, 0, True  # loop time the current phase must end by; head bytes received; in a head
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        _sweep(self.loop, self.connections)
+        if len(self.connections) > self.max_connections:
+            return self._refuse(503, "overloaded", f"this worker holds its limit of {self.max_connections} connections: retry later")
+        self._deadline = self.loop.time() + self.header_timeout
+
+    def data_received(self, data: bytes):
+        if self._in_head: self._head += len(data)
+        super().data_received(data)
+        if self._in_head and self._head > self.max_header_bytes and not self.transport.is_closing():
+            self._refuse(431, "headers_too_large", f"the request headers exceed {self.max_header_bytes} bytes")
+
+    def on_message_begin(self):
+        super().on_message_begin()
+        if self._deadline is None: self._deadline = self.loop.time() + self.header_timeout
+
+    def on_headers_complete(self):
+        if self._head > self.max_header_bytes and (  # the read may hold body bytes too: count the head itself
+                len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers) > self.max_header_bytes):
+            return self._refuse(431, "headers_too_large", f"the request headers exceed {self.max_header_bytes} bytes")
+        self._in_head, self._head, self._deadline = False, 0, self.loop.time() + self.body_timeout
+        super().on_headers_complete()
+
+    def on_message_complete(self):
+        self._deadline = None
+        super().on_message_complete()
+
+    def on_response_complete(self):
+        self._in_head, self._head = True, 0
+        super().on_response_complete()
+
+    def _expired(self):
+        what = ("headers", self.header_timeout) if self._in_head else ("body", self.body_timeout)
+        self._refuse(408, "request_timeout", f"the request {what[0]} did not arrive within {what[1]:g} s")
+
+    def _refuse(self, status: int, error: str, detail: str):
+        import json
+        from types import SimpleNamespace
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:  # the parser's callbacks for this request do nothing now
+            self.cycle = SimpleNamespace(response_complete=True, disconnected=True, message_event=SimpleNamespace(set=lambda: None))
+        elif self.cycle.response_started: return self.transport.close()  # an answer is under way: only end it
+        body = json.dumps({"error": error, "detail": detail}).encode()
+        self.transport.write(b"".join([STATUS_LINE[status], b"content-type: application/json\r\nconnection: close\r\n",
+                                       b"content-length: %d\r\n\r\n" % len(body), body]))
+        self.transport.close()
+
+# %% ../nbs/76_compat.ipynb #c1a4e0d4
+def _sweep(loop, connections):
+    "Once per worker: every second, answer 408 on each connection past its deadline."
+    global _SWEPT
+    if _SWEPT is loop: return
+    _SWEPT = loop
+    def sweep():
+        now = loop.time()
+        for c in [c for c in connections if getattr(c, "_deadline", None) is not None and c._deadline < now]: c._expired()
+        loop.call_later(1.0, sweep)
+    loop.call_later(1.0, sweep)
+
+_LIMITED, _SWEPT = None, None
+
+def limited_httptools():
+    "uvicorn's httptools protocol with a header limit, header and body read deadlines and a connection limit (`_Limits`)."
+    require("uvicorn")
+    global _LIMITED
+    if _LIMITED is None:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        _LIMITED = type("LimitedHttpTools", (_Limits, HttpToolsProtocol), {})
+    return _LIMITED
+
+def server_limits(serve) -> None:
+    "Have every `uvicorn.Config` this process makes use `[serve]`'s limits (`serve`: that section of the settings)."
+    require("uvicorn")
+    import uvicorn
+    proto = limited_httptools()
+    proto.max_header_bytes, proto.max_connections = serve.max_header_bytes, serve.max_connections
+    proto.header_timeout, proto.body_timeout = serve.header_timeout, serve.body_timeout
+    init = getattr(uvicorn.Config, "_mlkit_init", uvicorn.Config.__init__)
+    def __init__(self, *a, **kw):
+        kw.setdefault("limit_concurrency", serve.max_connections + 1)  # uvicorn: a 503 at >= limit
+        kw.setdefault("h11_max_incomplete_event_size", serve.max_header_bytes)  # (if h11 is asked for by name)
+        if kw.get("http", "auto") in ("auto", "httptools"): kw["http"] = proto
+        init(self, *a, **kw)
+    uvicorn.Config.__init__, uvicorn.Config._mlkit_init = __init__, init
+
 # %% ../nbs/76_compat.ipynb #fdbb42af
 PROMETHEUS_DIR_ENV = "MLKIT_PROMETHEUS_DIR"  # the Prometheus folder of one `bentoml serve` (see `bentoml_serve`)
 
@@ -121,6 +216,7 @@ def check_targets() -> list[str]:
     probs = []
     def need(ok: bool, what: str):
         if not ok: probs.append(what)
+    import uvicorn
     from circus.sockets import CircusSocket
     s = CircusSocket("mlkit-check", host="127.0.0.1", port=0)
     try: need(hasattr(s, "is_unix") and hasattr(s, "setsockopt"), "circus.sockets.CircusSocket: no is_unix or setsockopt")
@@ -146,6 +242,12 @@ def check_targets() -> list[str]:
     need(callable(getattr(getattr(BentoMLContainer, "prometheus_multiproc_dir", None), "set", None)),
          "BentoMLContainer.prometheus_multiproc_dir cannot be set")
     need("directory" in _params(ensure_prometheus_dir), "bentoml.serving.ensure_prometheus_dir(directory=) changed")
+    from uvicorn.protocols.http import httptools_impl as h
+    need({"connection_made", "data_received", "on_message_begin", "on_headers_complete", "on_message_complete", "on_response_complete",
+          "send_400_response"} <= set(vars(h.HttpToolsProtocol)) and isinstance(getattr(h, "STATUS_LINE", None), dict),
+         "uvicorn's HttpToolsProtocol callbacks or STATUS_LINE changed")
+    need({"http", "limit_concurrency", "h11_max_incomplete_event_size"} <= _params(getattr(uvicorn.Config, "_mlkit_init", uvicorn.Config.__init__)),
+         "uvicorn.Config takes no http, limit_concurrency or h11_max_incomplete_event_size")
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
     for m in ("_get_deleted_runs", "_get_deleted_logged_models"):
         need("older_than" in _params(getattr(SqlAlchemyStore, m, lambda: None)), f"mlflow SqlAlchemyStore.{m}(older_than=) is gone")

@@ -10,13 +10,16 @@ import hmac
 import json
 import os
 import random
+import re
 
 from .config import Settings, SettingsError, current_settings
+from .inputs import clip
+from .openapi import DOCS_HEADERS
 
 # %% auto #0
-__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'SERVER', 'PARSE_INLINE_BYTES',
-           'MULTIPART', 'api_key_hashes', 'check_host', 'set_server', 'request_id', 'parse_body', 'form_rows',
-           'ServiceGuard']
+__all__ = ['API_KEYS_ENV', 'OPEN_PATHS', 'DOCS_PATHS', 'JSON_TYPES', 'INSTANCE_ENV', 'INSTANCE', 'SERVER', 'NOT_STARTED',
+           'PARSE_INLINE_BYTES', 'MULTIPART', 'api_key_hashes', 'check_host', 'set_server', 'set_not_started',
+           'request_id', 'too_deep', 'parse_body', 'form_rows', 'ServiceGuard']
 
 # %% ../nbs/74_guard.ipynb #e65cf71d
 API_KEYS_ENV = "MLKIT_API_KEYS"  # comma-separated API keys (a secret: never in settings.ini, never logged)
@@ -56,14 +59,20 @@ JSON_TYPES = ("application/json",)
 INSTANCE_ENV = "MLKIT_INSTANCE"  # set by `deploy`: an id the service returns on /readyz as `x-mlkit-instance`
 INSTANCE = os.environ.get(INSTANCE_ENV, "")
 SERVER = None  # this worker process's `ModelServer`, set by `set_server` once its bundles are loaded and verified
+NOT_STARTED = None  # why this worker's models could not start (`set_not_started`): /readyz and /predict answer 503 with it
 
 def set_server(server) -> None:
     "Let the guard answer `/predict` with this worker's `ModelServer` (`mlkit.service.model_server` calls it)."
     global SERVER
     SERVER = server
 
+def set_not_started(reason: str | None) -> None:
+    "This worker's models could not start, and why: `/readyz` and `/predict` answer 503 `not_started` with `reason`."
+    global NOT_STARTED
+    NOT_STARTED = reason
+
 async def _reply(send, status: int, error: str, detail: str, headers: list | None = None):
-    body = json.dumps({"error": error, "detail": detail}).encode()
+    body = json.dumps({"error": error, "detail": clip(detail, 1000)}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]})
     await send({"type": "http.response.body", "body": body})
@@ -76,10 +85,27 @@ def request_id(headers) -> str:
     return rid if 0 < len(rid) <= 128 and rid.isprintable() else f"{_ids.getrandbits(128):032x}"
 
 # %% ../nbs/74_guard.ipynb #09a73229
-def parse_body(body: bytes) -> tuple[list | None, str | None]:
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string (escapes included): its brackets are text
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+def too_deep(body: bytes, max_depth: int) -> bool:
+    """Whether a JSON body nests arrays and objects more than `max_depth` levels deep, decided before any parser
+    recurses: a body with no more opening brackets than that cannot (two counts at C speed: what almost every body
+    costs); else its strings are removed, the brackets left are kept in order, and their running depth is summed."""
+    if body.count(b"[") + body.count(b"{") <= max_depth: return False
+    import numpy as np
+    if (enc := json.detect_encoding(body)) != "utf-8":  # UTF-16 or -32: brackets as one byte each, as in UTF-8
+        try: body = body.decode(enc).encode()
+        except UnicodeDecodeError: return False  # not JSON: the parser says so
+    marks = np.frombuffer(_STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS), np.uint8)
+    if np.count_nonzero((marks == 91) | (marks == 123)) <= max_depth: return False
+    return bool(np.cumsum(np.where((marks == 91) | (marks == 123), 1, -1)).max() > max_depth)
+
+def parse_body(body: bytes, max_depth: int = 64) -> tuple[list | None, str | None]:
     "The `rows` of a `/predict` body, or None and why the body is not `{\"rows\": [objects]}` (a 400)."
+    if too_deep(body, max_depth): return None, f"the body nests arrays or objects too deeply: more than {max_depth} levels ([serve] max_json_depth)"
     try: payload = json.loads(body)
-    except ValueError as e: return None, f"the body is not JSON: {e}"  # UnicodeDecodeError included
+    except ValueError as e: return None, f"the body is not JSON: {clip(e, 200)}"  # UnicodeDecodeError included
     except RecursionError: return None, "the body nests arrays or objects too deeply"
     rows = payload.get("rows") if isinstance(payload, dict) else None
     if not isinstance(payload, dict): return None, 'the body must be a JSON object {"rows": [...]}'
@@ -87,7 +113,8 @@ def parse_body(body: bytes) -> tuple[list | None, str | None]:
     if (i := next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)) is not None: return rows, f"rows[{i}]: expected an object"
     return rows, None
 
-async def _predict(server, headers: dict, receive, send, scope: dict | None = None):
+# %% ../nbs/74_guard.ipynb #09a7322b
+async def _predict(server, headers: dict, receive, send, scope: dict | None = None, max_depth: int = 64):
     "`/predict` answered by `server` (a `ModelServer`): the whole body read, parsed once (JSON, or an upload), answered."
     chunks, more = [], True
     while more:
@@ -95,11 +122,11 @@ async def _predict(server, headers: dict, receive, send, scope: dict | None = No
         if msg["type"] != "http.request": return  # the client went away
         chunks.append(msg.get("body", b"")); more = msg.get("more_body", False)
     if _ctype(headers) == MULTIPART:
-        rows, bad = await form_rows(scope, b"".join(chunks), receive, server.models["champion"], server.max_rows)
+        rows, bad = await form_rows(scope, b"".join(chunks), receive, server.models["champion"], server.max_rows, max_depth)
     elif len(body := b"".join(chunks)) > PARSE_INLINE_BYTES:  # a large body is parsed on a worker thread: probes never wait
         import asyncio
-        rows, bad = await asyncio.get_running_loop().run_in_executor(None, parse_body, body)
-    else: rows, bad = parse_body(body)
+        rows, bad = await asyncio.get_running_loop().run_in_executor(None, parse_body, body, max_depth)
+    else: rows, bad = parse_body(body, max_depth)
     rid = request_id({"x-request-id": headers.get(b"x-request-id", b"").decode("latin-1")})
     status, out, body = await server.answer(rows, rid, bad)
     await send({"type": "http.response.start", "status": status, "headers": [
@@ -140,49 +167,51 @@ def _replay(body: bytes, receive):
 # %% ../nbs/74_guard.ipynb #03482526
 MULTIPART = "multipart/form-data"
 
-def _typed(text: str, dtype: str | None):
+def _typed(text: str, dtype: str | None, max_depth: int = 64):
     "A form value as the contract's dtype reads it (left as text when it does not parse: the row check names it)."
     try:
         if dtype in ("int", "float"): return int(text) if text.strip().lstrip("-").isdigit() else float(text)
         if dtype == "bool" and text.lower() in ("true", "false"): return text.lower() == "true"
-        if dtype == "tensor": return json.loads(text)
-    except ValueError: pass
+        if dtype == "tensor" and not too_deep(text.encode(), max_depth): return json.loads(text)
+    except (ValueError, RecursionError): pass
     return text
 
-async def form_rows(scope: dict, body: bytes, receive, predictor, max_rows: int) -> tuple[list | None, str | None]:
+async def form_rows(scope: dict, body: bytes, receive, predictor, max_rows: int, max_depth: int = 64) -> tuple[list | None, str | None]:
     "The rows of a multipart `/predict` body, or None and why it cannot form rows (a 400)."
     from starlette.requests import Request
     cols = {c: s for c, s in predictor.contract["columns"].items() if c not in predictor.targets}
     images = [c for c, s in cols.items() if s["dtype"] == "image"]
     try: form = await Request(scope, _replay(body, receive)).form(max_files=max_rows, max_fields=max(len(cols) * max_rows, 1000))
-    except Exception as e: return None, f"the multipart body cannot be parsed ({str(getattr(e, 'detail', e))[:200]})"
+    except Exception as e: return None, f"the multipart body cannot be parsed ({clip(getattr(e, 'detail', e), 200)})"
     files, values = {}, {}
     for k, v in form.multi_items():
         if isinstance(v, str): values.setdefault(k, []).append(v)
         else: files.setdefault(k, []).append(await v.read())
-    if bad := [k for k in files if k not in images]: return None, f"{bad[0][:100]}: a file for a field that is not an image (image fields: {', '.join(images)})"
+    if bad := [k for k in files if k not in images]: return None, f"{clip(bad[0])}: a file for a field that is not an image (image fields: {', '.join(images)})"
     if not files: return None, f"no image file: send each image as a file part named {images[0]!r}" if images else "this model takes no uploads"
     if len(counts := {k: len(v) for k, v in files.items()}) > 1 and len(set(counts.values())) > 1: return None, f"image fields have different numbers of files {counts}"
     n = len(next(iter(files.values())))
     rows = [{k: v[i] for k, v in files.items()} for i in range(n)]
     for k, vs in values.items():
-        if len(vs) not in (1, n): return None, f"{k[:100]}: {len(vs)} values for {n} rows (send one, or one per file)"
-        for i, r in enumerate(rows): r[k] = _typed(vs[0] if len(vs) == 1 else vs[i], cols.get(k, {}).get("dtype"))
+        if len(vs) not in (1, n): return None, f"{clip(k)}: {len(vs)} values for {n} rows (send one, or one per file)"
+        for i, r in enumerate(rows): r[k] = _typed(vs[0] if len(vs) == 1 else vs[i], cols.get(k, {}).get("dtype"), max_depth)
     return rows, None
 
 # %% ../nbs/74_guard.ipynb #65c71679
 class ServiceGuard:
     """ASGI middleware: API-key auth, body size limit (413) and JSON-only bodies (415), with JSON error bodies; and,
-    once the worker's `ModelServer` is up (`set_server`), `/predict` itself."""
+    once the worker's `ModelServer` is up (`set_server`), `/predict` itself, and the docs pages."""
     def __init__(self, app, key_hashes: list[bytes], max_body_bytes: int, docs_need_key: bool = False, openapi=None,
-                 predict_path: str = "/predict", multipart: bool = False):
+                 predict_path: str = "/predict", multipart: bool = False, max_json_depth: int = 64, docs_page=None):
         self.app, self.keys, self.max_body, self.docs_need_key = app, key_hashes, max_body_bytes, docs_need_key
         self.openapi, self._doc = openapi, None  # openapi: BentoML's spec (a dict) -> the spec to serve
+        self.docs_page, self._page = docs_page, None  # docs_page: (host, port) it listens on -> the HTML of `GET /`
         self.predict_path, self.multipart = predict_path, multipart  # multipart: `/predict` takes uploads (image fields)
+        self.max_depth = max_json_depth  # a `/predict` JSON body nested deeper is a 400, decided before it is parsed
         self.inflight, self.max_inflight = 0, max(2 * max_body_bytes, 16 * 1_048_576)  # bytes of the bodies being answered
 
     def _open(self, path: str) -> bool:
-        return path in OPEN_PATHS or (not self.docs_need_key and (path in DOCS_PATHS or path.startswith("/static_content/")))
+        return path in OPEN_PATHS or (not self.docs_need_key and path in DOCS_PATHS)
 
     def _authorized(self, headers: dict) -> bool:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
@@ -194,43 +223,54 @@ class ServiceGuard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.keys and not self._open(scope["path"]) and not self._authorized(headers):
+        headers, path = dict(scope.get("headers") or []), scope["path"]
+        if self.keys and not self._open(path) and not self._authorized(headers):
             return await _reply(send, 401, "unauthorized", "missing or invalid API key: send Authorization: Bearer <key>",
                                 [(b"www-authenticate", b"Bearer")])
-        if scope["path"] == "/readyz" and (why := _log_full()): return await _reply(send, 503, "not_ready", why)
-        if scope["path"] == "/readyz" and INSTANCE:  # which service answered, for `deploy` on a shared port
+        if NOT_STARTED is not None and path in ("/readyz", self.predict_path):  # the models could not start: say why
+            return await _reply(send, 503, "not_started", NOT_STARTED, [(b"x-mlkit-instance", INSTANCE.encode())] if INSTANCE else None)
+        if path == "/readyz" and (why := _log_full()): return await _reply(send, 503, "not_ready", why)
+        if path == "/readyz" and INSTANCE:  # which service answered, for `deploy` on a shared port
             return await self.app(scope, receive, _tagged(send))
-        if self.openapi is not None and scope["path"] == "/docs.json" and scope["method"] == "GET":
-            return await self._docs(scope, receive, send)
-        if scope["method"] == "POST" and scope["path"] not in OPEN_PATHS + DOCS_PATHS:  # those are GET-only: the router's 405
-            ctype = _ctype(headers)
-            upload = self.multipart and ctype == MULTIPART and scope["path"] == self.predict_path
-            if ctype not in JSON_TYPES and not upload:
-                return await _reply(send, 415, "unsupported_media_type", f"content-type {ctype[:100] or '(none)'!r} is not accepted; "
-                                    f"send application/json{' (or multipart/form-data: an upload)' if self.multipart else ''}")
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit():
-                if int(length) > self.max_body:
-                    return await _reply(send, 413, "payload_too_large", f"body of {int(length)} bytes exceeds the limit of {self.max_body}")
-            else:  # no length (chunked): read up to the limit, then hand the app what was read
-                chunks, seen, more = [], 0, True
-                while more:
-                    msg = await receive()
-                    if msg["type"] != "http.request": return
-                    chunks.append(msg.get("body", b"")); seen += len(chunks[-1]); more = msg.get("more_body", False)
-                    if seen > self.max_body:
-                        return await _reply(send, 413, "payload_too_large", f"body exceeds the limit of {self.max_body} bytes")
-                receive = _replay(b"".join(chunks), receive)
-            if self.inflight and self.inflight + (size := int(length) if length is not None and length.isdigit() else seen) > self.max_inflight:
-                return await _reply(send, 503, "overloaded", "too many large requests at once: retry later", [(b"retry-after", b"1")])
-            self.inflight += (size := int(length) if length is not None and length.isdigit() else seen)  # large bodies parse into many times their bytes
-            try:
-                if scope["path"] == self.predict_path and SERVER is not None:
-                    return await _predict(SERVER, headers, receive, send, scope)
-                return await self.app(scope, receive, send)
-            finally: self.inflight -= size
+        if scope["method"] in ("GET", "HEAD"):
+            if self.openapi is not None and path == "/docs.json": return await self._docs(scope, receive, send)
+            if self.docs_page is not None and path in ("/", "/docs"): return await self._html(scope, send)
+            if path.startswith("/static_content/"): return await _reply(send, 404, "not_found", "no such page: the docs are at /")
+        if scope["method"] == "POST" and path not in OPEN_PATHS + DOCS_PATHS:  # those are GET-only: the router's 405
+            return await self._post(scope, headers, receive, send)
         await self.app(scope, receive, send)
+
+# %% ../nbs/74_guard.ipynb #65c71681
+async def _post(self: ServiceGuard, scope, headers: dict, receive, send):
+    "A `POST` to an API route, checked (415, 413, 503) and answered: `/predict` by the worker's server, else by the app."
+    ctype = _ctype(headers)
+    upload = self.multipart and ctype == MULTIPART and scope["path"] == self.predict_path
+    if ctype not in JSON_TYPES and not upload:
+        return await _reply(send, 415, "unsupported_media_type", f"content-type {clip(ctype) or '(none)'!r} is not accepted; "
+                            f"send application/json{' (or multipart/form-data: an upload)' if self.multipart else ''}")
+    length = headers.get(b"content-length")
+    if length is not None and length.isdigit():
+        if (size := int(length)) > self.max_body:
+            return await _reply(send, 413, "payload_too_large", f"body of {size} bytes exceeds the limit of {self.max_body}")
+    else:  # no length (chunked): read up to the limit, then hand the app what was read
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request": return
+            chunks.append(msg.get("body", b"")); size += len(chunks[-1]); more = msg.get("more_body", False)
+            if size > self.max_body:
+                return await _reply(send, 413, "payload_too_large", f"body exceeds the limit of {self.max_body} bytes")
+        receive = _replay(b"".join(chunks), receive)
+    if self.inflight and self.inflight + size > self.max_inflight:
+        return await _reply(send, 503, "overloaded", "too many large requests at once: retry later", [(b"retry-after", b"1")])
+    self.inflight += size  # large bodies parse into many times their bytes
+    try:
+        if scope["path"] == self.predict_path and SERVER is not None:
+            return await _predict(SERVER, headers, receive, send, scope, self.max_depth)
+        return await self.app(scope, receive, send)
+    finally: self.inflight -= size
+
+ServiceGuard._post = _post
 
 # %% ../nbs/74_guard.ipynb #19797119
 async def _docs(self: ServiceGuard, scope, receive, send):
@@ -240,11 +280,18 @@ async def _docs(self: ServiceGuard, scope, receive, send):
         async def capture(msg):
             if msg["type"] == "http.response.start": start.update(msg)
             else: chunks.append(msg.get("body", b""))
-        await self.app(scope, receive, capture)
+        await self.app({**scope, "method": "GET"}, receive, capture)
         if start.get("status") != 200: return await _reply(send, 500, "internal", "the OpenAPI spec could not be generated")
         self._doc = json.dumps(self.openapi(json.loads(b"".join(chunks)))).encode()
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(self._doc)).encode())]})
-    await send({"type": "http.response.body", "body": self._doc})
+    await send({"type": "http.response.body", "body": self._doc if scope["method"] == "GET" else b""})
 
-ServiceGuard._docs = _docs
+async def _html(self: ServiceGuard, scope, send):
+    "The docs page (`GET /`), made once by `self.docs_page` and then served from memory."
+    if self._page is None: self._page = self.docs_page(scope.get("server"))  # where this worker listens (not the Host header)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [*DOCS_HEADERS, (b"content-length", str(len(self._page)).encode())]})
+    await send({"type": "http.response.body", "body": self._page if scope["method"] == "GET" else b""})
+
+ServiceGuard._docs, ServiceGuard._html = _docs, _html

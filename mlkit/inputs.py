@@ -11,8 +11,8 @@ from .contracts import targets_of
 from .tensors import TENSOR_DTYPES, FieldSpec, InvalidInput
 
 # %% auto #0
-__all__ = ['NUMBER_LIMIT', 'VALUE_KINDS', 'DEFAULT_BODY_BYTES', 'MAX_DERIVED_BODY_BYTES', 'check_value', 'validate_records',
-           'body_limit']
+__all__ = ['NUMBER_LIMIT', 'MAX_STRING_CHARS', 'VALUE_KINDS', 'DEFAULT_BODY_BYTES', 'MAX_DERIVED_BODY_BYTES', 'clip',
+           'check_value', 'validate_records', 'body_limit']
 
 # %% ../nbs/14_inputs.ipynb #1b6be061
 NUMBER_LIMIT = 1e300  # |numbers| above are refused: a round decimal, so JSON Schema's decimal `maximum` means the same
@@ -21,6 +21,14 @@ _INT_LIMIT = 10**300  # the same limit for integers, compared exactly (a float64
 def _finite_number(v: int | float) -> bool:
     "Finite and within +-1e300: integers compared exactly with 10**300 (a float64 cannot hold every JSON integer)."
     return -_INT_LIMIT <= v <= _INT_LIMIT if isinstance(v, int) else math.isfinite(v) and -NUMBER_LIMIT <= v <= NUMBER_LIMIT
+
+# %% ../nbs/14_inputs.ipynb #c11p0a02
+MAX_STRING_CHARS = 10_000  # a longer string value is refused (422): every string field is a category
+
+def clip(text, limit: int = 100) -> str:
+    "`text` (as `str`) cut to `limit` characters and marked with its length: client text shown in an error body or a log line."
+    text = text if isinstance(text, str) else str(text)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 # %% ../nbs/14_inputs.ipynb #6411f329
 VALUE_KINDS = {"int": "number", "float": "number", "string": "string", "bool": "bool"}  # contract dtype -> the JSON value it takes
@@ -45,7 +53,7 @@ def _check_record(cols: dict, r, i: int):
     if not isinstance(r, dict): raise InvalidInput(f"rows[{i}]: expected an object", "rows", i)
     for k in r:
         if k not in cols:  # named, but never echoed whole: a field name can be megabytes of anything
-            k = k if len(k) <= 64 and k.isprintable() else repr(k[:64]) + ("..." if len(k) > 64 else "")
+            k = clip(k, 64) if k[:64].isprintable() else clip(repr(k[:64]), 80)
             raise InvalidInput(f"rows[{i}].{k}: unknown field (expected {', '.join(cols)})", k, i)
     for name, c in cols.items():
         v = r.get(name)
@@ -54,6 +62,8 @@ def _check_record(cols: dict, r, i: int):
             continue
         kind = VALUE_KINDS.get(c["dtype"])
         check_value(v, kind, name, i)
+        if kind == "string" and len(v) > MAX_STRING_CHARS:
+            raise InvalidInput(f"rows[{i}].{name}: a string of {len(v)} characters, at most {MAX_STRING_CHARS} allowed", name, i)
         if kind == "number" and not _finite_number(v):
             raise InvalidInput(f"rows[{i}].{name}: must be finite and within +-1e300, got {str(v)[:24]}", name, i)
 
@@ -77,7 +87,7 @@ def validate_records(contract: dict, rows: list, max_rows: int | None = None, fi
                     if nullable: continue
                     break
                 t = type(v)
-                if t is kind or kind is None: continue  # (a dtype without a value check: as `_check_record`)
+                if kind is None or t is kind and (t is not str or len(v) <= MAX_STRING_CHARS): continue  # (None: no value check)
                 if kind is _NUMBER and (t is float and -NUMBER_LIMIT <= v <= NUMBER_LIMIT or t is int and -_INT_LIMIT <= v <= _INT_LIMIT): continue
                 break  # NaN fails both comparisons, so it is refused below
             else: continue

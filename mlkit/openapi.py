@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import struct
 import zlib
 
 from .contracts import classes_of, targets_of, task_of
-from .inputs import NUMBER_LIMIT
+from .inputs import MAX_STRING_CHARS, NUMBER_LIMIT
 from .tensors import MODES, TENSOR_DTYPES, FieldSpec
 
 # %% auto #0
-__all__ = ['ERROR_SCHEMA', 'ERROR_ANSWERS', 'request_schema', 'tensor_schema', 'image_schema', 'form_body', 'error_answers',
-           'prediction_schema', 'response_schema', 'openapi_doc']
+__all__ = ['ERROR_SCHEMA', 'ERROR_ANSWERS', 'DOCS_CSP', 'DOCS_HEADERS', 'request_schema', 'tensor_schema', 'image_schema',
+           'form_body', 'error_answers', 'prediction_schema', 'response_schema', 'openapi_doc', 'field_rules',
+           'docs_page']
 
 # %% ../nbs/73_openapi.ipynb #dee74b32
 ERROR_SCHEMA = {"type": "object", "required": ["error", "detail"], "properties": {
@@ -40,7 +42,7 @@ def _field_schema(name: str, c: dict) -> dict:
     if t == "tensor": return tensor_schema(c)
     if t == "image": return image_schema(name, c)
     return ({"type": "number", "minimum": -NUMBER_LIMIT, "maximum": NUMBER_LIMIT} if t in ("int", "float")
-            else {"type": "string"} if t == "string" else {"type": "boolean"} if t == "bool" else {})
+            else {"type": "string", "maxLength": MAX_STRING_CHARS} if t == "string" else {"type": "boolean"} if t == "bool" else {})
 
 def request_schema(contract: dict, max_rows: int) -> dict:
     "The OpenAPI 3.0 schema of a `/predict` body from the contract: exactly what `validate_records` accepts."
@@ -126,13 +128,15 @@ def _tensor_example(c: dict):
     return _filled([*f.lo, f.channels], 128)
 
 # %% ../nbs/73_openapi.ipynb #ac895742
-ERROR_ANSWERS = {400: "Malformed JSON, or a body that is not {\"rows\": [objects]}",
+ERROR_ANSWERS = {400: "Malformed JSON, JSON nested deeper than [serve] max_json_depth, or a body that is not {\"rows\": [objects]}",
                  401: "Missing or invalid API key (Authorization: Bearer <key>)",
                  413: "Body over [serve] max_body_bytes (refused before it is read)",
                  415: "Content type other than application/json (pickle above all)",
-                 422: "A row the contract rejects: wrong type, missing or unknown field, NaN or infinity, too many rows",
+                 422: f"A row the contract rejects: wrong type, missing or unknown field, NaN or infinity, a string over "
+                      f"{MAX_STRING_CHARS} characters, too many rows",
                  500: "A fault in the service (never a client mistake)",
-                 503: "Overloaded: a queued request passed [serve] max_latency_ms; retry"}
+                 503: "Overloaded: a queued request passed [serve] max_latency_ms; retry. Or not_started: the worker could not "
+                      "load its model (the detail says why; /readyz answers the same)"}
 
 def form_body(contract: dict, max_rows: int) -> dict | None:
     "The `multipart/form-data` request body of `/predict` (schema and encoding) when the contract has image fields, else None."
@@ -166,7 +170,8 @@ def error_answers(contract: dict) -> dict:
     if not kinds & set(TENSOR_DTYPES): return dict(ERROR_ANSWERS)
     form = " or multipart/form-data" if "image" in kinds else ""
     return {**ERROR_ANSWERS,
-            400: f"Malformed JSON{' or multipart' if form else ''} body, or a body that is not {{\"rows\": [objects]}}",
+            400: f"Malformed JSON{' or multipart' if form else ''} body, JSON nested deeper than [serve] max_json_depth, "
+                 'or a body that is not {"rows": [objects]}',
             413: "Body over the limit, refused before it is read: [serve] max_body_bytes, or the limit derived from the contract "
                  "(its tensor and image fields' declared sizes and max_bytes, times max_rows)",
             415: f"Content type other than application/json{form} (pickle above all)",
@@ -219,3 +224,82 @@ def openapi_doc(spec: dict, contract: dict, max_rows: int, secured: bool, route:
         comps.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
         op["security"] = [{"bearer": []}]
     return spec
+
+# %% ../nbs/73_openapi.ipynb #d0c5a002
+DOCS_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+DOCS_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"content-security-policy", DOCS_CSP.encode()),
+                (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
+_CSS = ("body{font:15px/1.5 system-ui,sans-serif;max-width:64rem;margin:2rem auto;padding:0 1rem;color:#222}"
+        "table{border-collapse:collapse;width:100%}th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;"
+        "vertical-align:top}th{background:#f3f3f3}pre{background:#f5f5f5;padding:.75rem;overflow-x:auto;white-space:pre-wrap;"
+        "word-break:break-all}.note{color:#555}")
+_TYPES = {"int": "number (an integer in training)", "float": "number", "string": "string", "bool": "true or false"}
+
+def field_rules(name: str, c: dict) -> tuple[str, list[str]]:
+    "What an input field takes, in words: its type, and its rules (shape or size, range, categories, length)."
+    t = c["dtype"]
+    if t == "tensor":
+        rules = [f"shape {'x'.join('?' if d is None else str(d) for d in c['shape'])}: {len(c['shape'])} levels of nested "
+                 "arrays of numbers (? any size)"]
+        return f"tensor of {c.get('element', 'float32')}", rules + [f"values {c.get('min', '')}..{c.get('max', '')}"] * ("min" in c or "max" in c)
+    if t == "image":
+        f = FieldSpec(name, c, steps=[])
+        rules = [f"{_size_text(f)} pixels (height x width), {f.channels} channel{'s' * (f.channels > 1)} ({MODES[f.channels]}), "
+                 f"at most {f.max_pixels} pixels", f"base64 {' or '.join(x.upper() for x in f.formats)} text (a data: URL "
+                 "prefix is allowed), or the pixels as [height][width][channels] arrays of 0..255"]
+        return "image", rules + ([f"at most {c['max_bytes']} bytes before base64"] if "max_bytes" in c else [])
+    rules = ["finite, within +-1e300"] if t in ("int", "float") else []
+    if "min" in c or "max" in c: rules.append(f"{c.get('min', '')}..{c.get('max', '')} in training (other values are scored too)")
+    if c.get("categories"): rules.append(f"seen in training: {', '.join(map(str, c['categories']))} (others are scored too)")
+    if t == "string": rules.append(f"at most {MAX_STRING_CHARS} characters")
+    return _TYPES.get(t, t), rules
+
+# %% ../nbs/73_openapi.ipynb #d0c5a005
+def docs_page(contract: dict, name: str, version: str, purpose: str, max_rows: int, secured: bool,
+              url: str = "http://127.0.0.1:3000", route: str = "/predict") -> bytes:
+    "The docs page of a served model (`GET /`): one self-contained HTML page written from its contract, every value escaped."
+    e, targets = html.escape, targets_of(contract)
+    title = f"{name}, version {version or '(unknown)'}"
+    inputs = "".join(f"<tr><td><code>{e(n)}</code></td><td>{e(kind)}</td><td>{'no (null or absent)' if c.get('nullable') else 'yes'}"
+                     f"</td><td>{'<br>'.join(map(e, rules))}</td></tr>" for n, c in contract["columns"].items() if n not in targets
+                     for kind, rules in [field_rules(n, c)])
+    body = json.dumps(request_schema(contract, max_rows)["example"])
+    shown, data = (json.dumps(json.loads(body), indent=1), "'" + body.replace("'", "'\\''") + "'") if len(body) <= 8000 else \
+        (f"(the example body is {len(body)} characters: see the PredictRequest example in /docs.json)", "@body.json")
+    curl = (f"curl -X POST {url}{route} \\\n  -H 'Content-Type: application/json' \\\n  -H 'Authorization: Bearer <key>' \\\n  -d {data}")
+    keys = ("This service needs an API key: send it as <code>Authorization: Bearer &lt;key&gt;</code>." if secured else
+            "This service has no API keys configured: the <code>Authorization</code> header is not needed here (it is shown for "
+            "a service with keys).")
+    if task_of(contract) == "regression":
+        answer = f"<code>value</code>: the predicted {e(' and '.join(targets))}" + (" (an object, one value per target)" if len(targets) > 1 else "")
+    else:
+        answer = (f"<code>label</code>: one of {e(', '.join(map(str, classes_of(contract))))}; <code>probabilities</code>: each "
+                  "class's probability (0..1)")
+    errors = "".join(f"<tr><td>{code}</td><td>{e(d)}</td></tr>" for code, d in sorted(error_answers(contract).items()))
+    images = any(c["dtype"] == "image" for n, c in contract["columns"].items() if n not in targets)
+    routes = [("/docs.json", "the OpenAPI document (machine-readable)"), ("/readyz", "ready to answer: 200, else 503 and why"),
+              ("/livez", "the process is alive"), ("/metrics", "Prometheus metrics")]
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,"><title>{e(title)}</title><style>{_CSS}</style></head><body>
+<h1>{e(title)}</h1>
+<p id="purpose">{e(purpose)}</p>
+<p><code>POST {e(route)}</code> with a JSON body <code>{{"rows": [...]}}</code> of 1 to {max_rows} records{
+    " (or a multipart/form-data upload of image files)" if images else ""}; each row is answered in order.</p>
+<h2 id="inputs">Inputs</h2>
+<table><tr><th>Field</th><th>Type</th><th>Required</th><th>Rules</th></tr>{inputs}</table>
+<p class="note">Any other field is refused (422), naming it.</p>
+<h2 id="answer">Answer</h2>
+<p><code>{{"model", "version", "answered_by", "predictions"}}</code>: one prediction per row, {answer}.</p>
+<h2 id="example">Example</h2>
+<pre>{e(shown)}</pre>
+<pre>{e(curl)}</pre>
+<p class="note">{keys}</p>
+<h2 id="errors">Errors</h2>
+<p>Every error is a JSON body <code>{{"error": code, "detail": what exactly}}</code>.</p>
+<table><tr><th>Status</th><th>When</th></tr>{errors}</table>
+<h2 id="routes">Other routes</h2>
+<ul>{"".join(f'<li><a href="{r}">{r}</a>: {d}</li>' for r, d in routes)}</ul>
+</body></html>
+"""
+    return page.encode()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,20 +18,20 @@ import numpy as np
 import torch
 
 from . import guard
-from ._compat import cork_dispatcher, lean_tracing, share_port
+from ._compat import cork_dispatcher, lean_tracing, server_limits, share_port
 from .bento import bento_contract, bento_models, predictor_from_bento
 from .config import Settings, SettingsError, current_settings
 from .contracts import task_of
 from .guard import OPEN_PATHS, ServiceGuard, api_key_hashes, request_id
-from .inputs import InvalidInput, body_limit
-from .openapi import openapi_doc
+from .inputs import InvalidInput, body_limit, clip
+from .openapi import docs_page, openapi_doc
 from .predictor import Predictor
 from .predlog import prediction_log
-from .telemetry import observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
+from .telemetry import JSONFormatter, observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
 # %% auto #0
 __all__ = ['OFFLOAD_VALUES', 'service_config', 'serve_device', 'row_values', 'place', 'Overloaded', 'ModelServer', 'model_server',
-           'guard_service', 'bento_service']
+           'start_models', 'guard_service', 'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def service_config(settings: Settings | None = None) -> dict:
@@ -37,6 +39,7 @@ def service_config(settings: Settings | None = None) -> dict:
     s = (settings or current_settings()).serve
     if s.share_port: share_port()
     lean_tracing(s.tracing_io_spans)
+    server_limits(s)  # header size, read deadlines, connections: before BentoML builds each worker's uvicorn server
     cfg = {"http": {"host": s.host}, "workers": s.workers, "traffic": {"timeout": 30},
            "logging": {"access": {"enabled": s.access_log, "skip_paths": list(OPEN_PATHS)}}}
     if s.tracing_exporter:
@@ -199,13 +202,14 @@ async def _answer_request(self: ModelServer, rows, rid: str, bad_request: str | 
     t0 = time.perf_counter()
     headers = {"x-request-id": rid}
     if bad_request is not None:
-        status, res = 400, {"error": "bad_request", "detail": bad_request}
+        status, res = 400, {"error": "bad_request", "detail": clip(bad_request, 1000)}
         self._series["champion"]["invalid"].inc()
     else:
         try:
             role, p, proba, top = await self._answer(rows, rid)
         except InvalidInput as e:
-            status, res = 422, {"error": "invalid_input", "detail": str(e), "field": e.field, "row": e.row}
+            status, res = 422, {"error": "invalid_input", "detail": clip(e, 1000),  # bounded: never a client's megabytes
+                                "field": clip(e.field, 200) if isinstance(e.field, str) else e.field, "row": e.row}
         except Overloaded as e:
             status, res = 503, {"error": "overloaded", "detail": str(e)}
             headers["retry-after"] = "1"
@@ -264,7 +268,22 @@ def model_server(service, settings: Settings | None = None) -> ModelServer:
     guard.set_server(server)  # the worker's server: `ServiceGuard` answers `/predict` with it directly
     return server
 
-def guard_service(service, settings: Settings | None = None, models: dict | None = None):
+def start_models(service, settings: Settings | None = None) -> ModelServer | None:
+    "`model_server`, or None when the models cannot start: then the reason is logged once and the guard answers 503 with it."
+    try: return model_server(service, settings)
+    except Exception as e:
+        reason = clip(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", 500)  # the first line, bounded
+        guard.set_not_started(reason)
+        log = logging.getLogger("mlkit.service")
+        if not log.handlers:
+            h = logging.StreamHandler(sys.stderr)
+            h.setFormatter(JSONFormatter())
+            log.addHandler(h); log.propagate = False
+        log.error(f"the models could not start in this worker: {reason}; /readyz and /predict answer 503 not_started",
+                  exc_info=True, extra={"fields": {"error": "not_started", "detail": reason, "pid": os.getpid()}})
+        return None
+
+def guard_service(service, settings: Settings | None = None, models: dict | None = None, purpose: str | None = None):
     "Put `ServiceGuard` in front of a BentoML service, configured from settings and `MLKIT_API_KEYS`; returns the service."
     settings = settings or current_settings()
     keys = api_key_hashes(settings)
@@ -272,9 +291,18 @@ def guard_service(service, settings: Settings | None = None, models: dict | None
         return openapi_doc(spec, bento_contract(models["champion"]), settings.serve.max_rows, secured=bool(keys))
     s = settings.serve
     contract = bento_contract(models["champion"]) if models else {"columns": {}}
+    def page(where: tuple | None) -> bytes:  # the docs page, made on a worker's first `GET /`: `where` it listens
+        import bentoml
+        labels = bentoml.models.get(models["champion"]).info.labels
+        name = labels.get("mlkit_model") or models["champion"].split(":")[0]
+        about = settings.for_model(name).card.purpose or contract.get("description") or purpose or ""
+        host, port = where or (s.host, s.port)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return docs_page(contract, name, labels.get("mlkit_version", ""), about, s.max_rows, bool(keys), url)
     service.add_asgi_middleware(ServiceGuard, key_hashes=keys, max_body_bytes=body_limit(contract, s.max_rows, s.max_body_bytes),
-                                docs_need_key=s.docs_need_key, openapi=openapi if models else None,
-                                multipart=any(c["dtype"] == "image" for c in contract["columns"].values()))
+                                docs_need_key=s.docs_need_key, openapi=openapi if models else None, max_json_depth=s.max_json_depth,
+                                multipart=any(c["dtype"] == "image" for c in contract["columns"].values()),
+                                docs_page=page if models else None)
     # the service's `/predict` is answered by the guard once `model_server` has run (`mlkit.guard.set_server`)
     return service
 
@@ -304,9 +332,10 @@ def bento_service(
     except Exception: task = None  # not in the store yet: BentoModel below says so
     doc = doc or (f"Score raw {name} records: {_ANSWERS.get(task, 'one answer per row')}, and the model version that answered. "
                   "A row the contract rejects is a 422 naming the row and field; an overloaded server a 503 to retry.")
-    def __init__(self): self.server = model_server(self, settings)  # bundles hash-checked: a corrupt one never serves
+    def __init__(self): self.server = start_models(self, settings)  # hash-checked: a corrupt bundle never serves (503 not_started)
     async def predict(self, rows, ctx): return await self.server.handle(rows, ctx)  # a finished JSON response
-    async def close(self): await self.server.aclose()  # shadow scoring in flight, then the queued prediction-log rows
+    async def close(self):  # shadow scoring in flight, then the queued prediction-log rows
+        if self.server is not None: await self.server.aclose()
     predict.__annotations__ = {"rows": list[dict[str, Any]], "ctx": bentoml.Context, "return": dict}
     predict.__doc__ = doc
     attrs = {"__doc__": f"The {name} model, served by mlkit.", "__module__": caller.get("__name__", "service"),
@@ -318,4 +347,4 @@ def bento_service(
     if device == "cuda" or (device == "auto" and tensors and torch.cuda.is_available()): cfg["resources"] = {"gpu": 1}
     svc = bentoml.service(name=name, **cfg)(type(_class_name(name), (), attrs))
     svc._caller_module = attrs["__module__"]  # BentoML looks for the service in its caller's module: service.py, not this one
-    return guard_service(svc, settings, models)
+    return guard_service(svc, settings, models, purpose=doc)

@@ -123,7 +123,8 @@ def test_sigterm_drains_in_flight_requests(ops):
 
 
 def test_corrupt_bundle_never_serves(trained, tmp_path):
-    "A bundle whose bytes no longer match the SHA-256 recorded at registration: /readyz never answers 200, nothing is served."
+    """A bundle whose bytes no longer match the SHA-256 recorded at registration: the worker stays up without a model, and
+    /readyz and /predict answer 503 `not_started` with the reason (never 200, never a hang); nothing is served."""
     from mlkit.config import load_settings, tool_env
     from mlkit.deploy import free_port, stop_service
     env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
@@ -142,13 +143,17 @@ def test_corrupt_bundle_never_serves(trained, tmp_path):
                 try:
                     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps({"rows": [ROW]}).encode() if path == "/predict" else None,
                                                  {"Content-Type": "application/json"})
-                    with urllib.request.urlopen(req, timeout=2) as r: seen.append((path, r.status))
-                except urllib.error.HTTPError as e: seen.append((path, e.code))
-                except OSError: seen.append((path, "no answer"))
+                    with urllib.request.urlopen(req, timeout=2) as r: seen.append((path, r.status, None))
+                except urllib.error.HTTPError as e: seen.append((path, e.code, json.loads(e.read())))
+                except OSError: seen.append((path, "no answer", None))
             time.sleep(0.5)
     finally:
         stop_service(proc)
     assert seen and not [s for s in seen if s[1] == 200], seen
+    answered = [s for s in seen if s[1] != "no answer"]
+    assert answered and answered[-1][1] == 503 and seen.index(answered[0]) + len(answered) == len(seen), seen  # once up, it answers
+    assert {(s[0], s[1], s[2]["error"]) for s in answered} == {("/readyz", 503, "not_started"), ("/predict", 503, "not_started")}, answered
+    assert all("does not match the expected" in s[2]["detail"] for s in answered), answered
     assert "does not match the expected" in log.read_text()
 
 
