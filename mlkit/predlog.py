@@ -72,7 +72,8 @@ class PredictionLog:
         import polars as pl  # raw values as the contract types them (ints in a float column become floats)
         kinds = {"int": pl.Float64, "float": pl.Float64, "bool": pl.Boolean, "string": pl.String}
         self._dtypes = {c: kinds.get(contract["columns"][c]["dtype"], pl.String) for c in self.features}
-        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        # a wake at half the bound at most: a small bound must not fill between two timed writes of a working disk
+        self.flush_rows, self.flush_seconds = min(flush_rows, max(1, max_queue_rows // 2)), flush_seconds
         if when_full not in ("refuse", "drop"): raise ValueError(f"when_full={when_full!r}: expected refuse or drop")
         self.max_queue_rows, self.when_full = max_queue_rows, when_full
         # counters, each written by one thread only (requests: logged, dropped; the writer: the rest): no lock needed
@@ -109,16 +110,16 @@ class PredictionLog:
         return True
 
 # %% ../nbs/72_predlog.ipynb #00a7ce36
-def _write(self: PredictionLog, batch: list):
-    if not batch: return
-    name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order (`part_time`)
-    try: frame = self._frame(batch)
+def _part(self: PredictionLog, batch: list) -> tuple:
+    "One part of the log from drained requests: (frame, rows, rows with replaced text)."
+    try: return self._frame(batch), sum(len(b[5]) for b in batch), 0
     except UnicodeEncodeError:  # rare: only then is every string looked at
-        batch, flags = _replaced(batch)
+        fixed, flags = _replaced(batch)
         import polars as pl
-        frame = self._frame(batch).with_columns(pl.Series("replaced_text", flags))
-        self.replaced += sum(flags)
-        if self.metrics: self.metrics["replaced"].inc(sum(flags))
+        return self._frame(fixed).with_columns(pl.Series("replaced_text", flags)), len(flags), sum(flags)
+
+def _store(self: PredictionLog, frame):
+    name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"  # names sort in writing order (`part_time`)
     atomic_write(self.folder / name, lambda p: frame.write_parquet(p, compression="lz4"))  # lz4: a fraction of zstd's CPU
 
 def _replaced(batch: list) -> tuple[list, list]:
@@ -136,22 +137,26 @@ def _replaced(batch: list) -> tuple[list, list]:
 
 # %% ../nbs/72_predlog.ipynb #9ae79884
 def _run(self: PredictionLog):
-    pending, pause = [], 0.0
+    batch, parts, pause = [], [], 0.0  # batch: drained, not yet built (a build that failed); parts: built, not yet written
     while True:
         self._wake.wait(pause or self.flush_seconds)
         self._wake.clear()
         closing = self._closing  # read before draining: every request queued before close() is in this drain
-        while self._q: pending.append(self._q.popleft())
-        try: self._write(pending)
+        while self._q: batch.append(self._q.popleft())
+        try:
+            if batch: parts.append(self._part(batch)); batch = []
+            while parts:
+                self._store(parts[0][0])
+                _, n, replaced = parts.pop(0)
+                self.written, self.replaced = self.written + n, self.replaced + replaced
+                if self.metrics: self.metrics["written"].inc(n); self.metrics["replaced"].inc(replaced); self.metrics["queued"].set(self.queued)
         except Exception as e:  # kept, and retried: the thread lives on
             self.errors, self.last_error = self.errors + 1, f"{type(e).__name__}: {str(e)[:200]}"
             if self.metrics: self.metrics["errors"].inc(); self.metrics["queued"].set(self.queued)
-            pause = min(max(2 * pause, 0.5), 5.0)
+            pause = min(max(2 * pause, 0.25), 1.0)
             if closing and self._thread_deadline and time.monotonic() > self._thread_deadline: break
             continue
-        self.written += (n := sum(len(b[5]) for b in pending))
-        pending, pause, self.last_error = [], 0.0, None
-        if self.metrics: self.metrics["written"].inc(n); self.metrics["queued"].set(self.queued)
+        pause, self.last_error = 0.0, None
         if closing: break
 
 def close(self: PredictionLog, timeout: float = 30.0):
@@ -167,7 +172,7 @@ def state(self: PredictionLog) -> dict:
             "errors": self.errors, "last_error": self.last_error, "when_full": self.when_full, "has_room": self.has_room()}
 
 PredictionLog._thread_deadline, PredictionLog.state = None, state
-PredictionLog._write, PredictionLog._run, PredictionLog.close = _write, _run, close
+PredictionLog._part, PredictionLog._store, PredictionLog._run, PredictionLog.close = _part, _store, _run, close
 
 # %% ../nbs/72_predlog.ipynb #243e606e
 def _frame(self: PredictionLog, batch: list):
