@@ -5,13 +5,16 @@
 # %% ../nbs/79_deploy.ipynb #72c7f17b
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -19,14 +22,15 @@ from pathlib import Path
 from ._compat import PROMETHEUS_DIR_ENV
 from .bento import build, packed_champion
 from .config import Settings, current_settings, tool_env
-from .core import atomic_write
+from .core import Unavailable, atomic_write, check_port, descendants, run_foreground, running, stop_tree
 from .guard import INSTANCE_ENV, check_host
 from .ledger import record
 from .registry import get_version
 
 # %% auto #0
-__all__ = ['MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'bento_of', 'serve', 'deployment_file',
-           'deployments', 'current_deployment', 'deploy', 'undeploy', 'deploy_champion']
+__all__ = ['RECORD_FORMAT', 'MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'bento_of', 'serve',
+           'deployment_file', 'deployments', 'service_process', 'current_deployment', 'deployment_lock', 'deploy',
+           'undeploy', 'deploy_champion']
 
 # %% ../nbs/79_deploy.ipynb #ec3b9961
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,63 +55,41 @@ def start_service(target: str, host: str | None = None, port: int | None = None,
 def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0, path: str = "/readyz",
                instance: str | None = None) -> float:
     """Wait until `url` + `path` answers 200 (from the service tagged `instance`, when given: `deploy` on a shared port);
-    returns the seconds waited. Raises if `proc` exits or time runs out."""
+    returns the seconds waited. Raises if `proc` exits, if the service says its models cannot start (503 `not_started`),
+    or if time runs out."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None: raise RuntimeError(f"service exited with code {proc.returncode} before it was ready")
         try:
             with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200 and (instance is None or r.headers.get("x-mlkit-instance") == instance): return time.monotonic() - t0
+        except urllib.error.HTTPError as e:
+            if e.code == 503 and (instance is None or e.headers.get("x-mlkit-instance") == instance):
+                try: why = json.loads(e.read())
+                except ValueError: why = {}
+                if why.get("error") == "not_started": raise RuntimeError(f"the service cannot start: {why.get('detail')}") from None
         except OSError: pass
         time.sleep(0.1 if instance else 0.25)
     raise TimeoutError(f"{url}{path} not ready after {timeout:.0f} s")
 
 # %% ../nbs/79_deploy.ipynb #9ecbeef9
+def _process(pid: int):
+    "The psutil process of `pid`, or None when there is none."
+    import psutil
+    try: return psutil.Process(pid)
+    except psutil.Error: return None
+
 def _alive(pid: int) -> bool:
     "Whether process `pid` runs (a zombie, exited but not yet reaped by its parent, does not)."
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True
-    try: return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError): return True
+    return (p := _process(pid)) is not None and running(p)
 
 def _descendants(pid: int) -> list[int]:
-    "Every process below `pid`, from /proc (circus starts each BentoML worker in a session of its own)."
-    kids: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try: kids.setdefault(int(stat.read_text().rsplit(") ", 1)[1].split()[1]), []).append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError): continue
-    out, todo = [], [pid]
-    while todo: out += (k := kids.get(todo.pop(), [])); todo += k
-    return out
-
-def _stop_leftovers(pids: list[int], grace: float = 10.0):
-    "SIGTERM, then SIGKILL after `grace` s, the processes of `pids` still running: workers whose arbiter died without them."
-    for pid in (live := [p for p in pids if _alive(p)]):
-        try: os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError: pass
-    deadline = time.monotonic() + grace
-    while (live := [p for p in live if _alive(p)]) and time.monotonic() < deadline: time.sleep(0.1)
-    for pid in live:
-        try: os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError: pass
-
-def _stop_pid(pid: int, timeout: float = 60.0):
-    """SIGTERM the process group of a `bentoml serve` (ours, or one `deploy` started earlier), SIGKILL it after `timeout` s,
-    then stop its workers if they outlived it (each has a session of its own: the group's signal misses them)."""
-    workers = _descendants(pid)
-    try: os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError: return
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline: time.sleep(0.1)
-    if _alive(pid):
-        try: os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError: pass
-    _stop_leftovers(workers)  # the arbiter stops its workers; if it died first, they would serve on as orphans
+    "The PIDs of every process below `pid` (circus starts each BentoML worker in a session of its own)."
+    return [c.pid for c in descendants(p)] if (p := _process(pid)) else []
 
 def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     "Stop a service started by `start_service` (its process group and its workers); returns its exit code."
-    if proc.poll() is None: _stop_pid(proc.pid, timeout)
+    if proc.poll() is None: stop_tree(_process(proc.pid), timeout)
     return proc.wait()
 
 # %% ../nbs/79_deploy.ipynb #23b13926
@@ -121,21 +103,19 @@ def bento_of(name: str, alias: str | None = "champion", version: str | None = No
     return bento, mv
 
 def serve(name: str, alias: str = "champion", bento: str | None = None, host: str | None = None, port: int | None = None,
-          insecure: bool = False, settings: Settings | None = None, say=print) -> int:
+          insecure: bool = False, settings: Settings | None = None, say=print, grace: float = 20.0) -> int:
     "Serve `name@alias` (or the Bento `bento`) with `bentoml serve` in the foreground; returns its exit code."
     s = settings or current_settings()
     host, port = host or s.serve.host, port or s.serve.port
     check_host(host, insecure)
+    check_port(host, port)
     target = bento or bento_of(name, alias, settings=s)[0]
     say(f"serving {target} on http://{host}:{port} (Ctrl-C or SIGTERM stops it)")
-    proc = start_service(target, host=host, port=port, settings=s, quiet=False)
-    def _stop(*_): raise KeyboardInterrupt
-    before = signal.signal(signal.SIGTERM, _stop)
-    try: return proc.wait()
-    except KeyboardInterrupt: return stop_service(proc)
-    finally: signal.signal(signal.SIGTERM, before)
+    return run_foreground(lambda: start_service(target, host=host, port=port, settings=s, quiet=False), grace, say)
 
 # %% ../nbs/79_deploy.ipynb #ccc18a72
+RECORD_FORMAT = 2  # 2: the record keeps its process's start time and command line; 1 (no `format` field): its PID only
+
 def deployment_file(name: str, settings: Settings | None = None) -> Path:
     "Where `deploy` records the local service of `name`: `<state>/deployments/<name>.json`."
     return (settings or current_settings()).deployments_dir / f"{name}.json"
@@ -145,12 +125,77 @@ def deployments(settings: Settings | None = None) -> list[dict]:
     folder = (settings or current_settings()).deployments_dir
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
-def current_deployment(name: str, settings: Settings | None = None) -> dict | None:
-    "The record of the local service `deploy` started for `name`, if it is still running."
+def _warn(msg: str): print(f"mlkit deploy: warning: {msg}", file=sys.stderr)
+
+def _identity(pid: int) -> dict:
+    "What tells process `pid` from a later one given the same PID: its start time and command line."
+    if (p := _process(pid)) is None: raise RuntimeError(f"service {pid} exited as soon as it was ready")
+    return {"pid_started": p.create_time(), "cmdline": p.cmdline()}
+
+def service_process(rec: dict, say=None):
+    "The psutil process of deployment record `rec` if it is still the service `deploy` started, else None (`say` why)."
+    import psutil
+    if (p := _process(rec["pid"])) is None or not running(p): return None
+    try: started, cmd = p.create_time(), p.cmdline()
+    except psutil.Error: return None
+    if rec.get("format", 1) >= 2:
+        ok = isinstance(rec.get("pid_started"), (int, float)) and abs(started - rec["pid_started"]) < 1 and cmd == rec.get("cmdline")
+    else:  # written before format 2: only mlkit's own `bentoml serve` of this Bento on this port is taken for it
+        ok = any("mlkit._compat import bentoml_serve" in a for a in cmd) and rec["bento"] in cmd and str(rec["port"]) in cmd
+    if not ok and say:
+        say(f"{rec['name']}: pid {rec['pid']} in its deployment record is not the service deploy started (it runs "
+            f"{' '.join(cmd)[:60]!r}); that process is left alone and the deployment taken as not running")
+    return p if ok else None
+
+def current_deployment(name: str, settings: Settings | None = None, say=None) -> dict | None:
+    "The record of the local service `deploy` started for `name`, if that very process still runs (`say` why not)."
     f = deployment_file(name, settings)
     if not f.is_file(): return None
     rec = json.loads(f.read_text())
-    return rec if _alive(rec["pid"]) else None
+    return rec if service_process(rec, say) else None
+
+def _stop_recorded(rec: dict, say=None, timeout: float = 60.0):
+    "Stop the service of record `rec` and its workers (SIGTERM drains it), if it is still the process `deploy` started."
+    if (p := service_process(rec, say)) is not None: stop_tree(p, timeout)
+
+# %% ../nbs/79_deploy.ipynb #0884040c
+_LOCKS: set = set()  # (lock file, thread) held by this process
+
+def _holder(path: Path) -> str:
+    "Who holds the lock `path`, as its holder wrote it."
+    try: h = json.loads(path.read_text())
+    except (OSError, ValueError): return "holder unknown"
+    return f"pid {h.get('pid')}: {h.get('command')}, since {h.get('since')}"
+
+@contextlib.contextmanager
+def deployment_lock(name: str, settings: Settings | None = None, wait: float | None = None):
+    """Hold `<state>/deployments/<name>.lock`: one deploy or undeploy of `name` at a time. Waits up to `wait` s (default
+    `[serve] ready_timeout` + 90) for another holder, then raises `Unavailable` naming it."""
+    s = settings or current_settings()
+    path = s.deployments_dir / f"{name}.lock"
+    key = (str(path), threading.get_ident())
+    if key in _LOCKS:
+        yield path
+        return
+    wait = s.serve.ready_timeout + 90 if wait is None else wait
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:  # not inherited by the services started under it (Python opens files close-on-exec)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"{name}: another deploy holds {path} ({_holder(path)}); gave up after {wait:.0f} s") from None
+                time.sleep(0.2)
+        f.seek(0); f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        f.flush()
+        _LOCKS.add(key)
+        try: yield path
+        finally: _LOCKS.discard(key)
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 
@@ -163,46 +208,46 @@ def _migrate_requests() -> bool:
 
 # %% ../nbs/79_deploy.ipynb #1821f0ac
 def deploy(name: str, bento: str, version: str = "", settings: Settings | None = None, host: str | None = None,
-           port: int | None = None) -> dict:
+           port: int | None = None, say=_warn) -> dict:
     "Serve `bento` on `host:port`, taking over from the service `deploy` started before; returns the deployment record."
     settings = settings or current_settings()
     host, port = host or settings.serve.host, port or settings.serve.port
-    old = current_deployment(name, settings)
-    if old and (old["host"], old["port"]) != (host, port):
-        raise ValueError(f"{name} is deployed on {old['host']}:{old['port']}; `mlkit deploy {name} --stop` before moving it to {host}:{port}")
-    if old is None:
-        with socket.socket() as probe:
-            if probe.connect_ex((host, port)) == 0:
-                raise RuntimeError(f"{host}:{port} is in use by a process `mlkit deploy` did not start; stop it or pick another port")
-    migrate = _migrate_requests()
-    instance = uuid.uuid4().hex
-    log = settings.runs_dir / f"deploy-{name}-{time.strftime('%Y%m%dT%H%M%S')}-{instance[:6]}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    proc = start_service(bento, host, port, settings, log, extra_env={"MLKIT_SERVE__SHARE_PORT": "true", INSTANCE_ENV: instance})
-    try: waited = wait_ready(f"http://{host}:{port}", proc, settings.serve.ready_timeout, instance=instance)
-    except BaseException:
-        stop_service(proc)  # the old service, if any, never stopped serving
-        raise
-    rec = {"name": name, "bento": bento, "version": str(version), "host": host, "port": port, "pid": proc.pid,
-           "instance": instance, "log": str(log), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "ready_seconds": round(waited, 2), "replaced": old and {k: old[k] for k in ("bento", "version", "pid")},
-           "tcp_migrate_req": migrate}
-    atomic_write(deployment_file(name, settings), lambda p: p.write_text(json.dumps(rec, indent=1)))
-    if old: _stop_pid(old["pid"])
-    record("deploy", name, alias="serving", from_version=old and old["version"], to_version=str(version),
-           reason=f"bento {bento} on {host}:{port}", settings=settings)
-    return rec
+    with deployment_lock(name, settings):
+        old = current_deployment(name, settings, say)
+        if old and (old["host"], old["port"]) != (host, port):
+            raise ValueError(f"{name} is deployed on {old['host']}:{old['port']}; `mlkit deploy {name} --stop` before moving it to {host}:{port}")
+        if old is None: check_port(host, port)  # taken by a process `deploy` did not start: `Unavailable`, one line
+        migrate = _migrate_requests()
+        instance = uuid.uuid4().hex
+        log = settings.runs_dir / f"deploy-{name}-{time.strftime('%Y%m%dT%H%M%S')}-{instance[:6]}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        proc = start_service(bento, host, port, settings, log, extra_env={"MLKIT_SERVE__SHARE_PORT": "true", INSTANCE_ENV: instance})
+        try: waited, ident = wait_ready(f"http://{host}:{port}", proc, settings.serve.ready_timeout, instance=instance), _identity(proc.pid)
+        except BaseException as e:
+            stop_service(proc)  # the old service, if any, never stopped serving
+            if isinstance(e, (RuntimeError, TimeoutError)): raise Unavailable(f"{name}: {e} (its log: {log})") from e
+            raise
+        rec = {"format": RECORD_FORMAT, "name": name, "bento": bento, "version": str(version), "host": host, "port": port,
+               "pid": proc.pid, **ident, "instance": instance, "log": str(log),
+               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "ready_seconds": round(waited, 2),
+               "replaced": old and {k: old[k] for k in ("bento", "version", "pid")}, "tcp_migrate_req": migrate}
+        atomic_write(deployment_file(name, settings), lambda p: p.write_text(json.dumps(rec, indent=1)))
+        if old: _stop_recorded(old, say)
+        record("deploy", name, alias="serving", from_version=old and old["version"], to_version=str(version),
+               reason=f"bento {bento} on {host}:{port}", settings=settings)
+        return rec
 
-def undeploy(name: str, settings: Settings | None = None) -> dict | None:
+def undeploy(name: str, settings: Settings | None = None, say=_warn) -> dict | None:
     "Stop the local service `deploy` started for `name` (draining it); returns its record, or None if none runs."
     settings = settings or current_settings()
-    rec = current_deployment(name, settings)
-    if rec is None: return None
-    _stop_pid(rec["pid"])
-    deployment_file(name, settings).unlink(missing_ok=True)
-    record("undeploy", name, alias="serving", from_version=rec["version"],
-           reason=f"bento {rec['bento']} on {rec['host']}:{rec['port']} stopped", settings=settings)
-    return rec
+    with deployment_lock(name, settings):
+        rec = current_deployment(name, settings, say)
+        if rec is None: return None
+        _stop_recorded(rec, say)
+        deployment_file(name, settings).unlink(missing_ok=True)
+        record("undeploy", name, alias="serving", from_version=rec["version"],
+               reason=f"bento {rec['bento']} on {rec['host']}:{rec['port']} stopped", settings=settings)
+        return rec
 
 # %% ../nbs/79_deploy.ipynb #28d4c06d
 def deploy_champion(name: str, host: str | None = None, port: int | None = None, restart: bool = False,
@@ -210,7 +255,8 @@ def deploy_champion(name: str, host: str | None = None, port: int | None = None,
     "Deploy the champion of `name`; returns the deployment record and whether a new service was started."
     s = settings or current_settings()
     check_host(host or s.serve.host, insecure)
-    bento, mv = bento_of(name, "champion", settings=s)
-    cur = current_deployment(name, s)
-    if cur and cur["bento"] == bento and not restart: return cur, False
-    return deploy(name, bento, version=mv.version, settings=s, host=host, port=port), True
+    bento, mv = bento_of(name, "champion", settings=s)  # before the lock: a build can take longer than a deploy
+    with deployment_lock(name, s):  # a deploy running now finishes first; then this one may find its service
+        cur = current_deployment(name, s)
+        if cur and cur["bento"] == bento and not restart: return cur, False
+        return deploy(name, bento, version=mv.version, settings=s, host=host, port=port), True

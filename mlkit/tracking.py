@@ -9,12 +9,13 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import mlkit
 from .config import Settings, current_settings
 from .contracts import classes_of, targets_of, task_of
-from .core import git_state, tool_command
+from .core import check_port, git_state, run_foreground, tool_command
 
 # %% auto #0
 __all__ = ['SOURCE_COMMIT_ENV', 'mlflow', 'experiment_id', 'source_tags', 'start_run', 'lineage_record', 'end_run', 'log_dataset',
@@ -240,6 +241,8 @@ def ui_command(host: str = "127.0.0.1", port: int = 5000, settings: Settings | N
     if s.embedded_tracking: cmd += ["--artifacts-destination", s.artifacts_dir.as_uri()]
     return cmd
 
-def ui(host: str = "127.0.0.1", port: int = 5000, settings: Settings | None = None) -> int:
-    "Run the MLflow UI on the project's store in the foreground; returns its exit code."
-    return subprocess.call(ui_command(host, port, settings))
+def ui(host: str = "127.0.0.1", port: int = 5000, settings: Settings | None = None, grace: float = 20.0) -> int:
+    "Run the MLflow UI on the project's store in the foreground until it exits or is stopped; returns its exit code."
+    check_port(host, port)  # `Unavailable`, in one line, rather than MLflow's traceback
+    cmd = ui_command(host, port, settings)
+    return run_foreground(lambda: subprocess.Popen(cmd, start_new_session=True), grace, say=lambda m: print(f"mlkit ui: {m}", file=sys.stderr))
