@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import mlkit
-from .config import SettingsError, configure, env_exports, load_settings
+from .config import SettingsError, brief, configure, env_exports, load_settings
 from .core import moved
 
 # %% auto #0
@@ -40,8 +40,7 @@ def cmd_train(args) -> int:
     "Run a training notebook with papermill inside a tracked run (or a sweep of runs)."
     from mlkit.runs import load_parameter_file, parse_assignments, parse_grid, run_notebook, sweep
     configure()
-    params = {}
-    for f in args.file or []: params.update(load_parameter_file(f))
+    params = {k: v for f in args.file or [] for k, v in load_parameter_file(f).items()}  # later files win
     params.update(parse_assignments(args.param or []))
     if args.sweep:
         parent, children, best = sweep(args.name, parse_grid(args.sweep), params)
@@ -208,11 +207,7 @@ def cmd_gc(args) -> int:
 def cmd_data_check(args) -> int:
     "Validate a data file against a contract."
     from mlkit.contracts import check_file
-    from mlkit.data import DataError
-    try: report = check_file(args.data, args.contract)
-    except DataError as e:
-        print(f"mlkit data check: {e}", file=sys.stderr)
-        return 2
+    report = check_file(args.data, args.contract)  # unreadable: a DataError, one line and exit 2 (`main`)
     _out(report.to_json() if args.json else report.text())
     if not report.passed: print(report.summary(), file=sys.stderr)
     return 0 if report.passed else 1
@@ -381,19 +376,24 @@ def parser() -> argparse.ArgumentParser:
 # %% ../nbs/90_cli.ipynb #2cf357e7
 def _user_errors() -> tuple:
     "Exceptions that mean bad input (settings, parameters, names), reported in one line rather than a traceback."
-    errs = [SettingsError, ValueError, FileNotFoundError]  # mlkit.data.DataError and mlkit.inputs.InvalidInput are ValueErrors
+    errs = [SettingsError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError]  # DataError, InvalidInput: ValueErrors
     if "mlflow" in sys.modules: errs.append(sys.modules["mlflow"].exceptions.MlflowException)
     return tuple(errs)
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `mlkit` command (set `MLKIT_DEBUG=1` for tracebacks)."
-    args = parser().parse_args(argv)
-    try: return args.fn(args)
-    except Exception as e:
-        if os.environ.get("MLKIT_DEBUG") or not isinstance(e, _user_errors()): raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"mlkit {args.command}: {msg}", file=sys.stderr)
-        return 2
+    try:
+        args = parser().parse_args(argv)
+        try: return args.fn(args)
+        except Exception as e:
+            if os.environ.get("MLKIT_DEBUG") or not isinstance(e, _user_errors()): raise
+            msg = brief(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 500)
+            print(f"mlkit {' '.join(filter(None, (args.command, getattr(args, 'data_command', None))))}: {msg}", file=sys.stderr)
+            return 2
+    except BrokenPipeError:  # standard output closed early (`| head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the flush at exit fails again, with a message
+        return 141  # 128 + SIGPIPE
+    except KeyboardInterrupt: return 130  # Ctrl-C outside a served process (a build, a training run): no traceback
 
 # %% ../nbs/90_cli.ipynb #87d7275c
 _MOVED = {"build": "mlkit.bento", "post_json": "mlkit.demo", "DEMO_ROWS": "mlkit.demo"}

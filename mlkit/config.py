@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import configparser
+import math
 import os
 import re
 import shlex
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 # %% auto #0
-__all__ = ['SETTINGS_FILE', 'ENV_PREFIX', 'SETTINGS_ENV', 'FLOOR', 'MODEL_SECTIONS', 'MLKIT_STATE_ENV', 'SettingsError',
+__all__ = ['SETTINGS_FILE', 'ENV_PREFIX', 'SETTINGS_ENV', 'FLOOR', 'MODEL_SECTIONS', 'MLKIT_STATE_ENV', 'SettingsError', 'brief',
            'find_settings', 'Settings', 'load_settings', 'tool_env', 'configure', 'current_settings', 'env_exports']
 
 # %% ../nbs/00_config.ipynb #87c1ab6c
@@ -25,8 +26,13 @@ SETTINGS_ENV = "MLKIT_SETTINGS"  # names the settings file explicitly
 
 _positive = (lambda v: v > 0, "must be > 0")
 _port = (lambda v: 0 < v < 65536, "must be a port number 1-65535")
-_days = (lambda v: v >= 0, "must be >= 0 (days)")
+_days = (lambda v: 0 <= v <= 1e6, "must be between 0 and 1000000 (days)")
 FLOOR = re.compile(r"^\s*([\w.\-/]+)\s*(>=|<=)\s*(-?[\d.eE+-]+)\s*$")  # one `[gate] floors` bound: METRIC>=NUMBER or METRIC<=NUMBER
+
+def _floors_ok(v: str) -> bool:
+    "Every comma-separated part of `v` is METRIC>=NUMBER or METRIC<=NUMBER, with a finite NUMBER."
+    try: return all((m := FLOOR.match(f)) and math.isfinite(float(m.group(3))) for f in v.split(",") if f.strip())
+    except ValueError: return False  # `1.2.3` looks like a number to the pattern
 
 _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, optional (check, message))
     "project": {"state_dir": (Path, ".mlkit"), "train_dir": (Path, "nbs/train"), "bentos_dir": (Path, "bentos"),
@@ -71,8 +77,7 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
                   "deleted_run_days": (float, 7.0, _days), "keep_retired_bentos": (bool, False)},
     "gate": {"metric": (str, ""), "direction": (str, "", (lambda v: v in ("", "max", "min"), "must be max or min (or empty: by the metric)")),
              "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")),
-             "floors": (str, "", (lambda v: all(FLOOR.match(f) for f in v.split(",") if f.strip()),
-                                  "is not a comma-separated list of METRIC>=NUMBER or METRIC<=NUMBER"))},
+             "floors": (str, "", (_floors_ok, "is not a comma-separated list of METRIC>=NUMBER or METRIC<=NUMBER"))},
 }
 MODEL_SECTIONS = ("gate", "card", "monitor", "split")  # what a `[model.NAME]` section may set, as `section.key = value`
 
@@ -80,21 +85,29 @@ MODEL_SECTIONS = ("gate", "card", "monitor", "split")  # what a `[model.NAME]` s
 class SettingsError(ValueError):
     "A settings value mlkit cannot use; the message names where it came from, the section and the key."
 
+def brief(text: Any, limit: int = 200) -> str:
+    "`str(text)` cut to `limit` characters, saying how many more there were: for messages that quote a value or a line of data."
+    s = str(text)
+    return s if len(s) <= limit else f"{s[:limit]}... ({len(s) - limit:,} more characters)"
+
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 def _parse(raw: Any, typ: type, where: str, section: str, key: str, check: tuple | None = None) -> Any:
-    "Convert `raw` to `typ`, or raise a `SettingsError` naming `where`, `section` and `key`."
+    "Convert `raw` to `typ`, or raise a `SettingsError` naming `where`, `section` and `key` (a float must be finite)."
+    shown = brief(repr(raw), 100)
     if not isinstance(raw, str): val = raw  # an explicit argument already has its type
     elif typ is bool:
         low = raw.strip().lower()
         if low not in _TRUE | _FALSE:
-            raise SettingsError(f"{where}: [{section}] {key} = {raw!r} is not a boolean (use true or false)")
+            raise SettingsError(f"{where}: [{section}] {key} = {shown} is not a boolean (use true or false)")
         val = low in _TRUE
     else:
         try: val = typ(raw.strip())
         except ValueError:
-            raise SettingsError(f"{where}: [{section}] {key} = {raw!r} is not a valid {typ.__name__}") from None
-    if check and not check[0](val): raise SettingsError(f"{where}: [{section}] {key} = {raw!r} {check[1]}")
+            raise SettingsError(f"{where}: [{section}] {key} = {shown} is not a valid {typ.__name__}") from None
+    if typ is float and isinstance(val, (int, float)) and not math.isfinite(val):  # inf and nan pass `v >= 0`-style checks
+        raise SettingsError(f"{where}: [{section}] {key} = {shown} is not a finite number")
+    if check and not check[0](val): raise SettingsError(f"{where}: [{section}] {key} = {shown} {check[1]}")
     return val
 
 # %% ../nbs/00_config.ipynb #17dc4f8d
@@ -106,6 +119,7 @@ def find_settings(
     env = os.environ if env is None else env
     if env.get(SETTINGS_ENV):
         p = Path(env[SETTINGS_ENV]).expanduser()
+        if p.is_dir(): raise SettingsError(f"{SETTINGS_ENV}={p}: a folder, not a settings file (name the file: {p / SETTINGS_FILE})")
         if not p.is_file(): raise SettingsError(f"{SETTINGS_ENV}={p}: no such settings file")
         return p.resolve()
     here = Path(start or Path.cwd()).resolve()
@@ -207,7 +221,10 @@ def _env_overrides(env: dict) -> tuple[dict, dict]:
 def _file_values(path: Path) -> tuple[dict, dict]:
     "`({(section, key): (raw, path)}, {model: {...}})` from a settings file; unknown sections and keys are errors."
     cp = configparser.ConfigParser(interpolation=None)
-    try: cp.read_string(path.read_text(encoding="utf-8"), source=str(path))
+    try: text = path.read_text(encoding="utf-8")
+    except OSError as e: raise SettingsError(f"{path}: cannot read the settings file ({e.strerror})") from None
+    except UnicodeDecodeError as e: raise SettingsError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    try: cp.read_string(text, source=str(path))
     except configparser.Error as e: raise SettingsError(f"{path}: not a valid settings file ({e.message.splitlines()[0]})") from None
     out, models = {}, {}
     for section in cp.sections():
@@ -278,11 +295,19 @@ def configure(
     settings = settings or load_settings()
     os.environ.update(tool_env(settings))
     _import_project_package(settings)
-    if create:
-        for p in (settings.state_dir, settings.artifacts_dir, settings.bentoml_home, settings.runs_dir):
-            p.mkdir(parents=True, exist_ok=True)
+    if create: _make_state_dirs(settings)
     _configured = settings
     return settings
+
+def _make_state_dirs(settings: Settings):
+    "Create the state folders, or raise a `SettingsError` naming `[project] state_dir`, where it was set, and why not."
+    where, sd = settings.sources[("project", "state_dir")], settings.state_dir
+    def bad(why: str): return SettingsError(f"{where}: [project] state_dir = {sd}: {why}")
+    if sd.exists() and not sd.is_dir(): raise bad("a file, not a folder")
+    for p in (sd, settings.artifacts_dir, settings.bentoml_home, settings.runs_dir):
+        try: p.mkdir(parents=True, exist_ok=True)
+        except OSError as e: raise bad(f"cannot create {e.filename or p} ({e.strerror})") from None
+    if not os.access(sd, os.W_OK | os.X_OK): raise bad("not writable by this user")
 
 def _import_project_package(settings: Settings):
     "Make the project's own package (`[project] package`, a folder at the project root) importable, as a kernel started anywhere needs it."

@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from .config import brief
 from .data import ENGINE, SYNTHETIC_PLANS, SYNTHETIC_REGIONS, DataError, read_data
 from .tensors import FIELD_KEYS, TENSOR_DTYPES, FieldSpec, InvalidInput
 
@@ -25,6 +26,7 @@ DTYPES = ("int", "float", "string", "bool", "date", "datetime", *TENSOR_DTYPES)
 _COLUMN_KEYS = {"dtype", "nullable", "min", "max", "categories", "unique", "pii", "description", *FIELD_KEYS}
 
 def _kind_of(dtype: pl.DataType) -> str:
+    "The contract dtype that holds a polars dtype's values, else the polars type's own name in lower case (`struct`, `duration`)."
     if isinstance(dtype, (pl.Array, pl.List)): return "array"
     if dtype == pl.Binary: return "binary"
     if dtype.is_integer(): return "int"
@@ -32,10 +34,11 @@ def _kind_of(dtype: pl.DataType) -> str:
     if dtype == pl.Boolean: return "bool"
     if dtype == pl.Date: return "date"
     if isinstance(dtype, pl.Datetime): return "datetime"
-    return "string"
+    if dtype == pl.String or isinstance(dtype, (pl.Categorical, pl.Enum)): return "string"
+    return str(dtype.base_type()).lower()
 
 def _accepts(declared: str, actual: str) -> bool:
-    return declared == actual or (declared == "float" and actual == "int") or (declared, actual) in (
+    return declared == actual or actual == "null" or (declared == "float" and actual == "int") or (declared, actual) in (
         ("tensor", "array"), ("image", "array"), ("image", "binary"))
 
 # %% ../nbs/11_contracts.ipynb #807a8263
@@ -73,6 +76,8 @@ def _check(c: Contract):
             try: FieldSpec(col, spec)  # its declaration and its preprocessing steps
             except ValueError as e: raise DataError(f"{where}: {e}") from None
         elif bad := set(spec) & FIELD_KEYS: raise DataError(f"{where}: column {col!r}: {sorted(bad)} are for tensor and image columns")
+        if spec["dtype"] == "string" and not all(isinstance(v, str) for v in spec.get("categories") or []):  # YAML reads 1 as a number
+            raise DataError(f"{where}: column {col!r}: the categories of a string column are text: quote them, e.g. {[str(v) for v in spec['categories'][:3]]}")
     for col in [*c.targets, *c.slices, *c.key]:
         if col not in c.columns: raise DataError(f"{where}: {col!r} is named as label, slice or key but is not a column")
     for col in [*c.targets, *c.slices]:
@@ -164,13 +169,19 @@ def _draft_field(s: pl.Series) -> dict:
     v = s.drop_nulls().head(1).to_list()
     if s.dtype == pl.Binary: return draft_image(s.drop_nulls().head(200).to_list())
     import numpy as np
-    return {"dtype": "tensor", "shape": list(s.dtype.shape) if isinstance(s.dtype, pl.Array) else list(np.shape(v[0])) if v else [None]}
+    try: return {"dtype": "tensor", "shape": list(s.dtype.shape) if isinstance(s.dtype, pl.Array) else list(np.shape(v[0])) if v else [None]}
+    except ValueError:  # numpy: "inhomogeneous shape"
+        raise DataError(f"column {s.name!r}: its first value is not a regular array (lists of different lengths); {_SUPPORTED}") from None
+
+_SUPPORTED = "a contract takes int, float, string, bool, date, datetime, tensor (regular arrays of numbers) and image columns"
 
 def infer_contract(df: pl.DataFrame, name: str, label: str | None = None, max_categories: int = 50) -> Contract:
     "Draft a contract from `df`: dtypes, nullability, observed ranges and (few) categories."
     cols = {}
     for c in df.columns:
-        s, kind = df[c], _kind_of(df[c].dtype)
+        s = df[c].cast(pl.Float64) if isinstance(df[c].dtype, pl.Decimal) else df[c]  # `read_as` reads a decimal as a float
+        kind = "string" if s.dtype == pl.Null else _kind_of(s.dtype)
+        if kind not in DTYPES and kind not in ("array", "binary"): raise DataError(f"column {c!r}: its type {brief(s.dtype, 100)} has no contract dtype; {_SUPPORTED}")
         spec = {"dtype": kind, "nullable": s.null_count() > 0}
         if kind in ("array", "binary"): spec = {**_draft_field(s), "nullable": spec["nullable"]}
         if kind in ("int", "float") and s.drop_nulls().len(): spec.update(min=s.min(), max=s.max())
@@ -270,9 +281,13 @@ def _decode_check(lf: pl.LazyFrame, c: str, spec: dict, n: int, n_examples: int)
     for i, v in enumerate(values):
         if v is None: continue
         try: field.decode(v, i)
-        except InvalidInput as e: bad.append({"row": i, c: str(e).split(": ", 1)[1]})
+        except InvalidInput as e: bad.append({"row": i, c: brief(str(e).split(": ", 1)[1], 200)})
     detail = f"{len(bad)} of {n} rows: {bad[0][c]}" if bad else "every value decodes and fits its declaration"
     return Check(c, "decode", not bad, len(bad), detail, bad[:n_examples])
+
+def _shown(v):
+    "A value as a report shows it: numbers and short values as they are, a long one cut (`brief`) so a report stays readable."
+    return v if v is None or isinstance(v, (bool, int, float)) or len(s := v if isinstance(v, str) else repr(v)) <= 200 else brief(s, 200)
 
 def _count(name: str, bad: pl.Expr, c: str) -> pl.Expr:
     "Aggregation counting offending rows; for `unique`, a cheap lower bound (0 exactly when there are no duplicates)."
@@ -293,15 +308,15 @@ def validate(
     pii = set(contract.pii)
     for c, spec in contract.columns.items():
         if c not in schema:
-            checks.append(Check(c, "present", False, detail=f"column is missing (data has {', '.join(schema.names())})"))
+            checks.append(Check(c, "present", False, detail=f"column is missing (data has {brief(', '.join(schema.names()), 300)})"))
             continue
         kind = _kind_of(schema[c])
         if not _accepts(spec["dtype"], kind):
             ex = []
-            if spec["dtype"] in ("int", "float") and kind == "string":  # show the values that are not numbers
+            if spec["dtype"] in ("int", "float") and schema[c] == pl.String:  # show the values that are not numbers
                 odd = lf.with_row_index("__row").filter(pl.col(c).is_not_null() & pl.col(c).cast(pl.Float64, strict=False).is_null())
-                ex = [{"row": r["__row"], c: "<pii>" if c in pii else r[c]} for r in odd.select(["__row", c]).head(n_examples).collect().to_dicts()]
-            checks.append(Check(c, "dtype", False, 0, f"expected {spec['dtype']}, found {schema[c]}", ex))
+                ex = [{"row": r["__row"], c: "<pii>" if c in pii else _shown(r[c])} for r in odd.select(["__row", c]).head(n_examples).collect().to_dicts()]
+            checks.append(Check(c, "dtype", False, 0, f"expected {spec['dtype']}, found {brief(schema[c], 200)}", ex))
             continue
         checks.append(Check(c, "dtype", True, detail=str(schema[c])))
         if spec["dtype"] in TENSOR_DTYPES: decoded.append(c)
@@ -317,7 +332,7 @@ def validate(
         if failing:
             if name == "unique": failing = int(lf.select(bad.sum()).collect(engine=ENGINE).item())  # rows involved
             rows = lf.with_row_index("__row").filter(bad).head(n_examples).select(["__row", c]).collect()
-            ex = [{"row": r["__row"], c: ("<pii>" if c in pii else r[c])} for r in rows.to_dicts()]
+            ex = [{"row": r["__row"], c: ("<pii>" if c in pii else _shown(r[c]))} for r in rows.to_dicts()]
         checks.append(Check(c, name, failing == 0, failing, f"{failing} of {n} rows: {detail}" if failing else detail, ex))
     checks += [_decode_check(lf, c, contract.columns[c], n, n_examples) for c in decoded]
     lo, hi = contract.rows.get("min"), contract.rows.get("max")
@@ -332,12 +347,14 @@ def validate(
 def read_as(contract: Contract, data: Path | str) -> pl.DataFrame:
     """Read a data file as its contract types it: a CSV column the contract calls `string` stays text even when its
     values look like numbers (codes such as `1` and `2`, zip codes with leading zeros), where type inference would
-    read integers, and integer codes in Parquet or NDJSON become their text; `date` and `datetime` columns are parsed (ISO 8601). (Parquet and NDJSON carry their types.)"""
+    read integers, and integer codes in Parquet or NDJSON become their text, and Parquet decimals a contract calls `float` become floats; `date` and `datetime` columns are parsed (ISO 8601). (Parquet and NDJSON carry their types.)"""
     kinds = {"string": pl.String, "date": pl.Date, "datetime": pl.Datetime}
     typed = {c: kinds[s["dtype"]] for c, s in contract.columns.items() if s["dtype"] in kinds}
     df = read_data(data, schema_overrides=typed if str(data).split("?")[0].lower().endswith(".csv") else None)
     codes = [c for c, s in contract.columns.items() if s["dtype"] == "string" and c in df.columns and df[c].dtype.is_integer()]
     df = df.with_columns(pl.col(codes).cast(pl.String)) if codes else df  # integer codes a contract calls text (Parquet, NDJSON)
+    decimals = [c for c, s in contract.columns.items() if s["dtype"] == "float" and c in df.columns and isinstance(df[c].dtype, pl.Decimal)]
+    df = df.with_columns(pl.col(decimals).cast(pl.Float64)) if decimals else df  # Parquet decimals a contract calls float
     files = [c for c, s in contract.columns.items() if s["dtype"] == "image" and c in df.columns and df[c].dtype == pl.String]
     return df.with_columns([_image_files(df[c], Path(str(data).split("?")[0]).parent, data) for c in files]) if files else df
 

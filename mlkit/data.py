@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import csv
+import json
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from .config import brief
 from .core import moved
 
 # %% auto #0
@@ -34,11 +36,23 @@ def _csv_diagnosis(path: Path) -> str | None:
         line = raw[:e.start].count(b"\n") + 1
         return f"line {line}: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8"
     rows = csv.reader(text.splitlines())
-    header = next(rows, None)
-    if not header: return "empty file (no header row)"
-    for i, row in enumerate(rows, start=2):
-        if row and len(row) != len(header):
-            return f"line {i}: {len(row)} fields, the header has {len(header)}"
+    try:
+        header = next(rows, None)
+        if not header: return "empty file (no header row)"
+        for i, row in enumerate(rows, start=2):
+            if row and len(row) != len(header):
+                return f"line {i}: {len(row)} fields, the header has {len(header)}"
+    except csv.Error as e: return f"line {rows.line_num}: {e}"  # e.g. a field over the csv module's limit (131072 characters)
+    return None
+
+def _ndjson_diagnosis(path: Path) -> str | None:
+    "The first line of a local NDJSON file that is not a JSON object, or None."
+    with path.open("rb") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip(): continue
+            try: obj = json.loads(line)
+            except ValueError as e: return f"line {i}: not JSON ({brief(getattr(e, 'msg', e), 100)})"
+            if not isinstance(obj, dict): return f"line {i}: a JSON {type(obj).__name__}, not an object"
     return None
 
 def read_data(
@@ -58,11 +72,14 @@ def read_data(
         elif kind == "parquet": df = pl.read_parquet(src)
         else: df = pl.read_ndjson(src, schema_overrides=schema_overrides)
     except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
-        where = _csv_diagnosis(local) if kind == "csv" and local is not None else None
-        msg = str(e).strip().splitlines()[0]
-        if kind == "parquet" and local is not None: msg = f"not a readable Parquet file, truncated or corrupt ({msg})"
+        diagnosis = {"csv": _csv_diagnosis, "ndjson": _ndjson_diagnosis}.get(kind)
+        where = diagnosis(local) if diagnosis and local is not None else None
+        msg = brief((str(e).strip() or type(e).__name__).splitlines()[0], 300)  # polars quotes a bad field whole
+        if kind == "parquet" and local is not None: msg = f"not a readable Parquet file (truncated, corrupt, or of a type polars cannot read: {msg})"
         raise DataError(f"{src}: {where or msg}") from None
     if df.width == 0: raise DataError(f"{src}: no columns")
+    if long := next((c for c in df.columns if len(c) > 1000), None):  # a first line that is data, not a header
+        raise DataError(f"{src}: a column name of {len(long):,} characters ({brief(long, 40)}): is line 1 a header?")
     return df
 
 # %% ../nbs/10_data.ipynb #967d0b81

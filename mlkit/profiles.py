@@ -17,10 +17,11 @@ if TYPE_CHECKING:  # named in annotations only: profiles load without torch
     from mlkit.tensors import TensorSpec
 
 # %% auto #0
-__all__ = ['PROFILE_QUANTILES', 'profile_frame', 'profile_file', 'tensor_profile']
+__all__ = ['PROFILE_QUANTILES', 'MAX_CATEGORY_CHARS', 'profile_frame', 'profile_file', 'tensor_profile']
 
 # %% ../nbs/13_profiles.ipynb #ede06de4
 PROFILE_QUANTILES = [i / 10 for i in range(11)]
+MAX_CATEGORY_CHARS = 200  # a longer value is not listed among a column's category frequencies (it counts in `other_share`)
 
 def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100, pii: list | tuple = ()) -> dict:
     """Reference statistics of every column (JSON-able), in two passes over the data.
@@ -46,7 +47,8 @@ def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100, 
     for c, g in zip(cats, groups):
         g = g.filter(pl.col(c).is_not_null())
         total = max(int(g["__n"].sum()), 1)
-        freqs = {str(k): v / total for k, v in zip(g[c].head(max_categories).to_list(), g["__n"].head(max_categories).to_list())}
+        top = zip(map(str, g[c].head(max_categories).to_list()), g["__n"].head(max_categories).to_list())
+        freqs = {k: v / total for k, v in top if len(k) <= MAX_CATEGORY_CHARS}
         cols[c] = {"dtype": str(schema[c]), "null_rate": stats[f"{c}__nulls"] / n if n else 0.0, "kind": "category",
                    "frequencies": freqs, "n_categories": len(g), "other_share": max(0.0, 1 - sum(freqs.values()))}
     for c in pii:

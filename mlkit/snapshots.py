@@ -26,15 +26,18 @@ def _schema_repr(schema) -> str: return json.dumps([[c, str(t)] for c, t in sche
 def content_hash(df: pl.DataFrame) -> str:
     "`sha256:<hex>` of the schema and values of `df`, independent of chunking and file format."
     h = hashlib.sha256(_schema_repr(df.schema).encode())
-    nested = [c for c, t in df.schema.items() if isinstance(t, (pl.Array, pl.List, pl.Struct)) or t == pl.Binary]
+    nested = [c for c, t in df.schema.items() if isinstance(t, _NOT_CSV) or t == pl.Binary]
     for chunk in df.rechunk().iter_slices(250_000):  # (a frame without tensor or image columns: the ids of earlier versions)
         flat = chunk.drop(nested)
         if flat.width: h.update(flat.write_csv(include_header=False, null_value="\\N", quote_style="always", line_terminator="\n").encode())
         for c in nested: h.update(_cell_bytes(chunk[c]))  # CSV cannot hold them: their values' bytes, column by column
     return "sha256:" + h.hexdigest()
 
+_NOT_CSV = (pl.Array, pl.List, pl.Struct, pl.Duration, pl.Map)  # dtypes polars' CSV writer refuses
+
 def _cell_bytes(s: pl.Series) -> bytes:
     "The values of a tensor, image or other nested column as bytes, each null and each value's length marked."
+    if isinstance(s.dtype, pl.Duration): s = s.to_physical()  # its integer count of time units: exact, where `str` of a timedelta drops nanoseconds
     if s.dtype == pl.Binary: return b"".join(b"\xff" if v is None else len(v).to_bytes(8, "little") + v for v in s.to_list())
     if isinstance(s.dtype, pl.Array) and not s.null_count() and s.dtype.inner.is_numeric(): return s.to_numpy().tobytes()
     return json.dumps(s.to_list(), default=str).encode()
