@@ -87,19 +87,26 @@ def request_id(headers) -> str:
 # %% ../nbs/74_guard.ipynb #09a73229
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string (escapes included): its brackets are text
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_MARKS, _QUOTED = bytes(b for b in range(256) if b not in b'[]{}"\\'), re.compile(rb'"[^"]*"')  # brackets, quotes, backslashes
 
 def too_deep(body: bytes, max_depth: int) -> bool:
     """Whether a JSON body nests arrays and objects more than `max_depth` levels deep, decided before any parser
     recurses: a body with no more opening brackets than that cannot (two counts at C speed: what almost every body
-    costs); else its strings are removed, the brackets left are kept in order, and their running depth is summed."""
+    costs); else only its brackets and quotes are kept (`bytes.translate`), its strings removed (empty ones by a plain
+    replace, escapes by a regex), and the running depth of the brackets left is summed (numpy)."""
     if body.count(b"[") + body.count(b"{") <= max_depth: return False
     import numpy as np
     if (enc := json.detect_encoding(body)) != "utf-8":  # UTF-16 or -32: brackets as one byte each, as in UTF-8
         try: body = body.decode(enc).encode()
         except UnicodeDecodeError: return False  # not JSON: the parser says so
-    marks = np.frombuffer(_STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS), np.uint8)
-    if np.count_nonzero((marks == 91) | (marks == 123)) <= max_depth: return False
-    return bool(np.cumsum(np.where((marks == 91) | (marks == 123), 1, -1)).max() > max_depth)
+    marks = body.translate(None, _NOT_MARKS)  # (a 100-row body: 13 KB -> 1 KB, at C speed)
+    if b"\\" in marks: marks = _STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS)  # escapes: strings read whole
+    else:  # no escape: a string is a quote, the brackets in it, a quote
+        marks = marks.replace(b'""', b"")
+        if b'"' in marks: marks = _QUOTED.sub(b"", marks)
+    if marks.count(b"[") + marks.count(b"{") <= max_depth: return False
+    a = np.frombuffer(marks, np.uint8)
+    return bool(np.cumsum(np.where((a == 91) | (a == 123), 1, -1)).max() > max_depth)
 
 def parse_body(body: bytes, max_depth: int = 64) -> tuple[list | None, str | None]:
     "The `rows` of a `/predict` body, or None and why the body is not `{\"rows\": [objects]}` (a 400)."
