@@ -106,30 +106,32 @@ def lean_tracing(io_spans: bool):
 class _Limits:
     "What uvicorn's httptools protocol lacks (`limited_httptools` puts it before that class); the limits are class attributes."
     max_header_bytes, header_timeout, body_timeout, max_connections = 16_384, 10.0, 60.0, 1000
-    _deadline, _head, _in_head = None, 0, True  # loop time the current phase must end by; head bytes received; in a head
+    _deadline, _head, _in_head, _phase = None, 0, True, "headers"  # the current phase's deadline (loop time), head bytes
 
     def connection_made(self, transport):
         super().connection_made(transport)
         _sweep(self.loop, self.connections)
         if len(self.connections) > self.max_connections:
             return self._refuse(503, "overloaded", f"this worker holds its limit of {self.max_connections} connections: retry later")
-        self._deadline = self.loop.time() + self.header_timeout
+        self._deadline, self._phase = self.loop.time() + self.header_timeout, "headers"
 
     def data_received(self, data: bytes):
-        if self._in_head: self._head += len(data)
+        if self._in_head:  # any byte between requests (even a bare CRLF, which begins no request) starts the clock
+            self._head += len(data)
+            if self._deadline is None: self._deadline, self._phase = self.loop.time() + self.header_timeout, "headers"
         super().data_received(data)
         if self._in_head and self._head > self.max_header_bytes and not self.transport.is_closing():
             self._refuse(431, "headers_too_large", f"the request headers exceed {self.max_header_bytes} bytes")
 
     def on_message_begin(self):
         super().on_message_begin()
-        if self._deadline is None: self._deadline = self.loop.time() + self.header_timeout
+        if self._deadline is None: self._deadline, self._phase = self.loop.time() + self.header_timeout, "headers"
 
     def on_headers_complete(self):
         if self._head > self.max_header_bytes and (  # the read may hold body bytes too: count the head itself
                 len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers) > self.max_header_bytes):
             return self._refuse(431, "headers_too_large", f"the request headers exceed {self.max_header_bytes} bytes")
-        self._in_head, self._head, self._deadline = False, 0, self.loop.time() + self.body_timeout
+        self._in_head, self._head, self._deadline, self._phase = False, 0, self.loop.time() + self.body_timeout, "body"
         super().on_headers_complete()
 
     def on_message_complete(self):
@@ -141,8 +143,8 @@ class _Limits:
         super().on_response_complete()
 
     def _expired(self):
-        what = ("headers", self.header_timeout) if self._in_head else ("body", self.body_timeout)
-        self._refuse(408, "request_timeout", f"the request {what[0]} did not arrive within {what[1]:g} s")
+        limit = self.header_timeout if self._phase == "headers" else self.body_timeout
+        self._refuse(408, "request_timeout", f"the request {self._phase} did not arrive within {limit:g} s")
 
     def _refuse(self, status: int, error: str, detail: str):
         import json

@@ -140,6 +140,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'mlkit.contracts.validate': ('contracts.html#validate', 'mlkit/contracts.py')},
             'mlkit.core': { 'mlkit.core.Unavailable': ('core.html#unavailable', 'mlkit/core.py'),
                             'mlkit.core._exited': ('core.html#_exited', 'mlkit/core.py'),
+                            'mlkit.core._marked': ('core.html#_marked', 'mlkit/core.py'),
                             'mlkit.core._send': ('core.html#_send', 'mlkit/core.py'),
                             'mlkit.core._signal_group': ('core.html#_signal_group', 'mlkit/core.py'),
                             'mlkit.core._wait_gone': ('core.html#_wait_gone', 'mlkit/core.py'),

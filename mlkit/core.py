@@ -20,8 +20,8 @@ from pathlib import Path
 from .config import Settings, tool_env
 
 # %% auto #0
-__all__ = ['atomic_write', 'git', 'git_state', 'repo_root', 'moved', 'tool_path', 'tool_command', 'run_tool', 'Unavailable',
-           'check_port', 'running', 'descendants', 'stop_tree', 'run_foreground']
+__all__ = ['RUN_MARK_ENV', 'atomic_write', 'git', 'git_state', 'repo_root', 'moved', 'tool_path', 'tool_command', 'run_tool',
+           'Unavailable', 'check_port', 'running', 'descendants', 'stop_tree', 'run_foreground']
 
 # %% ../nbs/01_core.ipynb #7bb577c1
 _UMASK = os.umask(0o022); os.umask(_UMASK)  # the process's umask, read once (it can only be read by setting it)
@@ -153,6 +153,16 @@ def stop_tree(leader, grace: float = 20.0, sig: int = signal.SIGTERM, known=(), 
 
 # %% ../nbs/01_core.ipynb #31c2b55e
 _STOPS = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}  # received -> sent
+RUN_MARK_ENV = "MLKIT_FOREGROUND_RUN"  # a token in the environment of a foreground child, inherited by all it starts
+
+def _marked(token: str) -> list:
+    "Every process (but this one) whose environment carries `token`: a foreground child's, orphans included."
+    import psutil
+    out = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if p.pid != os.getpid() and p.environ().get(RUN_MARK_ENV) == token: out.append(p)
+    return out
 
 def _exited(pid: int) -> bool:
     "Whether child `pid` has exited, without reaping it (its PID and process group id stay reserved until then)."
@@ -162,14 +172,17 @@ def _exited(pid: int) -> bool:
 def run_foreground(start, grace: float = 20.0, say=None) -> int:
     """Run the child `start()` returns (a `Popen` in a session of its own) in the foreground: SIGINT, SIGTERM and SIGHUP
     stop it and everything it started (`grace` s, or until a second signal, before SIGKILL). Returns its exit code
-    (128 + N when signal N ended it); `say` tells what happens on a signal."""
+    (128 + N when signal N ended it); `say` tells what happens on a signal. Processes are found through the tree while it
+    runs, and at the end through a token in their environment (`RUN_MARK_ENV`): orphans of a crashed arbiter too."""
     import psutil
     got: list[int] = []
     main = threading.current_thread() is threading.main_thread()
     before = {n: signal.signal(n, lambda n, _: got.append(n)) for n in _STOPS} if main else {}
-    proc, seen = None, {}
+    proc, seen, token, mark = None, {}, os.urandom(8).hex(), os.environ.get(RUN_MARK_ENV)
     try:
-        proc = start()
+        os.environ[RUN_MARK_ENV] = token  # children inherit it: workers started (and orphaned) mid-stop are found by it
+        try: proc = start()
+        finally: os.environ.pop(RUN_MARK_ENV) if mark is None else os.environ.update({RUN_MARK_ENV: mark})
         leader, last = psutil.Process(proc.pid), 0.0
         while not got and not _exited(proc.pid):
             if time.monotonic() - last > 0.5:  # the tree, while it can be found: workers orphaned later cannot
@@ -181,5 +194,7 @@ def run_foreground(start, grace: float = 20.0, say=None) -> int:
             stop_tree(psutil.Process(proc.pid), grace, _STOPS[got[0]] if got else signal.SIGTERM, seen.values(),
                       force=lambda: len(got) > 1)
             proc.wait()
+            _send(left := _marked(token), signal.SIGTERM)  # what no tree showed: a worker its arbiter forked while stopping
+            _send(_wait_gone(left, min(grace, 10.0), lambda: len(got) > 1), signal.SIGKILL)
         for n, h in before.items(): signal.signal(n, h)
     return 128 - proc.returncode if proc.returncode < 0 else proc.returncode

@@ -48,8 +48,12 @@ def api_key_hashes(settings: Settings | None = None, env: dict | None = None) ->
 def check_host(host: str, insecure: bool = False, env: dict | None = None, settings: Settings | None = None):
     """Check the key sources (`api_key_hashes`: a configured one that holds no key is an error), and refuse
     (`SettingsError`) to serve on a non-loopback `host` without at least one real key, unless `insecure`."""
+    import ipaddress
+    try: ipaddress.ip_address(host)
+    except ValueError: raise SettingsError(f"[serve] host = {host[:100]!r}: BentoML binds an IP address, not a name "
+                                           "(127.0.0.1 or ::1 for this machine only, 0.0.0.0 for every interface)") from None
     keys = api_key_hashes(settings, env)
-    if host not in ("127.0.0.1", "localhost", "::1") and not keys and not insecure:
+    if host not in ("127.0.0.1", "::1") and not keys and not insecure:
         raise SettingsError(f"refusing to serve on {host} without API keys (set MLKIT_API_KEYS or pass --insecure)")
 
 # %% ../nbs/74_guard.ipynb #246a7db5

@@ -96,10 +96,12 @@ def test_gc_with_the_largest_retention_runs(project):
     ("settings folder", "a folder, not a settings file"),
     ("not utf-8", "settings.ini: not UTF-8 text (byte 0xe9"),
     ("huge value", "(1,999,9"),
+    ("workers", "environment variable MLKIT_SERVE__WORKERS: [serve] workers = '100000' must be 1-512"),
 ])
 def test_bad_settings_are_one_line(project, case, message):
     ini, env = project
     if case == "port": env = {**env, "MLKIT_SERVE__PORT": "99999"}
+    if case == "workers": env = {**env, "MLKIT_SERVE__WORKERS": "100000"}
     if case == "floors": set_ini(ini, "[gate]\nfloors = test_accuracy>=1.2.3\n")
     if case == "settings folder": env = {**env, "MLKIT_SETTINGS": str(ini.parent)}
     if case == "not utf-8": ini.write_bytes(ini.read_bytes() + b"[card]\nowner = caf\xe9\n")
@@ -253,3 +255,9 @@ def test_predict_on_a_50_mb_line_is_bounded(trained, tmp_path):
         bounded(r, name)
         if name in ("cell.csv", "line.csv"): continue  # readable: an island never seen, a row of nulls
         assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith(f"mlkit predict: {files[name]}: "), (name, r.stderr[-600:])
+
+
+def test_a_host_name_is_one_line_before_anything_starts(project):
+    "BentoML binds IP addresses: `--host localhost` is refused before a build or a server (it used to fail after both)."
+    ini, env = project
+    one_line(mlkit("serve", "penguins", "--host", "localhost", env=env), "[serve] host = 'localhost': BentoML binds an IP address")

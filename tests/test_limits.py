@@ -100,6 +100,16 @@ def test_slow_clients_are_closed_and_never_crowd_out_real_ones(served):
     deadline = time.monotonic() + 10
     while w.num_fds() > fds + 5 and time.monotonic() < deadline: time.sleep(0.2)
     assert w.num_fds() <= fds + 5, (fds, w.num_fds())
+    # bare CRLFs between requests begin no request, but start the clock all the same (they used to keep a connection forever)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    for s in idle: s.sendall(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n")
+    for s in idle: s.settimeout(10); assert s.recv(65536).startswith(b"HTTP/1.1 200")
+    for _ in range(3):
+        for s in idle: s.sendall(b"\r\n")
+        time.sleep(1)
+    late = [answer(s) for s in idle]
+    assert all(b"HTTP/1.1 408" in a and b"headers did not arrive within 3 s" in a for a in late), {a[:80] for a in late}
+    for s in idle: s.close()
     # a body that stops short of its content-length
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n{\"rows\": [")

@@ -164,6 +164,38 @@ sys.exit(run_foreground(lambda: subprocess.Popen([sys.executable, "-c", child], 
 """
 
 
+ORPHANING = """
+import subprocess, sys
+from mlkit.core import run_foreground
+child = ("import signal, subprocess, sys, time\\n"
+         "def stop(*_):\\n"  # as an arbiter forking a worker while it stops: the new process is in no tree seen before
+         "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); sys.exit(0)\\n"
+         "signal.signal(signal.SIGTERM, stop)\\n"
+         "print('ready', flush=True); time.sleep(300)\\n")
+sys.exit(run_foreground(lambda: subprocess.Popen([sys.executable, "-c", child], start_new_session=True), grace=5))
+"""
+
+
+def test_a_process_started_while_stopping_is_found_and_stopped():
+    "A process the child starts as it stops (orphaned at once, never in the tree seen) is found by its environment's token."
+    from mlkit.core import RUN_MARK_ENV
+    proc = subprocess.Popen([sys.executable, "-c", ORPHANING], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None: proc.kill()
+    time.sleep(0.5)
+    marked = []
+    for p in psutil.process_iter():
+        try:
+            if RUN_MARK_ENV in p.environ() and "time.sleep(300)" in " ".join(p.cmdline()): marked.append(p)
+        except psutil.Error: continue
+    kill_all(marked)
+    assert not marked, [p.cmdline() for p in marked]
+
+
 @pytest.mark.parametrize("second", [False, True], ids=["grace", "second-signal"])
 def test_a_child_that_ignores_signals_is_killed(second):
     "A child ignoring SIGINT and SIGTERM is killed after the grace, or at once on a second signal, its own orphan too."
