@@ -130,10 +130,12 @@ def _tensor_example(c: dict):
 # %% ../nbs/73_openapi.ipynb #ac895742
 ERROR_ANSWERS = {400: "Malformed JSON, JSON nested deeper than [serve] max_json_depth, or a body that is not {\"rows\": [objects]}",
                  401: "Missing or invalid API key (Authorization: Bearer <key>)",
+                 408: "Headers not complete within [serve] header_timeout, or a body not complete within body_timeout (then closed)",
                  413: "Body over [serve] max_body_bytes (refused before it is read)",
                  415: "Content type other than application/json (pickle above all)",
                  422: f"A row the contract rejects: wrong type, missing or unknown field, NaN or infinity, a string over "
                       f"{MAX_STRING_CHARS} characters, too many rows",
+                 431: "Request headers over [serve] max_header_bytes (then closed)",
                  500: "A fault in the service (never a client mistake)",
                  503: "Overloaded: a queued request passed [serve] max_latency_ms; retry. Or not_started: the worker could not "
                       "load its model (the detail says why; /readyz answers the same)"}

@@ -287,18 +287,20 @@ def guard_service(service, settings: Settings | None = None, models: dict | None
     "Put `ServiceGuard` in front of a BentoML service, configured from settings and `MLKIT_API_KEYS`; returns the service."
     settings = settings or current_settings()
     keys = api_key_hashes(settings)
-    def openapi(spec: dict) -> dict:  # the champion's contract decides the documented request
-        return openapi_doc(spec, bento_contract(models["champion"]), settings.serve.max_rows, secured=bool(keys))
     s = settings.serve
     contract = bento_contract(models["champion"]) if models else {"columns": {}}
-    def page(where: tuple | None) -> bytes:  # the docs page, made on a worker's first `GET /`: `where` it listens
+    def about() -> tuple[str, str, str]:  # the champion's name, registered version and purpose
         import bentoml
         labels = bentoml.models.get(models["champion"]).info.labels
         name = labels.get("mlkit_model") or models["champion"].split(":")[0]
-        about = settings.for_model(name).card.purpose or contract.get("description") or purpose or ""
+        return name, labels.get("mlkit_version", ""), settings.for_model(name).card.purpose or contract.get("description") or purpose or ""
+    def openapi(spec: dict) -> dict:  # the champion's contract decides the documented request; its model, the info
+        name, version, text = about()  # (not BentoML's: the Bento tag, its boilerplate README and outside badge images)
+        return {**openapi_doc(spec, contract, s.max_rows, secured=bool(keys)), "info": {"title": name, "version": version or "-", "description": text}}
+    def page(where: tuple | None) -> bytes:  # the docs page, made on a worker's first `GET /`: `where` it listens
         host, port = where or (s.host, s.port)
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        return docs_page(contract, name, labels.get("mlkit_version", ""), about, s.max_rows, bool(keys), url)
+        return docs_page(contract, *about(), s.max_rows, bool(keys), url)
     service.add_asgi_middleware(ServiceGuard, key_hashes=keys, max_body_bytes=body_limit(contract, s.max_rows, s.max_body_bytes),
                                 docs_need_key=s.docs_need_key, openapi=openapi if models else None, max_json_depth=s.max_json_depth,
                                 multipart=any(c["dtype"] == "image" for c in contract["columns"].values()),

@@ -62,7 +62,11 @@ def test_docs_page_loads_nothing_and_says_what_a_client_needs(served, monkeypatc
     assert "Authorization: Bearer <key>" in text and PURPOSE in text, text[:3000]
     fields = served["spec"]["components"]["schemas"]["PredictRequest"]["properties"]["rows"]["items"]["properties"]
     assert set(fields) == set(ROW) and all(f in text for f in fields), (list(fields), text[:3000])
-    assert all(code in text for code in ("400", "401", "413", "415", "422", "503")), text[-2000:]
+    assert all(code in text for code in ("400", "401", "408", "413", "415", "422", "431", "503")), text[-2000:]
+    info = served["spec"]["info"]  # the model's, not BentoML's (its Bento tag, its README with outside badge images)
+    assert (info["title"], info["version"], info["description"]) == ("penguins", served["version"], PURPOSE), info
+    spec = json.dumps(served["spec"])
+    assert "://" not in spec, [u for u in spec.split('"') if "://" in u][:5]  # no outside URL (BentoML's badges were)
     for link in ("/docs.json", "/readyz", "/metrics"): assert link in text
 
 
