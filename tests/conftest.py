@@ -74,6 +74,24 @@ def in_project(trained, clean_environ):
 def jdump(x) -> str: return json.dumps(x, indent=1, default=str)
 
 
+def champion_bento(env: dict) -> str:
+    "penguins promoted to champion (already it when another module promoted it first) and its Bento built: the Bento's tag."
+    mlkit("models", "promote", "penguins", env=env)
+    return mlkit("build", "penguins", env=env, check=True).stdout.strip().splitlines()[-1]
+
+
+def corrupt_model(trained: dict, label: str) -> tuple[dict, str]:
+    """penguins version 1 imported into BentoML as version `label` with one byte of its weights flipped (its SHA-256 no
+    longer matches the one recorded at registration): the environment of BentoML's tools and the model's tag."""
+    from mlkit.config import load_settings, tool_env
+    env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
+    code = ("import bentoml, pathlib\nfrom mlkit.registry import download_bundle\nfrom mlkit.bento import import_bundle\n"
+            f"p, _ = download_bundle('penguins', version='1')\ntag = import_bundle(p, 'penguins', '{label}')\n"
+            "f = pathlib.Path(bentoml.models.get(tag).path) / 'bundle' / 'model.safetensors'\n"
+            "b = bytearray(f.read_bytes()); b[-1] ^= 1; f.write_bytes(bytes(b))\nprint(tag)\n")
+    return env, subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
 @contextlib.contextmanager
 def bento_served(bento: str, ini: Path, env: dict, log: Path, extra_env: dict | None = None):
     "A real `bentoml serve` of `bento` for the project of `ini` (its environment `env`) on 127.0.0.1: yields (url, port), stops it after."

@@ -11,7 +11,7 @@ from pathlib import Path
 import browser
 import pytest
 from browser import CHROMIUM, MISSING, Chromium
-from conftest import bento_served, mlkit
+from conftest import bento_served, champion_bento
 
 KEY = "docs-page-key"
 PURPOSE = "Tell a penguin's species from <its> measurements & sex"  # markup-like text: shown as text, never markup
@@ -23,8 +23,7 @@ ROW = {"island": "Biscoe", "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipp
 def served(trained):
     "penguins@champion served with an API key and a `[card] purpose` for the model."
     env = trained["env"]
-    mlkit("models", "promote", "penguins", env=env)  # (already the champion when another module promoted it first)
-    bento = mlkit("build", "penguins", env=env, check=True).stdout.strip().splitlines()[-1]
+    bento = champion_bento(env)
     extra = {"MLKIT_API_KEYS": KEY, "MLKIT_MODEL_PENGUINS__CARD_PURPOSE": PURPOSE}
     with bento_served(bento, trained["ini"], env, trained["root"] / "docs-page.log", extra_env=extra) as (url, _):
         req = urllib.request.Request(url + "/predict", json.dumps({"rows": [ROW]}).encode(),

@@ -10,7 +10,7 @@ import urllib.request
 
 import psutil
 import pytest
-from conftest import bento_served, mlkit
+from conftest import bento_served, champion_bento
 
 pytestmark = pytest.mark.serve
 
@@ -21,8 +21,7 @@ LIMITS = {"MLKIT_SERVE__HEADER_TIMEOUT": "3", "MLKIT_SERVE__BODY_TIMEOUT": "3", 
 @pytest.fixture(scope="module")
 def served(trained, tmp_path_factory):
     env = trained["env"]
-    mlkit("models", "promote", "penguins", env=env)  # (a champion, whatever ran before)
-    bento = mlkit("build", "penguins", env=env, check=True).stdout.strip().splitlines()[-1]
+    bento = champion_bento(env)
     log = tmp_path_factory.mktemp("limits") / "serve.log"
     with bento_served(bento, trained["ini"], env, log, LIMITS) as (url, port):
         yield url, port, log

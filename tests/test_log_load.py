@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import bento_served, mlkit
+from conftest import bento_served, champion_bento
 
 pytestmark = pytest.mark.serve
 
@@ -66,8 +66,7 @@ end
 @pytest.fixture(scope="module")
 def bento(trained):
     "The penguins champion built once for this module's runs."
-    mlkit("models", "promote", "penguins", env=trained["env"])  # (a champion, whatever ran before)
-    return mlkit("build", "penguins", env=trained["env"], check=True).stdout.strip().splitlines()[-1]
+    return champion_bento(trained["env"])
 
 
 @contextlib.contextmanager

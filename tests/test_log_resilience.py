@@ -9,7 +9,7 @@ import urllib.request
 
 import polars as pl
 import pytest
-from conftest import bento_served, mlkit
+from conftest import bento_served, champion_bento, mlkit
 
 pytestmark = pytest.mark.serve
 
@@ -38,8 +38,7 @@ def readyz(url: str) -> tuple[int, str]:
 def test_the_log_survives_bad_text_and_an_unwritable_folder(trained, tmp_path):
     from mlkit.predlog import read_prediction_log
     env = trained["env"]
-    mlkit("models", "promote", "penguins", env=env)  # (a champion, whatever ran before)
-    bento = mlkit("build", "penguins", env=env, check=True).stdout.strip().splitlines()[-1]
+    bento = champion_bento(env)
     folder = trained["state"] / "predictions" / "penguins"
     answered = []
     with bento_served(bento, trained["ini"], env, tmp_path / "serve.log", {"MLKIT_SERVE__LOG_QUEUE_ROWS": "5"}) as (url, _):

@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import BIN, REPO, bento_served, mlkit
+from conftest import BIN, REPO, bento_served, champion_bento, corrupt_model
 
 pytestmark = pytest.mark.serve
 
@@ -32,14 +32,8 @@ def _call(url: str, path: str, body: bytes | None = None, headers: dict | None =
 @pytest.fixture(scope="module")
 def corrupt(trained, tmp_path_factory):
     "`bentoml serve` of the penguins service whose bundle's bytes no longer match the hash recorded at registration."
-    from mlkit.config import load_settings, tool_env
     from mlkit.deploy import free_port, stop_service
-    env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
-    code = ("import bentoml, pathlib\nfrom mlkit.registry import download_bundle\nfrom mlkit.bento import import_bundle\n"
-            "p, _ = download_bundle('penguins', version='1')\ntag = import_bundle(p, 'penguins', '78')\n"
-            "f = pathlib.Path(bentoml.models.get(tag).path) / 'bundle' / 'model.safetensors'\n"
-            "b = bytearray(f.read_bytes()); b[-1] ^= 1; f.write_bytes(bytes(b))\nprint(tag)\n")
-    tag = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    env, tag = corrupt_model(trained, "78")
     port, log = free_port(), tmp_path_factory.mktemp("corrupt") / "serve.log"
     proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service:svc", "--host", "127.0.0.1", "--port", str(port)],
                             env={**env, "MLKIT_BENTO_MODEL": tag}, cwd=REPO / "bentos" / "penguins",
@@ -86,8 +80,7 @@ def test_wait_ready_stops_at_once_with_the_reason(corrupt):
 def served(trained):
     "penguins@champion served with every request logged (`[serve] request_log = all`)."
     env = trained["env"]
-    mlkit("models", "promote", "penguins", env=env)  # (already the champion when another module promoted it first)
-    bento = mlkit("build", "penguins", env=env, check=True).stdout.strip().splitlines()[-1]
+    bento = champion_bento(env)
     log = trained["root"] / "service-start.log"
     with bento_served(bento, trained["ini"], env, log, extra_env={"MLKIT_SERVE__REQUEST_LOG": "all"}) as (url, port):
         yield {"url": url, "port": port, "log": log}

@@ -10,7 +10,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import BIN, REPO, mlkit
+from conftest import BIN, REPO, corrupt_model, mlkit
 
 pytestmark = pytest.mark.serve
 
@@ -125,14 +125,8 @@ def test_sigterm_drains_in_flight_requests(ops):
 def test_corrupt_bundle_never_serves(trained, tmp_path):
     """A bundle whose bytes no longer match the SHA-256 recorded at registration: the worker stays up without a model, and
     /readyz and /predict answer 503 `not_started` with the reason (never 200, never a hang); nothing is served."""
-    from mlkit.config import load_settings, tool_env
     from mlkit.deploy import free_port, stop_service
-    env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
-    code = ("import bentoml, pathlib\nfrom mlkit.registry import download_bundle\nfrom mlkit.bento import import_bundle\n"
-            "p, _ = download_bundle('penguins', version='1')\ntag = import_bundle(p, 'penguins', '77')\n"
-            "f = pathlib.Path(bentoml.models.get(tag).path) / 'bundle' / 'model.safetensors'\n"
-            "b = bytearray(f.read_bytes()); b[-1] ^= 1; f.write_bytes(bytes(b))\nprint(tag)\n")
-    tag = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    env, tag = corrupt_model(trained, "77")
     port, log = free_port(), tmp_path / "corrupt.log"
     proc = _start("service:svc", {**env, "MLKIT_BENTO_MODEL": tag}, log, port, cwd=REPO / "bentos" / "penguins")
     seen = []
