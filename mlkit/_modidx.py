@@ -147,6 +147,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mlkit.core.atomic_write': ('core.html#atomic_write', 'mlkit/core.py'),
                             'mlkit.core.check_port': ('core.html#check_port', 'mlkit/core.py'),
                             'mlkit.core.descendants': ('core.html#descendants', 'mlkit/core.py'),
+                            'mlkit.core.fault': ('core.html#fault', 'mlkit/core.py'),
                             'mlkit.core.git': ('core.html#git', 'mlkit/core.py'),
                             'mlkit.core.git_state': ('core.html#git_state', 'mlkit/core.py'),
                             'mlkit.core.moved': ('core.html#moved', 'mlkit/core.py'),

@@ -34,6 +34,7 @@ def _floors_ok(v: str) -> bool:
     try: return all((m := FLOOR.match(f)) and math.isfinite(float(m.group(3))) for f in v.split(",") if f.strip())
     except ValueError: return False  # `1.2.3` looks like a number to the pattern
 
+# %% ../nbs/00_config.ipynb #87c1ab6d
 _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, optional (check, message))
     "project": {"state_dir": (Path, ".mlkit"), "train_dir": (Path, "nbs/train"), "bentos_dir": (Path, "bentos"),
                 "package": (str, "", (lambda v: not v or v.isidentifier(), "must be a Python package name (or empty: none)")),
@@ -77,7 +78,11 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
                   "deleted_run_days": (float, 7.0, _days), "keep_retired_bentos": (bool, False)},
     "gate": {"metric": (str, ""), "direction": (str, "", (lambda v: v in ("", "max", "min"), "must be max or min (or empty: by the metric)")),
              "margin": (float, 0.0, (lambda v: v >= 0, "must be >= 0")),
-             "floors": (str, "", (_floors_ok, "is not a comma-separated list of METRIC>=NUMBER or METRIC<=NUMBER"))},
+             "floors": (str, "", (_floors_ok, "is not a comma-separated list of METRIC>=NUMBER or METRIC<=NUMBER")),
+             "bootstrap": (int, 1000, (lambda v: v >= 0, "must be >= 0 (0: no significance test, the margin alone)")),
+             "confidence": (float, 0.95, (lambda v: 0.5 <= v < 1, "must be at least 0.5 and below 1"))},
+    "ledger": {"lock_lease": (float, 30.0, _positive), "lock_wait": (float, 60.0, _positive)},
+    "features": {"pii_key_env": (str, "MLKIT_FEATURE_KEY", (lambda v: v.isidentifier(), "must be an environment variable's name"))},
 }
 MODEL_SECTIONS = ("gate", "card", "monitor", "split")  # what a `[model.NAME]` section may set, as `section.key = value`
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from .config import Settings, tool_env
 
 # %% auto #0
-__all__ = ['RUN_MARK_ENV', 'atomic_write', 'git', 'git_state', 'repo_root', 'moved', 'tool_path', 'tool_command', 'run_tool',
-           'Unavailable', 'check_port', 'running', 'descendants', 'stop_tree', 'run_foreground']
+__all__ = ['FAULT_ENV', 'FAULT_PID_ENV', 'FAULTS', 'RUN_MARK_ENV', 'atomic_write', 'git', 'git_state', 'repo_root', 'fault',
+           'moved', 'tool_path', 'tool_command', 'run_tool', 'Unavailable', 'check_port', 'running', 'descendants',
+           'stop_tree', 'run_foreground']
 
 # %% ../nbs/01_core.ipynb #7bb577c1
 _UMASK = os.umask(0o022); os.umask(_UMASK)  # the process's umask, read once (it can only be read by setting it)
@@ -49,15 +50,36 @@ def git(*args: str, cwd: Path | str, raw: bool = False) -> str | bytes | None:
     return r.stdout if raw else r.stdout.strip()
 
 def git_state(path: Path | str) -> tuple[str | None, bool]:
-    "`(commit, dirty)` of the repository holding `path`: HEAD, and whether tracked files differ from it; `(None, False)` outside git."
+    "`(commit, dirty)` of the repository holding `path`: HEAD, and whether any file differs from it (changed, or not tracked and not ignored); `(None, False)` outside git."
     commit = git("rev-parse", "HEAD", cwd=path)
     if commit is None: return None, False
-    return commit, bool(git("status", "--porcelain", "--untracked-files=no", cwd=path))
+    return commit, bool(git("status", "--porcelain", "--untracked-files=normal", cwd=path))
 
 def repo_root(path: Path | str) -> Path | None:
     "The top folder of the git repository holding `path` (a folder), or None."
     top = git("rev-parse", "--show-toplevel", cwd=path)
     return Path(top) if top else None
+
+# %% ../nbs/01_core.ipynb #f4a1c0e0
+FAULT_ENV, FAULT_PID_ENV = "MLKIT_FAULT", "MLKIT_FAULT_PID"
+FAULTS = {  # stage -> where mlkit kills itself when MLKIT_FAULT names it
+    "notebook": "mid-notebook: in the training kernel, after the run is tracked, before the model is fitted",
+    "logged": "after every artifact of a training run is logged, before its version is registered",
+    "register": "during registration: the model version created, the challenger alias not yet moved",
+    "intent": "a ledger move's intent written, the registry not yet changed",
+    "alias": "between the registry's alias move and the ledger's record of its outcome",
+    "build": "mid-build: `bentoml build` started, the Bento not yet tagged as the model's",
+}
+
+def fault(stage: str) -> None:
+    "Kill this process (SIGKILL), and the process `MLKIT_FAULT_PID` names, when `MLKIT_FAULT` names `stage`."
+    want = os.environ.get(FAULT_ENV)
+    if not want or stage not in {s.strip() for s in want.split(",")}: return
+    if stage not in FAULTS: raise ValueError(f"{FAULT_ENV}: no fault point {stage!r} (points: {', '.join(FAULTS)})")
+    if (pid := os.environ.get(FAULT_PID_ENV, "")).isdigit() and int(pid) not in (os.getpid(), 1):
+        with contextlib.suppress(OSError): os.kill(int(pid), signal.SIGKILL)
+    sys.stdout.flush(); sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 # %% ../nbs/01_core.ipynb #28904dc3
 def moved(module: str, names: dict[str, str], namespace: dict | None = None):
