@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.mlkit-installed
 LAB_PORT ?= 8888
 
-.PHONY: install demo test lab bench nbdev-check clean-state
+.PHONY: install demo test soak lab bench nbdev-check clean-state
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: $(STAMP)  ## train -> register -> promote -> build -> serve -> predict, on
 
 test: $(STAMP)  ## nbdev discipline, nbdev-test, ruff, pytest (installs Debian's chromium when missing: the HTML render test)
 	bash .ci/test
+
+soak: $(STAMP)  ## the concurrency and crash tests, repeated: 20 rounds of 4 concurrent promotions (make test runs 3)
+	MLKIT_SOAK_ROUNDS=$${MLKIT_SOAK_ROUNDS:-20} $(BIN)/python -m pytest -q tests/test_ledger.py -k "concurrent or crash"
 
 lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1 (root, as in containers and CI, needs --allow-root)
 	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --notebook-dir . $$([ "$$(id -u)" = 0 ] && echo --allow-root)

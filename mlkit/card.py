@@ -13,8 +13,7 @@ from pathlib import Path
 
 from .config import Settings, current_settings
 from .core import atomic_write
-from .ledger import history
-from .registry import get_version, lineage, parse_ref
+from .registry import get_version, history, lineage, parse_ref
 from .reports import render_card
 from .tensors import TENSOR_DTYPES, FieldSpec
 from .tracking import mlflow
@@ -46,7 +45,7 @@ def card_data(name: str, alias: str | None = "champion", version: str | None = N
     mv = get_version(name, alias=None if version else alias, version=version)
     run = client.get_run(mv.run_id)
     hist = history(name, settings)
-    gates = [r for r in hist if r.get("to_version") == str(mv.version) and r.get("gate")]
+    gates = [r for r in hist if r.get("to_version") == str(mv.version) and r.get("gate") and r.get("phase") in (None, "done")]
     report = _artifact_json(client, mv.run_id, "data/contract_report.json") or {}
     nb_files = [f.path for f in client.list_artifacts(mv.run_id, "notebook") if f.path.endswith(".ipynb")]
     nb = _artifact_json(client, mv.run_id, nb_files[0]) if nb_files else None
@@ -66,7 +65,7 @@ def card_data(name: str, alias: str | None = "champion", version: str | None = N
             "contract": {k: report.get(k) for k in ("contract", "rows", "passed")},
             "checks": [{k: ch.get(k) for k in ("column", "check", "passed", "failing", "detail")} for ch in report.get("checks", [])],
             "gate": gates[-1]["gate"] if gates else None, "lineage": lineage(f"{name}/{mv.version}"),
-            "history": [{k: r.get(k) for k in ("seq", "time", "who", "action", "alias", "from_version", "to_version", "reason")} for r in hist],
+            "history": [{k: r.get(k) for k in ("seq", "time", "who", "action", "alias", "from_version", "to_version", "reason", "phase")} for r in hist],
             "notebook": nb, "monitoring": mon, "examples": (bundle["profile"] or {}).get("examples"),
             "inputs": {n: c for n, c in (bundle["contract"] or {}).get("columns", {}).items() if c.get("dtype") in TENSOR_DTYPES}}
 

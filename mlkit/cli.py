@@ -14,12 +14,12 @@ from pathlib import Path
 import mlkit
 from .config import SettingsError, brief, configure, env_exports, load_settings
 from .core import moved
+from .lifecycle import models_parser
 
 # %% auto #0
-__all__ = ['cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_models_promote', 'cmd_models_rollback',
-           'cmd_models_retire', 'cmd_models_history', 'cmd_models_lineage', 'cmd_models_card', 'cmd_build', 'cmd_serve',
-           'cmd_deploy', 'cmd_monitor', 'cmd_gc', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'cmd_demo',
-           'cmd_init', 'cmd_new', 'parser', 'main']
+__all__ = ['cmd_env', 'cmd_ui', 'cmd_train', 'cmd_reproduce', 'cmd_predict', 'cmd_build', 'cmd_serve', 'cmd_deploy',
+           'cmd_monitor', 'cmd_gc', 'cmd_data_check', 'cmd_data_snapshot', 'cmd_data_profile', 'cmd_demo', 'cmd_init',
+           'cmd_new', 'parser', 'main']
 
 # %% ../nbs/90_cli.ipynb #2beb7acc
 def _out(*a): print(*a, flush=True)
@@ -54,6 +54,7 @@ def cmd_train(args) -> int:
     if res.status != "FINISHED":
         print(f"mlkit train: {args.name}: {res.error}", file=sys.stderr)
         return 1
+    if res.error: print(f"mlkit train: {args.name}: warning: {res.error}", file=sys.stderr)  # finished, but something after it did not
     for part in ("test", "val"):  # the headline metrics: what the gate will judge, then what training chose with
         shown = {k: v for k, v in res.metrics.items() if k.startswith(part + "_")}
         if shown: _out(f"{'test' if part == 'test' else 'validation'} metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
@@ -76,77 +77,6 @@ def cmd_predict(args) -> int:
     configure()
     r = predict_file(args.model, args.input, args.output, args.batch_rows)
     _out(f"{r['rows']} rows scored by {r['model']} version {r['version']} in {r['seconds']:.2f} s -> {r['output']}")
-    return 0
-
-# %% ../nbs/90_cli.ipynb #554e91d6
-def cmd_models_promote(args) -> int:
-    "Promote a version (default: the challenger) to champion through the gate."
-    from mlkit.gate import GateFailed
-    from mlkit.registry import promote
-    configure()
-    try: gate = promote(args.name, args.version, force=args.force, reason=args.reason or "")
-    except GateFailed as e:
-        print(e.result.summary(), file=sys.stderr)
-        r = e.result
-        hint = (f'un-retire it first: mlkit models unretire {args.name} {r.version} --reason "why"' if not r.checks[0].passed else
-                f'to promote it anyway: mlkit models promote {args.name} {r.version} --force --reason "why"')
-        print(f"mlkit models promote: {args.name} version {r.version} stays where it is; {hint}", file=sys.stderr)
-        return 1
-    _out(gate.summary())
-    if gate.champion == gate.version: _out(f"{args.name} version {gate.version} is already champion; nothing changed")
-    else: _out(f"{args.name} version {gate.version} is now champion" + (" (forced)" if not gate.passed else ""))
-    return 0
-
-def cmd_models_rollback(args) -> int:
-    "Move champion back to the previous champion."
-    from mlkit.registry import rollback
-    configure()
-    frm, to = rollback(args.name, args.reason or "")
-    _out(f"{args.name}: champion rolled back from version {frm} to version {to}")
-    return 0
-
-def cmd_models_retire(args) -> int:
-    "Retire (or with --undo, un-retire) a version."
-    from mlkit.registry import retire, unretire
-    configure()
-    (unretire if args.undo else retire)(args.name, args.version, args.reason)
-    _out(f"{args.name} version {args.version} {'un-retired' if args.undo else 'retired'}")
-    return 0
-
-def cmd_models_history(args) -> int:
-    "Every alias move of a model, from the audit ledger."
-    from mlkit.ledger import history
-    configure()
-    recs = history(args.name)
-    if args.json: _out(json.dumps(recs, indent=1)); return 0
-    if not recs: _out(f"{args.name}: no recorded moves (the audit ledger has none for this model)")
-    for r in recs:
-        move = f"{r.get('from_version') or '-'} -> {r.get('to_version') or '-'}"
-        gate = "" if not r.get("gate") else (" gate passed" if r["gate"]["passed"] else " gate FAILED")
-        _out(f"{r['seq']:>4} {r['time']} {r['who']:<10} {r['action']:<14} {r['alias']:<10} {move:<10}{gate} {r.get('reason') or ''}")
-    return 0
-
-def cmd_models_lineage(args) -> int:
-    "The whole chain behind NAME@ALIAS, NAME/VERSION, a run id or a dataset version id."
-    from mlkit.registry import lineage
-    configure()
-    chains = lineage(args.ref)
-    if args.json: _out(json.dumps(chains, indent=1)); return 0
-    for c in chains:
-        _out(f"{c['model']} version {c['version']} {c['aliases'] or ''}{' RETIRED' if c['retired'] else ''}")
-        for k in ("git_commit", "git_dirty", "notebook", "dataset_version", "snapshot", "feature_spec", "run_id", "run_status",
-                  "bundle_sha256", "bentos"):
-            _out(f"  {k:<16} {c[k]}")
-        _out(f"  {'parameters':<16} {json.dumps(c['parameters'], sort_keys=True)}")
-    return 0
-
-# %% ../nbs/90_cli.ipynb #8f0b7881
-def cmd_models_card(args) -> int:
-    "Write the HTML model card of NAME@ALIAS (or NAME/VERSION)."
-    from mlkit.card import write_card
-    configure()
-    out, d = write_card(args.ref, args.output)
-    _out(f"model card of {d['name']} version {d['version']} -> {out}")
     return 0
 
 # %% ../nbs/90_cli.ipynb #a8249cee
@@ -271,30 +201,6 @@ def cmd_new(args) -> int:
     return 0
 
 # %% ../nbs/90_cli.ipynb #981396fd
-def _models_parser(sub):
-    "`mlkit models ...`: the lifecycle commands."
-    models = sub.add_parser("models", help="promote, roll back, retire; history and lineage",
-                            description="the model lifecycle: gated promotion, rollback, retirement, history, lineage")
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="MODELS_COMMAND")
-    sp = msub.add_parser("promote", help="promote VERSION (default: the challenger) to champion through the gate")
-    sp.set_defaults(fn=cmd_models_promote); sp.add_argument("name"); sp.add_argument("version", nargs="?")
-    sp.add_argument("--force", action="store_true", help="promote despite a failed gate (needs --reason)")
-    sp.add_argument("--reason", help="why (recorded in the audit ledger)")
-    sp = msub.add_parser("rollback", help="move champion back to the previous champion")
-    sp.set_defaults(fn=cmd_models_rollback); sp.add_argument("name"); sp.add_argument("--reason")
-    sp = msub.add_parser("retire", help="retire VERSION (it cannot become champion again unless un-retired)")
-    sp.set_defaults(fn=cmd_models_retire, undo=False); sp.add_argument("name"); sp.add_argument("version")
-    sp.add_argument("--reason", required=True)
-    sp = msub.add_parser("unretire", help="lift the retirement of VERSION")
-    sp.set_defaults(fn=cmd_models_retire, undo=True); sp.add_argument("name"); sp.add_argument("version")
-    sp.add_argument("--reason", required=True)
-    sp = msub.add_parser("history", help="every alias move, from the audit ledger")
-    sp.set_defaults(fn=cmd_models_history); sp.add_argument("name"); sp.add_argument("--json", action="store_true")
-    sp = msub.add_parser("lineage", help="the chain behind NAME@ALIAS, NAME/VERSION, a run id or a dataset id")
-    sp.set_defaults(fn=cmd_models_lineage); sp.add_argument("ref"); sp.add_argument("--json", action="store_true")
-    sp = msub.add_parser("card", help="write the self-contained HTML model card of NAME@ALIAS or NAME/VERSION")
-    sp.set_defaults(fn=cmd_models_card); sp.add_argument("ref"); sp.add_argument("-o", "--output")
-
 def _data_parser(sub):
     "`mlkit data ...`: check, snapshot and profile data files."
     data = sub.add_parser("data", help="check, snapshot and profile data files", description="check, snapshot and profile data files")
@@ -358,7 +264,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-rows", type=int, default=200_000)
     sp = add("reproduce", cmd_reproduce, "re-execute a recorded run from its commit, parameters and data; compare metrics")
     sp.add_argument("run_id"); sp.add_argument("--json", action="store_true")
-    _models_parser(sub)
+    models_parser(sub)
     _serving_parsers(add)
     _data_parser(sub)
     sp = add("init", cmd_init, "start a project in FOLDER: settings.ini, nbs/train/, bentos/, a package for your code")
@@ -396,5 +302,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt: return 130  # Ctrl-C outside a served process (a build, a training run): no traceback
 
 # %% ../nbs/90_cli.ipynb #87d7275c
-_MOVED = {"build": "mlkit.bento", "post_json": "mlkit.demo", "DEMO_ROWS": "mlkit.demo"}
+_MOVED = {"build": "mlkit.bento", "post_json": "mlkit.demo", "DEMO_ROWS": "mlkit.demo",
+          **{f"cmd_models_{c}": "mlkit.lifecycle" for c in ("promote", "rollback", "retire", "history", "lineage", "card", "verify")}}
 moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

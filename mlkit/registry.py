@@ -13,14 +13,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import Settings, current_settings
-from .core import moved
+from .core import fault, moved
 from . import gate as _gate
 from . import ledger as _ledger
 from .tracking import mlflow
 
 # %% auto #0
 __all__ = ['CHAMPION', 'CHALLENGER', 'register', 'get_version', 'alias_version', 'versions_of_run', 'download_bundle',
-           'fetched_bundle', 'parse_ref', 'evaluate_gate', 'promote', 'rollback', 'retire', 'unretire', 'lineage']
+           'fetched_bundle', 'parse_ref', 'evaluate_gate', 'promote', 'rollback', 'retire', 'unretire', 'history',
+           'verify', 'adopt', 'lineage']
 
 # %% ../nbs/53_registry.ipynb #8878ddff
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -44,17 +45,61 @@ def register(
     run_tags = client.get_run(run_id).data.tags
     tags = {"mlkit.bundle_sha256": bundle_sha256, "mlkit.run_id": run_id,
             **{k: v for k, v in run_tags.items() if k in ("mlkit.dataset_version", "mlkit.feature_spec", "mlflow.source.git.commit", "mlkit.loadback")}}
-    mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
-    client.set_registered_model_alias(name, alias, mv.version)
-    _record(settings, name, "register", alias, None, str(mv.version), reason=f"run {run_id}")
+    with _moving(settings, name) as led:
+        intent = led.intent("register", name, alias, led.state.get((name, alias)), None, f"run {run_id}", run_id=run_id)
+        mv = None
+        try:
+            mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+            fault("register")
+            client.set_registered_model_alias(name, alias, mv.version)
+        except BaseException as e:  # nothing half-registered: the version goes, the ledger says why
+            if mv is not None: client.delete_model_version(name, mv.version)
+            led.outcome(intent, "aborted", error=f"{type(e).__name__}: {e}"[:500])
+            raise
+        _done(led, intent, to_version=str(mv.version))
     return client.get_model_version(name, mv.version)
 
-def _record(settings: Settings, name: str, action: str, alias: str, frm, to, reason: str = "", gate: dict | None = None) -> dict:
-    "Write an alias move to the ledger and, as a tag, to the registered model."
-    rec = _ledger.record(action, name, alias, frm, to, reason, settings, gate=gate)
-    _client().set_registered_model_tag(name, f"mlkit.move.{rec['seq']:06d}",
-                                       json.dumps({k: rec[k] for k in ("time", "who", "action", "alias", "from_version", "to_version", "reason")})[:4900])
+def _done(led, intent: dict, **details) -> dict:
+    "Write a move's outcome `done` to the ledger and, as a tag, to the registered model (where the team's registry shows it)."
+    rec = led.outcome(intent, "done", **details)
+    move = {**intent, **details, "time": rec["time"]}
+    _client().set_registered_model_tag(intent["model"], f"mlkit.move.{intent['seq']:06d}",
+                                       json.dumps({k: move.get(k) for k in ("time", "who", "action", "alias", "from_version", "to_version", "reason")})[:4900])
     return rec
+
+# %% ../nbs/53_registry.ipynb #d0e11a02
+def _resolve(intent: dict) -> tuple[str, dict]:
+    "How the registry ended a move that a crash left without its outcome: `('done'|'aborted', details)`."
+    client, name, alias = _client(), intent["model"], intent["alias"]
+    if intent["action"] == "register":
+        made = versions_of_run(name, intent["run_id"])
+        if made and alias_version(name, alias) == str(made[-1].version): return "done", {"to_version": str(made[-1].version)}
+        for v in made: client.delete_model_version(name, v.version)  # created, never given its alias: not registered
+        return "aborted", {"error": f"interrupted; versions {[str(v.version) for v in made]} deleted" if made else "interrupted"}
+    if intent["action"] in ("retire", "unretire"):
+        want = "true" if intent["action"] == "retire" else "false"
+        if client.get_model_version(name, intent["from_version"]).tags.get("mlkit.retired") != want: return "aborted", {"error": "interrupted"}
+        if want == "true" and alias_version(name, CHALLENGER) == intent["from_version"]: client.delete_registered_model_alias(name, CHALLENGER)
+        return "done", {}
+    now = alias_version(name, alias)
+    if now == intent["to_version"]: return "done", {}
+    if now == intent["from_version"]: return "aborted", {"error": "interrupted before the registry changed"}
+    raise _ledger.LedgerError(f"record {intent['seq']}: a {intent['action']} of {name} {alias} from {intent['from_version']} to "
+                              f"{intent['to_version']} was interrupted, and the registry's {alias} is now {now}: moved around mlkit")
+
+def _disagree(state: dict, name: str) -> list[str]:
+    "Where the registry's champion and challenger of `name` differ from where the ledger's moves left them."
+    return [f"{name}: the registry's {a} is {alias_version(name, a)}, the ledger's last move left it at {state.get((name, a))}"
+            for a in (CHAMPION, CHALLENGER) if alias_version(name, a) != state.get((name, a))]
+
+@contextmanager
+def _moving(settings: Settings, name: str):
+    "The ledger, locked and verified, with the registry agreeing with it about `name`; yields the `ledger.Session`."
+    with _ledger.locked(settings, _resolve) as led:
+        if bad := _disagree(led.state, name):
+            raise _ledger.LedgerError(f"{'; '.join(bad)}: an alias was moved around mlkit (run `mlkit models verify {name}`; "
+                                      f"`--adopt --reason ...` records the registry's state)")
+        yield led
 
 # %% ../nbs/53_registry.ipynb #b0205d1e
 def get_version(name: str, alias: str | None = None, version: str | int | None = None):
@@ -109,58 +154,54 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
     return ref, CHAMPION, None
 
 # %% ../nbs/53_registry.ipynb #b0f60f46
-def _evidence(client, name: str, version: str) -> _gate.Evidence:
-    "The gate's evidence on `version` of `name`: its run's metrics, data version and contract result, and its retirement."
-    mv = client.get_model_version(name, str(version))
-    run = client.get_run(mv.run_id)
-    return _gate.Evidence(str(mv.version), dict(run.data.metrics), run.data.tags.get("mlkit.dataset_version"),
-                    run.data.tags.get("mlkit.contract_passed"), mv.tags.get("mlkit.retired") == "true",
-                    run.data.tags.get("mlkit.split.test_rows_sha256"), run.data.tags.get("mlkit.task"),
-                    mv.tags.get("mlkit.loadback") if mv.tags.get("mlkit.bundle_sha256") else None)  # the version's, as `register` recorded it
-
-def evaluate_gate(name: str, version: str | int, settings: Settings | None = None) -> _gate.GateResult:
-    "Run every gate check for `version` of `name` against the current champion."
+def evaluate_gate(name: str, version: str | int, settings: Settings | None = None, champion: str | None | bool = False) -> _gate.GateResult:
+    "Run every gate check for `version` of `name` against `champion` (default: the current champion), both scored on the rows both held out."
     settings = settings or current_settings()
-    client, g = _client(), settings.for_model(name).gate  # the model's own gate ([model.NAME] over [gate])
-    candidate, champ = _evidence(client, name, version), alias_version(name, CHAMPION)
-    champion = None if champ is None else _gate.Evidence(champ) if champ == candidate.version else _evidence(client, name, champ)
-    metric, direction = _gate.resolve(g.metric, g.direction, candidate.task)
-    return _gate.judge(name, candidate, champion, metric, direction, g.margin, g.floors)
+    champ = alias_version(name, CHAMPION) if champion is False else champion
+    return _gate.assess(name, str(version), champ, settings, lambda n, v, dst: download_bundle(n, version=v, dst=dst))
 
 # %% ../nbs/53_registry.ipynb #2124bf22
 def promote(name: str, version: str | int | None = None, force: bool = False, reason: str = "",
             settings: Settings | None = None) -> _gate.GateResult:
     "Make `version` (default: the challenger) champion if the gate passes (or `force` with a `reason`); returns the gate result."
     settings = settings or current_settings()
-    version = str(version or alias_version(name, CHALLENGER) or "")
-    if not version: raise ValueError(f"model {name!r} has no challenger: name a version")
-    gate = evaluate_gate(name, version, settings)
     if force and not reason.strip(): raise ValueError("--force needs a --reason (it goes into the audit ledger)")
-    if not gate.passed:
-        if not force or not gate.checks[0].passed: raise _gate.GateFailed(gate)  # a retired version cannot be forced
-    frm = gate.champion
-    if frm == version: return gate  # already champion: nothing moves, nothing goes into the ledger
-    _client().set_registered_model_alias(name, CHAMPION, version)
-    _client().set_model_version_tag(name, version, "mlkit.champion_since", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    _record(settings, name, "promote" if gate.passed else "force-promote", CHAMPION, frm, version, reason, gate.to_dict())
+    with _moving(settings, name) as led:
+        version = str(version or led.state.get((name, CHALLENGER)) or "")
+        if not version: raise ValueError(f"model {name!r} has no challenger: name a version")
+        frm = led.state.get((name, CHAMPION))  # the champion now, under the lock: what the gate judges against
+        gate = evaluate_gate(name, version, settings, champion=frm)
+        if not gate.passed:
+            if not force or not gate.checks[0].passed: raise _gate.GateFailed(gate)  # a retired version cannot be forced
+        if frm == version: return gate  # already champion: nothing moves, nothing goes into the ledger
+        led.held["renew"]()  # the gate may have scored both versions: a fresh lease for the move
+        intent = led.intent("promote" if gate.passed else "force-promote", name, CHAMPION, frm, version, reason,
+                            judged=gate.champion, gate=gate.to_dict())
+        fault("intent")
+        _client().set_registered_model_alias(name, CHAMPION, version)
+        _client().set_model_version_tag(name, version, "mlkit.champion_since", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        fault("alias")
+        _done(led, intent)
     return gate
-
-def _champion_moves(settings: Settings, name: str) -> list[dict]:
-    return [r for r in _ledger.read_ledger(settings.ledger_path, name) if r.get("alias") == CHAMPION and r["action"] != "retire"]
 
 def rollback(name: str, reason: str = "", settings: Settings | None = None) -> tuple[str, str]:
     "Move `champion` back to the version it replaced (skipping retired ones); returns (from, to)."
     settings = settings or current_settings()
     client = _client()
-    cur = alias_version(name, CHAMPION)
-    if cur is None: raise ValueError(f"model {name!r} has no champion to roll back")
-    history = [r["to_version"] for r in _champion_moves(settings, name)]  # champions in the order they served
-    previous = [v for v in history[:len(history) - 1 - history[::-1].index(cur)] if v != cur] if cur in history else []
-    for v in reversed(previous):
-        if client.get_model_version(name, v).tags.get("mlkit.retired") != "true":
-            client.set_registered_model_alias(name, CHAMPION, v)
-            _record(settings, name, "rollback", CHAMPION, cur, v, reason)
-            return cur, v
+    with _moving(settings, name) as led:
+        cur = led.state.get((name, CHAMPION))
+        if cur is None: raise ValueError(f"model {name!r} has no champion to roll back")
+        history = [m["to_version"] for m in _ledger.moves(led.recs) if m.get("model") == name and m.get("alias") == CHAMPION
+                   and m["action"] in _ledger.MOVES and m.get("phase") in (None, "done")]  # champions in the order they served
+        previous = [v for v in history[:len(history) - 1 - history[::-1].index(cur)] if v != cur] if cur in history else []
+        for v in reversed(previous):
+            if client.get_model_version(name, v).tags.get("mlkit.retired") != "true":
+                intent = led.intent("rollback", name, CHAMPION, cur, v, reason)
+                fault("intent")
+                client.set_registered_model_alias(name, CHAMPION, v)
+                fault("alias")
+                _done(led, intent)
+                return cur, v
     raise ValueError(f"model {name!r}: no earlier champion to roll back to from version {cur}")
 
 # %% ../nbs/53_registry.ipynb #862e738d
@@ -169,19 +210,53 @@ def retire(name: str, version: str | int, reason: str, settings: Settings | None
     settings = settings or current_settings()
     version = str(version)
     if not reason.strip(): raise ValueError("retiring needs a reason (it goes into the audit ledger)")
-    if alias_version(name, CHAMPION) == version: raise ValueError(f"{name} version {version} is the champion: roll back first")
     client = _client()
-    client.get_model_version(name, version)
-    client.set_model_version_tag(name, version, "mlkit.retired", "true")
-    if alias_version(name, CHALLENGER) == version: client.delete_registered_model_alias(name, CHALLENGER)
-    _record(settings, name, "retire", "retired", version, None, reason)
+    with _moving(settings, name) as led:
+        if led.state.get((name, CHAMPION)) == version: raise ValueError(f"{name} version {version} is the champion: roll back first")
+        client.get_model_version(name, version)
+        intent = led.intent("retire", name, "retired", version, None, reason)
+        client.set_model_version_tag(name, version, "mlkit.retired", "true")
+        if alias_version(name, CHALLENGER) == version: client.delete_registered_model_alias(name, CHALLENGER)
+        fault("alias")
+        _done(led, intent)
 
 def unretire(name: str, version: str | int, reason: str, settings: Settings | None = None):
     "Lift a retirement (recorded); the version still has to pass the gate to serve."
     settings = settings or current_settings()
     if not reason.strip(): raise ValueError("un-retiring needs a reason (it goes into the audit ledger)")
-    _client().set_model_version_tag(name, str(version), "mlkit.retired", "false")
-    _record(settings, name, "unretire", "retired", str(version), None, reason)
+    with _moving(settings, name) as led:
+        _client().get_model_version(name, str(version))
+        intent = led.intent("unretire", name, "retired", str(version), None, reason)
+        _client().set_model_version_tag(name, str(version), "mlkit.retired", "false")
+        _done(led, intent)
+
+# %% ../nbs/53_registry.ipynb #d0e11a04
+def history(name: str, settings: Settings | None = None) -> list[dict]:
+    "Every recorded move of model `name`, oldest first, from a verified ledger (an unfinished move resolved first)."
+    settings = settings or current_settings()
+    if any(m.get("phase") == "pending" for m in _ledger.history(name, settings)):
+        with _ledger.locked(settings, _resolve): pass
+    return _ledger.history(name, settings)
+
+def verify(name: str | None = None, settings: Settings | None = None) -> list[str]:
+    "Every reason not to trust the audit trail of `name` (default: every model): the ledger's chain, anchors, continuity, the registry's aliases."
+    settings = settings or current_settings()
+    recs, probs, torn = _ledger._scan(settings.ledger_path)
+    probs = _ledger._problems(settings, recs, probs)
+    state = _ledger.alias_state(recs)[0]
+    names = [name] if name else sorted({m for m, _ in state if m} | {rm.name for rm in _client().search_registered_models()
+                                                                     if rm.name not in _ledger.INTERNAL and rm.aliases})
+    pending = [m for m in _ledger.moves(recs) if m.get("phase") == "pending" and (name is None or m.get("model") == name)]
+    return (probs + [f"record {m['seq']}: a {m['action']} of {m['model']} is unfinished (the next move resolves it)" for m in pending]
+            + [p for n in names for p in _disagree(state, n)] + ([f"{len(torn)} bytes of an unfinished write at the end"] if torn else []))
+
+def adopt(name: str, reason: str, settings: Settings | None = None) -> list[dict]:
+    "Record the registry's champion and challenger of `name` where they differ from the ledger (moved around mlkit); returns the records."
+    settings = settings or current_settings()
+    if not reason.strip(): raise ValueError("adopting the registry's aliases needs a reason (it goes into the audit ledger)")
+    with _ledger.locked(settings, _resolve) as led:
+        return [led.single("adopt", name, a, led.state.get((name, a)), alias_version(name, a), reason)
+                for a in (CHAMPION, CHALLENGER) if alias_version(name, a) != led.state.get((name, a))]
 
 # %% ../nbs/53_registry.ipynb #646600c1
 def _version_lineage(client, mv) -> dict:
@@ -204,12 +279,13 @@ def lineage(ref: str) -> list[dict]:
     else:
         mvs = []
         for rm in client.search_registered_models():
+            if rm.name in _ledger.INTERNAL: continue
             for mv in client.search_model_versions(f"name='{rm.name}'"):
                 if ref in (mv.run_id, mv.tags.get("mlkit.dataset_version")): mvs.append(client.get_model_version(mv.name, mv.version))
         if not mvs: raise ValueError(f"{ref!r}: no registered version has this run id or dataset version")
     return [_version_lineage(client, mv) for mv in mvs]
 
 # %% ../nbs/53_registry.ipynb #58865494
-_MOVED = {**dict.fromkeys(["read_ledger", "append_ledger", "verify_ledger", "history"], "mlkit.ledger"),
+_MOVED = {**dict.fromkeys(["read_ledger", "append_ledger", "verify_ledger"], "mlkit.ledger"),
           **dict.fromkeys(["GateCheck", "GateResult", "GateFailed", "parse_floors"], "mlkit.gate")}
 moved(__name__, _MOVED, globals())  # old imports find them, with a warning; so do star imports and dir()

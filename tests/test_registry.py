@@ -42,7 +42,7 @@ def test_promote_refuse_rollback_and_history(project):
     assert "from version 2 to version 1" in r.stdout and _champion(env) == "1"
     hist = json.loads(mlkit("models", "history", "penguins", "--json", env=env, check=True).stdout)
     moves = [(h["action"], h["from_version"], h["to_version"]) for h in hist]
-    assert moves == [("register", None, "1"), ("register", None, "2"), ("register", None, "3"),
+    assert moves == [("register", None, "1"), ("register", "1", "2"), ("register", "2", "3"),  # the challenger it replaced
                      ("promote", None, "1"), ("promote", "1", "2"), ("rollback", "2", "1")]
     assert all(h["who"] and h["time"] for h in hist) and hist[4]["gate"]["passed"]
     text = mlkit("models", "history", "penguins", env=env, check=True).stdout
