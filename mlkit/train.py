@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import random
@@ -17,9 +18,9 @@ import torch.distributed as dist
 from torch import nn
 
 # %% auto #0
-__all__ = ['seed_everything', 'pick_device', 'determinism', 'is_distributed', 'local_rank', 'rank', 'is_main_process',
-           'init_distributed', 'n_rows', 'autocast_for', 'lr_lambda', 'evaluate', 'predict_outputs', 'predict_classes',
-           'fit']
+__all__ = ['STOPPING_ATTR', 'seed_everything', 'pick_device', 'determinism', 'is_distributed', 'local_rank', 'rank',
+           'is_main_process', 'init_distributed', 'n_rows', 'autocast_for', 'lr_lambda', 'evaluate', 'predict_outputs',
+           'predict_classes', 'input_digest', 'held_out_check', 'fit']
 
 # %% ../nbs/40_train.ipynb #e0b37c2c
 def seed_everything(seed: int) -> torch.Generator:
@@ -168,6 +169,38 @@ class _EarlyStopping:
     def restore(self, model: nn.Module):
         if self.state is not None: model.load_state_dict(self.state)
 
+def _check_fit(X, y, X_val, epochs: int, patience: int | None):
+    "Raise naming the parameter when `fit`'s arguments cannot train."
+    if epochs < 1: raise ValueError(f"epochs={epochs}: must be >= 1")
+    if n_rows(X) != len(y): raise ValueError(f"X has {n_rows(X)} rows but y has {len(y)}")
+    if patience is not None and X_val is None: raise ValueError("early stopping (patience) needs validation data X_val, y_val")
+
+# %% ../nbs/40_train.ipynb #7b0c5a4e
+STOPPING_ATTR = "_mlkit_stopping"  # on a module `fit` trained: the `input_digest` of each call's X_val (None: none given)
+
+def input_digest(X) -> str | None:
+    "`sha256:<hex>` of model inputs as `fit` reads them (float32; a dict of them by name), or None for none."
+    if X is None: return None
+    h = hashlib.sha256()
+    for name, v in sorted(_inputs(X).items()) if isinstance(X, dict) else [("", _inputs(X))]:
+        v = v.contiguous()
+        h.update(f"{name}\0{tuple(v.shape)}\0".encode())
+        h.update(v.numpy())  # the tensor's own buffer: no copy
+    return "sha256:" + h.hexdigest()
+
+def held_out_check(
+    module: nn.Module,  # the trained module
+    X_test,  # the test rows' inputs (what judges the model)
+    X_val=None,  # the validation rows' inputs (what may choose its weights)
+) -> str:
+    "The rows `module`'s early stopping saw: `val`, `none` (no validation data), `test`, or `unknown` (not trained by `fit`, or other rows)."
+    seen = module.__dict__.get(STOPPING_ATTR)
+    if seen is None: return "unknown"
+    given = {d for d in seen if d is not None}
+    if not given: return "none"
+    if X_test is not None and input_digest(X_test) in given: return "test"
+    return "val" if X_val is not None and given == {input_digest(X_val)} else "unknown"
+
 # %% ../nbs/40_train.ipynb #79e88072
 def fit(
     model: nn.Module,  # module mapping a float32 batch to outputs for `loss_fn`
@@ -191,9 +224,8 @@ def fit(
     precision: str | None = None,  # bf16 (autocast) or fp32; default: bf16 on CUDA, fp32 elsewhere
 ) -> list[dict]:
     "Train `model` in place; return each epoch's metrics. With `patience`, the best epoch's weights are restored."
-    if epochs < 1: raise ValueError(f"epochs={epochs}: must be >= 1")
-    if n_rows(X) != len(y): raise ValueError(f"X has {n_rows(X)} rows but y has {len(y)}")
-    if patience is not None and X_val is None: raise ValueError("early stopping (patience) needs validation data X_val, y_val")
+    _check_fit(X, y, X_val, epochs, patience)
+    model.__dict__.setdefault(STOPPING_ATTR, []).append(input_digest(X_val))  # the rows that may choose the weights (`held_out_check`)
     distributed = init_distributed()
     gen = seed_everything(seed)
     dev = pick_device(device)
