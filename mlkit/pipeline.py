@@ -5,6 +5,7 @@
 # %% ../nbs/54_pipeline.ipynb #e4df3c53
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,18 +15,20 @@ import polars as pl
 
 from .config import Settings, current_settings
 from .contracts import Contract, ValidationReport, read_as, validate
+from .core import fault
 from .data import DataError
 from .features import FeatureSpec, frame_inputs, frame_values, record_inputs
 from .profiles import profile_frame, tensor_profile
 from .registry import register
-from .snapshots import Snapshot, load_snapshot, snapshot
+from .snapshots import Snapshot, load_snapshot, snapshot, snapshot_record
 from .splits import Split, split_for
 from .tasks import Task
 from .tensors import TENSOR_DTYPES, TensorSpec, jsonable, thumbnails
 from . import tracking
 
 # %% auto #0
-__all__ = ['LOADBACK_ROWS', 'Prepared', 'default_features', 'prepare', 'track', 'Finished', 'scores', 'load_back', 'finish']
+__all__ = ['DATASET_VERSION_ENV', 'LOADBACK_ROWS', 'Prepared', 'default_features', 'prepare', 'track', 'Finished', 'scores',
+           'load_back', 'finish']
 
 # %% ../nbs/54_pipeline.ipynb #9951a33b
 @dataclass
@@ -86,6 +89,8 @@ def _check_features(contract: Contract, features: list[str]):
         raise DataError(f"{where}: features {bad} are dates: derive numbers from them in the data (a day of the week, days since ...)")
 
 # %% ../nbs/54_pipeline.ipynb #4fab50d2
+DATASET_VERSION_ENV = "MLKIT_DATASET_VERSION"  # `mlkit reproduce` names the recorded version here for notebooks without the parameter
+
 def prepare(
     name: str,  # the model: its contract, settings, experiment and registered name
     source: str | Path,  # the data file (CSV, Parquet, NDJSON), or a name for `data` when it is given
@@ -94,33 +99,38 @@ def prepare(
     seed: int = 0,  # the run's seed (weights, batch order), recorded; the split has its own (`[split] seed`)
     settings: Settings | None = None,
     data: pl.DataFrame | None = None,  # the data itself, instead of reading `source`
+    dataset_version: str | None = None,  # a stored snapshot's id (`sha256:...`) to train on instead of `source` (default: `$MLKIT_DATASET_VERSION`)
 ) -> Prepared:
     "Check, snapshot, split and encode the data of model `name` (see `Prepared`)."
-    settings = (settings or current_settings()).for_model(name)
+    settings = (settings or current_settings()).for_model(tracking.check_model_name(name))
     if not isinstance(contract, Contract):
         contract = Contract.load(contract or settings.project.train_dir / f"{name}.contract.yaml")
     if contract.kind is None: raise DataError(f"{contract.path or contract.name}: the contract has no label: there is nothing to learn")
-    raw = read_as(contract, source) if data is None else data
+    if dataset_version := dataset_version or os.environ.get(DATASET_VERSION_ENV):  # a recorded version: never the source again
+        snap = snapshot_record(dataset_version, settings.snapshots_dir)
+        raw = load_snapshot(snap.id, settings.snapshots_dir)
+        source = snap.source
+    else: raw = read_as(contract, source) if data is None else data
     report = validate(raw, contract, source=str(source)).raise_for_failures()
     for t in contract.targets:  # the whole file's count, before a split divides it
         if t in raw.columns and (n := raw[t].null_count()): raise DataError(f"{source}: label column {t!r}: {n} rows have no label")
-    snap = snapshot(raw, settings.snapshots_dir, source=str(source))
-    df = load_snapshot(snap.id, settings.snapshots_dir)
+    if not dataset_version: snap = snapshot(raw, settings.snapshots_dir, source=str(source))
+    df = raw if dataset_version else load_snapshot(snap.id, settings.snapshots_dir)
     features = list(features or default_features(contract, settings))
     _check_features(contract, features)
     sp = split_for(df, contract, settings)
     if contract.kind == "classification" and sp.train[contract.targets[0]].n_unique() < 2:
         raise DataError(f"{source}: the training rows hold one class of {contract.targets[0]!r} only: nothing to tell apart ({sp.record['rows']})")
-    spec = FeatureSpec.from_contract(contract, features).fit(sp.train)
+    spec = FeatureSpec.from_contract(contract, features, key_env=settings.features.pii_key_env).fit(sp.train)
     tensors = TensorSpec.from_contract(contract.to_dict(), features)
     values = {n: frame_values(sp.train, n) for n in tensors.names}
     tensors = tensors.fit(values) if tensors else None
     task = Task.from_contract(contract).fit(sp.train)
     scalar = [f for f in features if contract.columns[f]["dtype"] not in TENSOR_DTYPES]
     profile = profile_frame(sp.train.select([*scalar, *contract.targets]), pii=contract.pii)
-    if tensors:  # per-channel statistics and intensity histograms; a few images as thumbnails for the card
+    if tensors:  # per-channel statistics and intensity histograms; a few images (not a pii column's) as thumbnails for the card
         profile["columns"].update(tensor_profile(tensors, values))
-        profile["examples"] = {f.name: thumbnails(f, values[f.name]) for f in tensors.fields if f.kind == "image"}
+        profile["examples"] = {f.name: thumbnails(f, values[f.name]) for f in tensors.fields if f.kind == "image" and f.name not in contract.pii}
     parts = {"train": sp.train, "val": sp.val, "test": sp.test}
     X = {k: frame_inputs(spec, tensors, v) for k, v in parts.items()}
     y = {k: task.encode(v) for k, v in parts.items()}
@@ -148,6 +158,7 @@ def track(p: Prepared, params: dict | None = None, notebook: str | None = None):
     mlf.log_dict(p.spec.to_dict(), "features/spec.json")
     mlf.log_dict(p.task.to_dict(), "features/task.json")
     p.run_id, p.params, p.notebook = run.info.run_id, dict(params or {}), notebook
+    fault("notebook")  # tracked, not yet fitted
     return run
 
 # %% ../nbs/54_pipeline.ipynb #7cbc4d13
@@ -193,7 +204,8 @@ def _load_back_child():
     bundle, rows = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
     print(json.dumps(_score_records(bundle, rows).tolist()))
 
-def load_back(bundle: Path, module, spec: FeatureSpec, task: Task, rows: list[dict], tensors: TensorSpec | None = None) -> dict:
+def load_back(bundle: Path, module, spec: FeatureSpec, task: Task, rows: list[dict], tensors: TensorSpec | None = None,
+              workdir: Path | None = None) -> dict:  # workdir: where the (private, removed) folder of the rows goes
     "Score `rows` with `bundle` in a fresh interpreter and check they match `module`'s outputs; returns the check's record, raises naming the gap."
     import json
     import os
@@ -204,7 +216,7 @@ def load_back(bundle: Path, module, spec: FeatureSpec, task: Task, rows: list[di
     from mlkit.train import predict_outputs
     t0 = time.perf_counter()
     expected = task.decode(predict_outputs(module, record_inputs(spec, tensors, rows)))
-    with tempfile.TemporaryDirectory(prefix="mlkit-loadback-") as d:
+    with tempfile.TemporaryDirectory(prefix="mlkit-loadback-", dir=workdir) as d:  # owner-only: the rows may be a person's
         (Path(d) / "rows.json").write_text(json.dumps(rows, default=str))
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
         r = subprocess.run([sys.executable, "-I", "-c", "from mlkit.pipeline import _load_back_child; _load_back_child()",
@@ -250,16 +262,21 @@ def finish(
     predicted = profile_frame(p.task.prediction_frame(p.task.decode(predict_outputs(module, p.X_train))))["columns"]
     lineage = tracking.lineage_record(p.run_id, dataset_version=p.snapshot.id, feature_spec=p.spec.spec_hash(),
                                       notebook=p.notebook, parameters=p.params, split=p.split.record)
-    bundle = save_bundle(Path(tempfile.mkdtemp()) / "bundle", module, config, features=p.spec.to_dict(),
+    bundle = save_bundle(tracking.scratch(p.settings, "bundle") / "bundle", module, config, features=p.spec.to_dict(),
                          **({"tensors": p.tensors.to_dict()} if p.tensors else {}),
                          contract=p.model_contract.to_dict(), task=p.task.to_dict(), profile={**p.profile, "predictions": predicted},
                          metrics=metrics, lineage=lineage)
     example = [{k: jsonable(v) for k, v in r.items()}  # image bytes as base64 text, arrays as lists: what a request holds
                for r in (p.split.test if len(p.split.test) else p.split.train).head(LOADBACK_ROWS).select(p.features).to_dicts()]
-    check = load_back(bundle, module, p.spec, p.task, example, p.tensors)
+    check = load_back(bundle, module, p.spec, p.task, example, p.tensors, workdir=bundle.parent)
     mlf.log_dict(check, "checks/loadback.json")
     mlf.set_tags({"mlkit.loadback": "passed", "mlkit.loadback.rows": str(check["rows"])})
-    info = tracking.log_bundle(bundle, input_example=example[:3])
+    from mlkit import train
+    if held_out := getattr(train, "held_out_check", None): mlf.set_tag("mlkit.fit.stopping_rows", held_out(module, p.X_test, p.X_val))
+    info = tracking.log_bundle(bundle, input_example=example[:3])  # (the contract's pii values redacted)
+    fault("logged")  # everything logged, nothing registered
+    if register_version and (why := tracking.abandoned(mlf.MlflowClient().get_run(p.run_id))):
+        raise RuntimeError(f"run {p.run_id}: {why}: nothing was registered")
     version = register(info.model_uri, p.name, p.run_id, bundle_sha256(bundle), settings=p.settings) if register_version else None
     tracking.end_run()
     return Finished(p.name, p.run_id, metrics, slices, bundle, info.model_uri, version)

@@ -170,12 +170,14 @@ def training_notebook(name: str, data: str, contract: dict, package: str | None)
                     "hidden = 64  # width of the hidden layers\n") + "dropout = 0.1  # dropout after each hidden layer\n"
                  "patience = 10  # stop after this many epochs without a better validation loss, keeping the best weights (None: never)\n"
                  "seed = 0  # seeds the weights and the batch order (the split has its own: [split] seed)\n"
-                 "register = True  # register the model as the `challenger` version", ["parameters"]),
+                 "register = True  # register the model as the `challenger` version\n"
+                 "dataset_version = None  # a stored dataset version (sha256:...) to train on instead of `data` (`mlkit reproduce` passes the recorded one)",
+         ["parameters"]),
         ("code", f"import mlkit\nfrom mlkit import models, pipeline, tracking, train\n\nsettings = mlkit.config.configure()\n{model[0]}\n"
                  "params = dict(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, hidden=hidden, dropout=dropout,\n"
                  "              patience=patience, seed=seed)", []),
         ("markdown", "## Data: contract check, snapshot, split, features", []),
-        ("code", "p = pipeline.prepare(model_name, settings.root / data, seed=seed)\nprint(p.summary())\np.report", []),
+        ("code", "p = pipeline.prepare(model_name, settings.root / data, seed=seed, dataset_version=dataset_version)\nprint(p.summary())\np.report", []),
         ("markdown", "## Train, tracked\n\nThe module is the model-specific part; the task gives the loss and the number of outputs.", []),
         ("code", f"run = pipeline.track(p, params)\ntrain.seed_everything(seed)\nconfig = models.model_config({model[1]}, "
                  + ("in_channels=p.X_train.shape[1], n_classes=p.task.n_outputs,\n                             widths=[hidden, 2 * hidden]" if images else

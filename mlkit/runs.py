@@ -17,12 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from .config import Settings, current_settings
-from .core import atomic_write, git, repo_root
+from .config import Settings, brief, current_settings
+from .core import FAULT_PID_ENV, atomic_write, git, repo_root
 from .gate import resolve
+from .pipeline import DATASET_VERSION_ENV
 from .registry import alias_version, register, versions_of_run
 from .reports import render_notebook
-from .tracking import SOURCE_COMMIT_ENV, experiment_id, installed_packages, mlflow, source_tags
+from .tracking import (SOURCE_COMMIT_ENV, check_model_name, clean_scratch, experiment_id, installed_packages, mlflow, owner_tags,
+                            scratch, source_tags)
 
 # %% auto #0
 __all__ = ['notebook_path', 'declared_parameters', 'parse_assignments', 'check_parameters', 'load_parameter_file', 'RunResult',
@@ -32,7 +34,7 @@ __all__ = ['notebook_path', 'declared_parameters', 'parse_assignments', 'check_p
 def notebook_path(name: str, settings: Settings | None = None) -> Path:
     "The training notebook of model `name`: `<train_dir>/<name>.ipynb`."
     settings = settings or current_settings()
-    p = settings.project.train_dir / f"{name}.ipynb"
+    p = settings.project.train_dir / f"{check_model_name(name)}.ipynb"
     if not p.is_file():
         have = sorted(q.stem for q in settings.project.train_dir.glob("*.ipynb"))
         raise FileNotFoundError(f"no training notebook {p} (models: {', '.join(have) or 'none'})")
@@ -115,6 +117,35 @@ def _registered(name: str, run_id: str) -> list[dict]:
     return [{"version": str(v.version), "aliases": [a for a in ("challenger", "champion") if alias_version(name, a) == str(v.version)]}
             for v in versions_of_run(name, run_id)]
 
+# %% ../nbs/60_runs.ipynb #c3f10002
+@contextmanager
+def _tempdir(path: Path):
+    "This process's `tempfile` folder is `path` for a while (papermill's connection file goes there)."
+    old, tempfile.tempdir = tempfile.tempdir, str(path)
+    try: yield
+    finally: tempfile.tempdir = old
+
+@contextmanager
+def _quiet():
+    "No logging for a while (MLflow logs a store's error with its traceback; the caller says it in one line)."
+    import logging
+    old = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try: yield
+    finally: logging.disable(old)
+
+def _scratch_with_reserve(settings: Settings) -> Path:
+    "A runner's scratch folder (`tracking.scratch`) holding, for an embedded store, 256 KiB set aside: freed, it lets a full disk record the run's end."
+    work = scratch(settings, "papermill")
+    if settings.embedded_tracking:
+        try: (work / "reserve").write_bytes(bytes(256 * 1024))
+        except OSError: pass  # full already: no reserve
+    return work
+
+def _line(text) -> str:
+    "The first line of `text`, cut to 500 characters: what `mlkit train` says of a failure."
+    return brief(next((ln.strip() for ln in str(text).splitlines() if ln.strip()), ""), 500)
+
 # %% ../nbs/60_runs.ipynb #5fce795a
 def run_notebook(
     name: str,  # model name: runs `<train_dir>/<name>.ipynb`
@@ -128,38 +159,49 @@ def run_notebook(
     import papermill
     from papermill.exceptions import PapermillExecutionError
     settings = settings or current_settings()
-    nb = notebook or notebook_path(name, settings)
+    nb = notebook or notebook_path(check_model_name(name), settings)
     params = check_parameters(nb, dict(parameters or {}))
     if "model_name" in declared_parameters(nb) and "model_name" not in params:
         params["model_name"] = name  # `mlkit train churn2` trains churn2, even in a notebook copied from churn and not yet renamed
     client = mlflow(settings).MlflowClient()
-    extra_env = {**_project_env(settings), **(extra_env or {})}
+    # the kernel reads this project's settings wherever it runs (a checkout from `reproduce` holds a settings.ini of its own)
+    extra_env = {**_project_env(settings), **({"MLKIT_SETTINGS": str(Path(settings.file).resolve())} if settings.file else {}), **(extra_env or {})}
     rel = (tags or {}).get("mlkit.notebook") or _repo_relative(nb)
     with _environ(**extra_env):
         src = source_tags(nb.parent)
     run = client.create_run(experiment_id(name, settings), run_name=f"{name}-papermill",
-                            tags={**src, "mlkit.model": name, "mlkit.notebook": rel, "mlkit.runner": "papermill", **(tags or {})})
-    run_id = run.info.run_id
-    out_dir = settings.runs_dir / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{run_id}.ipynb"
-    status, error, t0 = "FINISHED", None, time.perf_counter()
+                            tags={**src, **owner_tags(), "mlkit.model": name, "mlkit.notebook": rel, "mlkit.runner": "papermill",
+                                  **({"mlkit.papermill_parameters": json.dumps(params)[:5000]} if params else {}), **(tags or {})})
+    run_id, out = run.info.run_id, settings.runs_dir / name / f"{run.info.run_id}.ipynb"
+    status, error, t0, work = "FINISHED", None, time.perf_counter(), _scratch_with_reserve(settings)
     try:
-        with _environ(MLFLOW_RUN_ID=run_id, **extra_env):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with _environ(MLFLOW_RUN_ID=run_id, TMPDIR=str(work), **{FAULT_PID_ENV: str(os.getpid())}, **extra_env), _tempdir(work):
             papermill.execute_notebook(str(nb), str(out), parameters=params, kernel_name=settings.runs.kernel,
                                        cwd=str(nb.parent), execution_timeout=settings.runs.cell_timeout,
                                        progress_bar=False, log_output=False)
     except PapermillExecutionError as e:
-        status, error = "FAILED", f"cell {e.exec_count}: {e.ename}: {e.evalue}"
-    except Exception as e:  # kernel died, timeout, bad notebook
-        status, error = "FAILED", f"{type(e).__name__}: {e}"
-    seconds = time.perf_counter() - t0
-    html = _to_html(out) if out.exists() else None
-    for f in (out, html):
-        if f and f.exists(): client.log_artifact(run_id, str(f), artifact_path="notebook")
-    if params: client.set_tag(run_id, "mlkit.papermill_parameters", json.dumps(params)[:5000])
-    client.set_terminated(run_id, status)
-    headline = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(("test_", "val_")) and k.count(".") <= 1}
+        status, error = "FAILED", f"cell {e.exec_count}: {e.ename}: {_line(e.evalue)}"
+    except Exception as e:  # kernel died, timeout, bad notebook, a disk full under papermill's copy of the notebook
+        status, error = "FAILED", f"{type(e).__name__}: {_line(e)}"
+    seconds, html, late = time.perf_counter() - t0, None, []
+    shutil.rmtree(work, ignore_errors=True)  # with its reserve: on a full disk, the room to record the run's end
+    clean_scratch(settings)  # the kernel's (its bundle), now that it is gone
+    with _quiet():  # a store's error is one line of `error`, not MLflow's logged traceback
+        try:
+            if status == "FAILED": client.set_tag(run_id, "mlkit.error", error[:5000])
+            client.set_terminated(run_id, status)
+        except Exception as e:
+            status = "FAILED"
+            late.append(f"the run's end was not recorded ({type(e).__name__}: {_line(e)}); the next mlkit command marks it FAILED")
+        try:
+            html = _to_html(out) if out.exists() else None
+            for f in (out, html):
+                if f and f.exists(): client.log_artifact(run_id, str(f), artifact_path="notebook")
+        except Exception as e: late.append(f"the executed notebook was not logged ({type(e).__name__}: {_line(e)})")
+    error = "; ".join(x for x in (error, *late) if x) or None
+    try: headline = {k: v for k, v in client.get_run(run_id).data.metrics.items() if k.startswith(("test_", "val_")) and k.count(".") <= 1}
+    except Exception: headline = {}
     return RunResult(name, run_id, status, out, html, error, seconds, _registered(name, run_id) if status == "FINISHED" else [],
                      dict(sorted(headline.items())))
 
@@ -184,18 +226,25 @@ def sweep(name: str, grid: dict[str, list], parameters: dict | None = None, sett
     nb = notebook_path(name, settings)
     declared = declared_parameters(nb)
     check_parameters(nb, {**(parameters or {}), **grid})
-    client = mlflow(settings).MlflowClient()
-    parent = client.create_run(experiment_id(name, settings), run_name=f"{name}-sweep",
-                               tags={**source_tags(nb.parent), "mlkit.model": name, "mlkit.sweep": json.dumps(grid)}).info.run_id
-    children = []
-    for values in itertools.product(*grid.values()):
-        point = dict(zip(grid, values))
-        params = {**(parameters or {}), **point, **({"register": False} if "register" in declared else {})}
-        children.append(run_notebook(name, params, settings, tags={"mlflow.parentRunId": parent, "mlkit.sweep_point": json.dumps(point)}))
     g = settings.for_model(name).gate
+    if g.metric and not validation_metric(g.metric).startswith("val_"):  # the test rows judge the winner once: they never pick it
+        raise ValueError(f"[gate] metric {g.metric!r}: a sweep chooses by a validation metric (val_*, the twin of a test_* one)")
+    client = mlflow(settings).MlflowClient()
+    parent = client.create_run(experiment_id(name, settings), run_name=f"{name}-sweep", tags={
+        **source_tags(nb.parent), **owner_tags(), "mlkit.model": name, "mlkit.sweep": json.dumps(grid)}).info.run_id
+    children = []
+    try:
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            params = {**(parameters or {}), **point, **({"register": False} if "register" in declared else {})}
+            children.append(run_notebook(name, params, settings, tags={"mlflow.parentRunId": parent, "mlkit.sweep_point": json.dumps(point)}))
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
     done = [client.get_run(c.run_id) for c in children if c.status == "FINISHED"]
     gate_metric, direction = resolve(g.metric, g.direction, done[0].data.tags.get("mlkit.task") if done else None)
     metric = validation_metric(gate_metric)
+    client.set_tag(parent, "mlkit.sweep.selected_by", metric)
     scored = [(r.data.metrics.get(metric), c) for r, c in zip(done, [c for c in children if c.status == "FINISHED"])]
     scored = [(m, c) for m, c in scored if m is not None]
     best = (max if direction == "max" else min)(scored, key=lambda mc: mc[0])[1] if scored else None
@@ -203,9 +252,10 @@ def sweep(name: str, grid: dict[str, list], parameters: dict | None = None, sett
     if best is not None:
         (model,) = mlflow(settings).search_logged_models(experiment_ids=[experiment_id(name, settings)],
                                                          filter_string=f"source_run_id = '{best.run_id}'", output_format="list")
-        register(model.model_uri, name, best.run_id, client.get_run(best.run_id).data.tags["mlkit.bundle_sha256"], settings=settings)
+        client.set_tag(best.run_id, "mlkit.sweep.selected_by", metric)  # before it is registered: the gate reads it there
         client.set_tag(parent, "mlkit.best_child", best.run_id)
         client.set_tag(parent, "mlkit.best_by", f"{metric} ({direction})")
+        register(model.model_uri, name, best.run_id, client.get_run(best.run_id).data.tags["mlkit.bundle_sha256"], settings=settings)
     client.set_terminated(parent, "FINISHED" if all(c.status == "FINISHED" for c in children) else "FAILED")
     return parent, children, best.run_id if best else None
 
@@ -226,7 +276,8 @@ class ReproReport:
     @property
     def matches(self) -> bool: return self.status == "FINISHED" and self.data_ok and not self.metric_diffs
     def summary(self) -> str:
-        lines = [f"run {self.run_id} reproduced as {self.new_run_id}: " + ("metrics MATCH" if self.matches else "MISMATCH")]
+        lines = [f"run {self.run_id} reproduced as {self.new_run_id}: " + ("metrics MATCH" if self.matches else "MISMATCH")
+                 if self.new_run_id else f"run {self.run_id}: NOT reproduced (nothing was run)"]
         if self.error: lines.append(f"  error: {self.error}")
         for k, (a, b) in sorted(self.metric_diffs.items()): lines.append(f"  {k}: {a} -> {b}")
         lines.append(f"  packages differing: {len(self.package_diffs)}" + "".join(f"\n    {d}" for d in self.package_diffs[:20]))
@@ -236,20 +287,27 @@ def _packages(text: str) -> dict:
     return dict(line.split("==", 1) for line in text.splitlines() if "==" in line)
 
 # %% ../nbs/60_runs.ipynb #79178ddc
-def _checkout(repo: Path, commit: str, run_id: str) -> Path:
-    "The tree of `commit` in a new temporary folder (`git archive`: the working tree is untouched)."
+def _checkout(repo: Path, commit: str, run_id: str, settings: Settings) -> Path:
+    "The tree of `commit` in a new scratch folder (`git archive`: the working tree is untouched)."
     if not commit or git("cat-file", "-e", f"{commit}^{{commit}}", cwd=repo) is None:
         raise ReproduceRefused(f"run {run_id}: commit {commit} is not in the repository at {repo}")
     archive = git("archive", commit, cwd=repo, raw=True)
     if archive is None: raise ReproduceRefused(f"run {run_id}: git archive {commit[:12]} failed in {repo}")
-    src = Path(tempfile.mkdtemp(prefix=f"mlkit-reproduce-{commit[:8]}-"))
+    src = scratch(settings, "reproduce")
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     return src
 
+def _same_values(settings: Settings, a: str, b: str | None) -> bool:
+    "Whether stored versions `a` and `b` hold the same rows: a commit whose mlkit made ids another way (an older id format) gave the same data another id."
+    from mlkit.snapshots import load_snapshot
+    try: return b is not None and load_snapshot(a, settings.snapshots_dir).equals(load_snapshot(b, settings.snapshots_dir), null_equal=True)
+    except (ValueError, OSError): return False
+
+# %% ../nbs/60_runs.ipynb #c3f10004
 def reproduce(run_id: str, settings: Settings | None = None, atol: float = 0.0) -> ReproReport:
     "Re-execute run `run_id` from its recorded commit, parameters and data; compare metrics and packages."
     from mlkit.data import DataError
-    from mlkit.snapshots import load_snapshot
+    from mlkit.snapshots import _hex, load_snapshot
     settings = settings or current_settings()
     mlf = mlflow(settings)
     client = mlf.MlflowClient()
@@ -257,22 +315,30 @@ def reproduce(run_id: str, settings: Settings | None = None, atol: float = 0.0) 
     t = run.data.tags
     name, nb_rel, commit = t.get("mlkit.model"), t.get("mlkit.notebook"), t.get("mlflow.source.git.commit")
     if not (name and nb_rel): raise ReproduceRefused(f"run {run_id}: not an mlkit training run (no model or notebook recorded)")
-    snap = t.get("mlkit.snapshot")
-    if not snap or not Path(snap).is_file():
-        raise ReproduceRefused(f"run {run_id}: data version {t.get('mlkit.dataset_version')} is not available (snapshot {snap} missing)")
-    try: load_snapshot(snap)
+    check_model_name(name, f"run {run_id}: model name")  # tags are data: a name or notebook path must not leave its folders
+    if Path(nb_rel).is_absolute() or ".." in Path(nb_rel).parts: raise ReproduceRefused(f"run {run_id}: notebook {nb_rel!r} is outside the repository")
+    dv = t.get("mlkit.dataset_version")
+    if not dv: raise ReproduceRefused(f"run {run_id}: no dataset version recorded")
+    snap = settings.snapshots_dir / f"{_hex(dv)}.parquet"  # where the notebook's `prepare` will read it
+    if not snap.is_file():
+        return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"data version {dv}: its snapshot {snap} is gone (`mlkit gc`, or another state folder); nothing was run")
+    try: load_snapshot(str(snap))
     except DataError as e:
         return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"data snapshot changed: {e}")
-    src = _checkout(repo_root(settings.project.train_dir) or Path("."), commit, run_id)
+    src = _checkout(repo_root(settings.project.train_dir) or Path("."), commit, run_id, settings)
     try:
-        nb = src / nb_rel
+        nb = (src / nb_rel).resolve()
+        if not nb.is_relative_to(src.resolve()): raise ReproduceRefused(f"run {run_id}: notebook {nb_rel!r} is outside the repository")
         if not nb.is_file(): raise ReproduceRefused(f"run {run_id}: {nb_rel} does not exist at commit {commit[:12]}")
         declared = declared_parameters(nb)
         if t.get("mlkit.papermill_parameters"): params = json.loads(t["mlkit.papermill_parameters"])
         else: params = {k: yaml.safe_load(v) for k, v in run.data.params.items() if k in declared}
+        params = {k: v for k, v in params.items() if k in declared}
+        if "dataset_version" in declared: params["dataset_version"] = dv
         if "register" in declared: params["register"] = False
         res = run_notebook(name, params, settings, notebook=nb, tags={"mlkit.reproduces": run_id, "mlkit.notebook": nb_rel},
-                           extra_env={"PYTHONPATH": str(src), "MLKIT_PROJECT__TRAIN_DIR": str(nb.parent), SOURCE_COMMIT_ENV: commit})
+                           extra_env={"PYTHONPATH": str(src), "MLKIT_PROJECT__TRAIN_DIR": str(nb.parent), SOURCE_COMMIT_ENV: commit,
+                                      DATASET_VERSION_ENV: dv})  # a notebook without the parameter: `prepare` reads it here
     finally:
         shutil.rmtree(src, ignore_errors=True)
     new = client.get_run(res.run_id).data.metrics
@@ -283,4 +349,5 @@ def reproduce(run_id: str, settings: Settings | None = None, atol: float = 0.0) 
     pkg = [f"{k}: {old_pkgs.get(k, '-')} -> {now.get(k, '-')}" for k in sorted(set(old_pkgs) | set(now), key=str.lower)
            if old_pkgs and old_pkgs.get(k) != now.get(k)]
     new_dv = client.get_run(res.run_id).data.tags.get("mlkit.dataset_version")
-    return ReproReport(run_id, res.run_id, res.status, new_dv == t.get("mlkit.dataset_version"), diffs, pkg, res.error)
+    return ReproReport(run_id, res.run_id, res.status, new_dv == dv or _same_values(settings, dv, new_dv), diffs, pkg, res.error)
+

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from .config import Settings, current_settings
@@ -18,28 +20,57 @@ from .core import atomic_write
 from .data import DataError, read_data
 
 # %% auto #0
-__all__ = ['content_hash', 'Snapshot', 'snapshot', 'load_snapshot', 'snapshot_file']
+__all__ = ['FORMAT', 'content_hash', 'Snapshot', 'snapshot', 'snapshot_record', 'load_snapshot', 'snapshot_file']
 
 # %% ../nbs/12_snapshots.ipynb #5af79947
+FORMAT = 2  # the content id's format (see above); a snapshot's `.json` records the one its id was made with
+
 def _schema_repr(schema) -> str: return json.dumps([[c, str(t)] for c, t in schema.items()])
 
-def content_hash(df: pl.DataFrame) -> str:
-    "`sha256:<hex>` of the schema and values of `df`, independent of chunking and file format."
-    h = hashlib.sha256(_schema_repr(df.schema).encode())
+def content_hash(df: pl.DataFrame, format: int = FORMAT) -> str:
+    "`sha256:<hex>` of the schema and values of `df`, independent of chunking and file format (`format`: 1 or 2, see above)."
+    return _content_hashes(df, (format,))[format]
+
+def _content_hashes(df: pl.DataFrame, formats: tuple = (FORMAT,)) -> dict[int, str]:
+    "`{format: content id}` of `df` for each of `formats`, the CSV text written once for all."
+    if bad := [f for f in formats if f not in (1, 2)]: raise ValueError(f"content id format {bad[0]}: this mlkit knows formats 1 and 2")
+    hs = {f: hashlib.sha256(_schema_repr(df.schema).encode()) for f in formats}
     nested = [c for c, t in df.schema.items() if isinstance(t, _NOT_CSV) or t == pl.Binary]
-    for chunk in df.rechunk().iter_slices(250_000):  # (a frame without tensor or image columns: the ids of earlier versions)
+    text = [c for c, t in df.schema.items() if t == pl.String or isinstance(t, (pl.Categorical, pl.Enum))]
+    for chunk in df.rechunk().iter_slices(250_000):
         flat = chunk.drop(nested)
-        if flat.width: h.update(flat.write_csv(include_header=False, null_value="\\N", quote_style="always", line_terminator="\n").encode())
-        for c in nested: h.update(_cell_bytes(chunk[c]))  # CSV cannot hold them: their values' bytes, column by column
-    return "sha256:" + h.hexdigest()
+        csv = flat.write_csv(include_header=False, null_value="\\N", quote_style="always", line_terminator="\n").encode() if flat.width else b""
+        for f, h in hs.items():
+            h.update(csv)
+            if f > 1: h.update(_null_marks(chunk, text))
+            for c in nested: h.update(_cell_bytes(chunk[c], f))  # CSV cannot hold them: their values' bytes, column by column
+    return {f: "sha256:" + h.hexdigest() for f, h in hs.items()}
 
 _NOT_CSV = (pl.Array, pl.List, pl.Struct, pl.Duration, pl.Map)  # dtypes polars' CSV writer refuses
 
-def _cell_bytes(s: pl.Series) -> bytes:
+def _null_marks(chunk: pl.DataFrame, text: list[str]) -> bytes:
+    "Format 2: the rows where each text column is null (a null and the text `\\N` write the same CSV cell); empty when none is."
+    # every CSV row starts with a quote, so a NUL after the chunk's last line cannot be CSV; the row count is known from it
+    marks = [i.to_bytes(4, "little") + np.packbits(chunk[c].is_null().to_numpy()).tobytes()
+             for i, c in enumerate(chunk.columns) if c in text and chunk[c].null_count()]
+    return b"\0" + len(marks).to_bytes(4, "little") + b"".join(marks) if marks else b""
+
+def _exact(t):
+    "The dtype `t` with each time type inside it as its integer count of units (`to_list` would round nanoseconds)."
+    if isinstance(t, (pl.Datetime, pl.Duration)) or t == pl.Time: return pl.Int64
+    if isinstance(t, pl.List): return pl.List(_exact(t.inner))
+    if isinstance(t, pl.Array): return pl.Array(_exact(t.inner), t.size)
+    if isinstance(t, pl.Struct): return pl.Struct({f.name: _exact(f.dtype) for f in t.fields})
+    return t
+
+def _cell_bytes(s: pl.Series, format: int = FORMAT) -> bytes:
     "The values of a tensor, image or other nested column as bytes, each null and each value's length marked."
     if isinstance(s.dtype, pl.Duration): s = s.to_physical()  # its integer count of time units: exact, where `str` of a timedelta drops nanoseconds
-    if s.dtype == pl.Binary: return b"".join(b"\xff" if v is None else len(v).to_bytes(8, "little") + v for v in s.to_list())
-    if isinstance(s.dtype, pl.Array) and not s.null_count() and s.dtype.inner.is_numeric(): return s.to_numpy().tobytes()
+    null = b"\xff" * 8 if format > 1 else b"\xff"  # format 2: no length is 2**64 - 1 (format 1's one byte could begin a length)
+    if s.dtype == pl.Binary: return b"".join(null if v is None else len(v).to_bytes(8, "little") + v for v in s.to_list())
+    if isinstance(s.dtype, pl.Array) and not s.null_count() and s.dtype.inner.is_numeric() and (format < 2 or not s.arr.explode().null_count()):
+        return s.to_numpy().tobytes()  # (format 2: a null inside a cell would be NaN here, so such a column takes the JSON path)
+    if format > 1 and (exact := _exact(s.dtype)) != s.dtype: s = s.cast(exact)
     return json.dumps(s.to_list(), default=str).encode()
 
 # %% ../nbs/12_snapshots.ipynb #d3786eef
@@ -53,9 +84,17 @@ class Snapshot:
     schema_hash: str
     source: str
     created: str
+    format: int = 1  # the id's format (`content_hash`); a `.json` without one was written before formats: 1
 
     @property
     def short(self) -> str: return self.id.split(":")[1][:12]
+
+def _stored(folder: Path, vid: str, df: pl.DataFrame | None = None) -> Snapshot | None:
+    "The record of `vid` in `folder` when both its files are there (and, given `df`, it holds exactly `df`), else None."
+    pq, meta = folder / f"{vid.split(':')[1]}.parquet", folder / f"{vid.split(':')[1]}.json"
+    if not (pq.exists() and meta.exists()): return None
+    snap = Snapshot(**json.loads(meta.read_text()))
+    return snap if df is None or read_data(pq).equals(df, null_equal=True) else None
 
 def snapshot(
     df: pl.DataFrame,  # the data to freeze
@@ -63,22 +102,41 @@ def snapshot(
     source: str = "<frame>",  # where the data came from
 ) -> Snapshot:
     "Store `df` as an immutable content-addressed Parquet file (free if already stored); returns its `Snapshot`."
-    vid = content_hash(df)
-    hexid = vid.split(":")[1]
     folder = Path(folder)
-    pq, meta = folder / f"{hexid}.parquet", folder / f"{hexid}.json"
-    if pq.exists() and meta.exists(): return Snapshot(**json.loads(meta.read_text()))
-    atomic_write(pq, lambda p: df.write_parquet(p, statistics=True), mode=0o444)
+    ids = _content_hashes(df, (FORMAT, 1))
+    vid, old = ids[FORMAT], ids[1]
+    if snap := _stored(folder, vid): return snap
+    if old != vid and (snap := _stored(folder, old, df)) and snap.format == 1:
+        return snap  # stored before format 2, and the same values: the data version keeps its id
+    pq, meta = folder / f"{vid.split(':')[1]}.parquet", folder / f"{vid.split(':')[1]}.json"
+    atomic_write(pq, lambda p: df.write_parquet(p, statistics=True), mode=0o400)  # read-only, and the owner's only: it may hold pii
     snap = Snapshot(vid, str(pq), len(df), df.width, "sha256:" + hashlib.sha256(_schema_repr(df.schema).encode()).hexdigest(),
-                    source, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    source, datetime.now(timezone.utc).isoformat(timespec="seconds"), FORMAT)
     atomic_write(meta, lambda p: p.write_text(json.dumps(asdict(snap), indent=1)))
     return snap
 
+# %% ../nbs/12_snapshots.ipynb #f2a0c005
+def _hex(id: str) -> str:
+    "The hex digits of snapshot id `id` (`sha256:<64 hex>`), which name its files; `DataError` for anything else."
+    if not isinstance(id, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", id):
+        raise DataError(f"dataset version {id!r}: not a snapshot id (sha256: and 64 hex digits)")
+    return id[7:]
+
+def snapshot_record(id: str, folder: Path | str) -> Snapshot:
+    "The `Snapshot` of dataset version `id` stored in `folder`; `DataError` naming the file when it is not there."
+    pq, meta = (Path(folder) / f"{_hex(id)}{ext}" for ext in (".parquet", ".json"))
+    if missing := [str(f) for f in (pq, meta) if not f.is_file()]:
+        raise DataError(f"dataset version {id}: {' and '.join(missing)} not in the snapshot store (removed by `mlkit gc`, or another state folder)")
+    return Snapshot(**json.loads(meta.read_text()))
+
 def load_snapshot(id_or_path: str, folder: Path | str | None = None, verify: bool = True) -> pl.DataFrame:
     "Read a snapshot by id (`sha256:<hex>`, in `folder`) or path, checking its content hash unless `verify=False`."
-    p = Path(id_or_path) if folder is None else Path(folder) / f"{id_or_path.split(':')[-1]}.parquet"
+    p = Path(id_or_path) if folder is None else Path(folder) / f"{_hex(id_or_path)}.parquet"
     df = read_data(p)
-    if verify and (actual := content_hash(df)) != f"sha256:{p.stem}":
+    if not verify: return df
+    meta = p.with_suffix(".json")
+    formats = [json.loads(meta.read_text()).get("format", 1)] if meta.is_file() else [FORMAT, 1]  # no record: either format
+    if all((actual := content_hash(df, f)) != f"sha256:{p.stem}" for f in formats):
         raise DataError(f"{p}: content hash {actual} does not match the snapshot id sha256:{p.stem}")
     return df
 

@@ -110,7 +110,7 @@ def split(
     keys = key or df.columns
     record = {"format": 1, "strategy": strategy, "seed": seed, "column": column, "test_size": test_size, "val_size": val_size,
               "rows": {"train": len(train), "val": len(val), "test": len(test)},
-              "test_rows_sha256": content_hash(test.select(keys).sort(keys, nulls_last=True))}
+              "test_rows_sha256": content_hash(test.select(keys).sort(keys, nulls_last=True), 1)}  # ids' format 1: records stay comparable across versions
     return Split(train, val, test, record)
 
 # %% ../nbs/15_splits.ipynb #8e46f499

@@ -5,11 +5,17 @@
 # %% ../nbs/50_tracking.ipynb #896aaf41
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlkit
@@ -18,24 +24,40 @@ from .contracts import classes_of, targets_of, task_of
 from .core import check_port, git_state, run_foreground, tool_command
 
 # %% auto #0
-__all__ = ['SOURCE_COMMIT_ENV', 'mlflow', 'experiment_id', 'source_tags', 'start_run', 'lineage_record', 'end_run', 'log_dataset',
+__all__ = ['SOURCE_COMMIT_ENV', 'mlflow', 'check_model_name', 'experiment_id', 'source_tags', 'start_run', 'lineage_record',
+           'end_run', 'owner_tags', 'process_gone', 'abandoned', 'reap', 'scratch', 'clean_scratch', 'log_dataset',
            'installed_packages', 'log_capsule', 'epoch_logger', 'log_learning_curves', 'log_confusion_matrix',
            'log_slice_metrics', 'log_split', 'pyfunc_code', 'contract_signature', 'log_bundle', 'ui_command', 'ui']
 
 # %% ../nbs/50_tracking.ipynb #5b478c33
+_REAPED: set = set()  # the stores this process has reaped (`reap`): once each
+
 def mlflow(settings: Settings | None = None):
-    "The `mlflow` module, its tracking and registry URIs set from mlkit's settings."
+    "The `mlflow` module, its tracking and registry URIs set from mlkit's settings (and, once a process, abandoned runs reaped)."
     settings = settings or current_settings()
     import mlflow as _mlflow
     _mlflow.set_tracking_uri(settings.tracking_uri)
     _mlflow.set_registry_uri(settings.registry_uri)
+    if settings.tracking_uri not in _REAPED:
+        _REAPED.add(settings.tracking_uri)
+        try: reap(settings)
+        except Exception: pass  # best effort (a read-only store, a server that refuses): the command itself goes on
     return _mlflow
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+
+def check_model_name(name: str, what: str = "model name") -> str:
+    "`name` if it can name a model's files (letters, digits, `_`, `-`, `.` not first; no `/`, no `..`), else a one-line `ValueError` naming `what`."
+    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r}: use letters, digits, _, - and . (not first), up to 100 of them, no '..' "
+                         "(the name becomes file names inside the project's folders)")
+    return name
 
 def experiment_id(name: str, settings: Settings | None = None) -> str:
     "Id of the experiment `name`, created on first use with its artifacts in the state folder (embedded store)."
     settings = settings or current_settings()
     client = mlflow(settings).MlflowClient()
-    exp = client.get_experiment_by_name(name)
+    exp = client.get_experiment_by_name(check_model_name(name))
     if exp is not None: return exp.experiment_id
     location = (settings.artifacts_dir / name).as_uri() if settings.embedded_tracking else None
     return client.create_experiment(name, artifact_location=location)
@@ -60,7 +82,7 @@ def start_run(
     notebook: str | None = None,  # path of the training notebook, recorded as a tag
     settings: Settings | None = None,
 ):
-    "Start (or resume, when `MLFLOW_RUN_ID` is set) an MLflow run for model `name` and log its lineage and capsule."
+    "Start (or resume, when `MLFLOW_RUN_ID` is set) an MLflow run for model `name` and log its lineage, capsule and (a new run) owner."
     settings = settings or current_settings()
     mlf = mlflow(settings)
     exp = experiment_id(name, settings)
@@ -68,7 +90,7 @@ def start_run(
     resumed = os.environ.get("MLFLOW_RUN_ID")
     run = mlf.start_run(run_id=resumed or None, experiment_id=None if resumed else exp,
                         run_name=None if resumed else f"{name}-train")
-    all_tags = {**source_tags(settings.project.train_dir), "mlkit.model": name, **(tags or {})}
+    all_tags = {**source_tags(settings.project.train_dir), **({} if resumed else owner_tags()), "mlkit.model": name, **(tags or {})}
     if notebook: all_tags["mlkit.notebook"] = notebook
     mlf.set_tags(all_tags)
     if params: mlf.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in params.items()})
@@ -84,6 +106,73 @@ def lineage_record(run_id: str, **links) -> dict:
 def end_run(status: str = "FINISHED"):
     "End the active run with `status`."
     mlflow().end_run(status)
+
+# %% ../nbs/50_tracking.ipynb #7a3c0002
+def _host() -> str:
+    "This machine and pid namespace (its name, and a hash of its machine id and pid namespace): where a pid names a process."
+    where = []
+    for read in (lambda: Path("/etc/machine-id").read_text().strip(), lambda: os.readlink("/proc/self/ns/pid")):
+        try: where.append(read())
+        except OSError: where.append("")
+    return f"{socket.gethostname()} {hashlib.sha256(' '.join(where).encode()).hexdigest()[:12]}"
+
+def owner_tags() -> dict[str, str]:
+    "Tags naming this process as a run's owner: pid, host and start time (`reap` tells from them when it is gone)."
+    import psutil
+    return {"mlkit.runner.pid": str(os.getpid()), "mlkit.runner.host": _host(), "mlkit.runner.started": f"{psutil.Process().create_time():.3f}"}
+
+def process_gone(pid, started) -> bool:
+    "Whether process `pid`, started at `started` (epoch seconds), has ended: no such pid, a zombie, or the pid reused."
+    import psutil
+    try:
+        p = psutil.Process(int(pid))
+        return abs(p.create_time() - float(started)) > 0.05 or p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return True
+    except (psutil.Error, ValueError, TypeError): return False  # not ours to judge (another user's process, a bad tag)
+
+def abandoned(run) -> str | None:
+    "Why MLflow `run` can no longer end well: ended already, or its owner process on this host gone; None while it can."
+    t = run.data.tags
+    if run.info.status != "RUNNING": return f"run {run.info.run_id} is {run.info.status} already"
+    if t.get("mlkit.runner.host") == _host() and process_gone(t.get("mlkit.runner.pid"), t.get("mlkit.runner.started")):
+        return f"its process (pid {t.get('mlkit.runner.pid')} on {socket.gethostname()}) is gone"
+    return None
+
+def reap(settings: Settings | None = None) -> list[str]:
+    "Mark FAILED every RUNNING run of this host whose owner is gone, and remove the scratch folders of processes gone; returns the runs marked."
+    settings = settings or current_settings()
+    import mlflow as _mlflow
+    client = _mlflow.MlflowClient(settings.tracking_uri, settings.registry_uri)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, f"attributes.status = 'RUNNING' and tags.`mlkit.runner.host` = '{_host()}'", max_results=5000) if exps else []
+    marked = []
+    for run in runs:
+        if why := abandoned(run):
+            when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            client.set_tag(run.info.run_id, "mlkit.error", f"abandoned: {why}; marked FAILED by pid {os.getpid()} at {when}")
+            client.set_terminated(run.info.run_id, "FAILED")
+            marked.append(run.info.run_id)
+    clean_scratch(settings)
+    return marked
+
+# %% ../nbs/50_tracking.ipynb #7a3c0003
+def _scratch_owner() -> str: return hashlib.sha256(_host().encode()).hexdigest()[:8]
+
+def scratch(settings: Settings | None = None, kind: str = "run") -> Path:
+    "A new private folder under `<state>/tmp/`, named after this process: its maker removes it, or the next command once the maker is gone."
+    import psutil
+    root = (settings or current_settings()).state_dir / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-{_scratch_owner()}-{os.getpid()}-{psutil.Process().create_time():.3f}-", dir=root))
+
+def clean_scratch(settings: Settings) -> list[Path]:
+    "Remove the scratch folders (`scratch`) of this host's processes that are gone; returns them."
+    root, gone = settings.state_dir / "tmp", []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        parts = d.name.split("-")
+        if len(parts) >= 5 and parts[1] == _scratch_owner() and process_gone(parts[2], parts[3]):
+            shutil.rmtree(d, ignore_errors=True); gone.append(d)
+    return gone
 
 # %% ../nbs/50_tracking.ipynb #d349d794
 def log_dataset(
@@ -213,7 +302,8 @@ def log_bundle(
     mlf = mlflow()
     contract = json.loads((Path(bundle) / "contract.json").read_text())
     cols = [c for c in contract["columns"] if c not in targets_of(contract)]
-    example = pd.DataFrame([{c: r.get(c) for c in cols} for r in input_example], columns=cols)
+    pii = {c: "<pii>" if contract["columns"][c]["dtype"] == "string" else None for c in cols if contract["columns"][c].get("pii")}
+    example = pd.DataFrame([{c: pii[c] if c in pii else r.get(c) for c in cols} for r in input_example], columns=cols)  # no pii value in the run
     if any(contract["columns"][c]["dtype"] in ("tensor", "image") for c in cols): example = None  # no pixels in the run's files
     for c in cols if example is not None else []:
         if contract["columns"][c]["dtype"] in ("int", "float"): example[c] = example[c].astype("float64")

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -127,12 +128,52 @@ def test_snapshot_id_is_content_addressed(tmp_path, env):
 def test_snapshot_id_is_stable_across_machines():
     "A fixed frame has a fixed id: the hash is of a canonical text form, not of memory layout or Parquet bytes."
     df = pl.DataFrame({"a": [1, None, 3], "b": [0.1, 2.5, None], "c": ["x", None, "z, with comma"]})
-    assert content_hash(df) == GOLDEN_ID
-    assert content_hash(read_data(penguins_path())) == PENGUINS_ID
+    assert content_hash(df) == GOLDEN_ID and content_hash(df, 1) == GOLDEN_ID_V1
+    assert content_hash(read_data(penguins_path())) == PENGUINS_ID and content_hash(read_data(penguins_path()), 1) == PENGUINS_ID_V1
+    no_text_null = df.with_columns(pl.col("c").fill_null("y"))  # nulls in numbers only: format 2 keeps format 1's id
+    assert content_hash(no_text_null) == content_hash(no_text_null, 1) == NO_TEXT_NULL_ID
 
 
-GOLDEN_ID = "sha256:1515b8720ad7dc5dcd425f16fe1f32fd01b6ddc7a083efbfa90eafb41f20d206"
-PENGUINS_ID = "sha256:ffe42f6ea18918eedf81a71e16c696d33435aed5a544499782ffcfdd364a6580"
+GOLDEN_ID = "sha256:17567ff931927f395cf90d2782ee8c8e8c592c7eae58d2fae3f22fde2e571b9e"
+PENGUINS_ID = "sha256:fbb66cc94ffd983bde7c383de0dc10b9f6785c1d23a5ec746d969461b2865e53"
+GOLDEN_ID_V1 = "sha256:1515b8720ad7dc5dcd425f16fe1f32fd01b6ddc7a083efbfa90eafb41f20d206"  # format 1 (before null marks)
+PENGUINS_ID_V1 = "sha256:ffe42f6ea18918eedf81a71e16c696d33435aed5a544499782ffcfdd364a6580"
+NO_TEXT_NULL_ID = "sha256:2329e012107ace37395ebc254a4c5f564b28e7faf42f1c872af6515d1faf01dd"
+V1_FIXTURE = REPO / "tests" / "fixtures" / "snapshot_v1"  # written by the format 1 code: nulls and the text \N, .json without "format"
+
+
+@pytest.mark.parametrize("dtype", [pl.String, pl.Categorical, pl.Enum(["a", "\\N"]), pl.List(pl.String),
+                                   pl.Struct({"k": pl.String}), pl.Binary])
+def test_a_null_and_the_text_backslash_n_have_two_ids(dtype):
+    "Format 1 wrote both as the CSV cell \"\\N\"; format 2 tells them apart, in every column type."
+    val = {pl.List(pl.String): ["\\N"], pl.Struct({"k": pl.String}): {"k": "\\N"}, pl.Binary: b"\\N"}.get(dtype, "\\N")
+    a = pl.DataFrame({"c": pl.Series([val, None], dtype=dtype), "n": [1, 2]})
+    b = pl.DataFrame({"c": pl.Series([val, val], dtype=dtype), "n": [1, 2]})
+    assert content_hash(a) != content_hash(b)
+
+
+def test_a_snapshot_stored_before_formats_loads_verifies_and_keeps_its_id(tmp_path):
+    from mlkit.snapshots import FORMAT, load_snapshot, snapshot_record
+    (pq,) = V1_FIXTURE.glob("*.parquet")
+    assert "format" not in json.loads(pq.with_suffix(".json").read_text())
+    store = tmp_path / "snapshots"
+    shutil.copytree(V1_FIXTURE, store)
+    df = load_snapshot(f"sha256:{pq.stem}", store)  # verified with the format 1 hash
+    assert df["name"].to_list() == ["ada", None, "\\N", 'x, "quoted"'] and df["raw"].null_count() == 1
+    assert content_hash(df, 1) == f"sha256:{pq.stem}" != content_hash(df)
+    assert snapshot_record(f"sha256:{pq.stem}", store).format == 1
+    assert snapshot(df, store).id == f"sha256:{pq.stem}"  # the same values again: the stored version
+    twin = df.with_columns(pl.col("name").fill_null("\\N"))  # format 1's twin: same old id, other values
+    assert content_hash(twin, 1) == f"sha256:{pq.stem}"
+    new = snapshot(twin, store)
+    assert new.id == content_hash(twin) != f"sha256:{pq.stem}" and new.format == FORMAT
+    assert json.loads(Path(new.path).with_suffix(".json").read_text())["format"] == FORMAT
+    assert load_snapshot(new.id, store).equals(twin)
+    # a changed value in the old file is refused, as in format 2
+    p = store / pq.name
+    p.chmod(0o644)
+    df.with_columns(pl.col("n") + 1).write_parquet(p)
+    with pytest.raises(DataError, match="does not match the snapshot id"): load_snapshot(f"sha256:{pq.stem}", store)
 
 
 def test_snapshot_is_immutable_and_verified(tmp_path):

@@ -79,9 +79,9 @@ def test_reproduce_matches(recorded):
 
 
 def test_changed_snapshot_is_a_mismatch_naming_the_file(recorded):
-    snaps = list((recorded["state"] / "snapshots").glob("*.parquet"))
-    assert len(snaps) == 1
-    p = snaps[0]
+    code = f"import mlkit.tracking as t; print(t.mlflow().MlflowClient().get_run('{recorded['run_id']}').data.tags['mlkit.dataset_version'])"
+    dv = subprocess.run([sys.executable, "-c", code], env=recorded["env"], capture_output=True, text=True, check=True).stdout.strip()
+    p = recorded["state"] / "snapshots" / f"{dv.split(':')[1]}.parquet"
     os.chmod(p, 0o644)
     import polars as pl
     df = pl.read_parquet(p)
@@ -116,3 +116,42 @@ def test_sweep_runs_nested_children_and_registers_the_best(tmp_path):
     best = max(kids, key=lambda k: k["acc"])  # on the validation rows, never the test rows the gate judges
     challenger_run, n_versions = out[1].split()
     assert parent["best"] == best["id"] == challenger_run and n_versions == "1" and parent["by"] == "val_accuracy (max)"
+    # what chose it, on the parent and on the registered child (the gate refuses a candidate chosen by a test_ metric)
+    code = ("import mlkit.tracking as t; c = t.mlflow().MlflowClient();"
+            f"print(*[c.get_run(r).data.tags.get('mlkit.sweep.selected_by') for r in ('{parent['id']}', '{best['id']}')])")
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split() == ["val_accuracy"] * 2
+
+
+def test_a_sweep_never_chooses_by_a_metric_without_a_validation_twin(tmp_path):
+    env = {**project_env(write_project(tmp_path)), "MLKIT_GATE__METRIC": "accuracy"}
+    r = mlkit("train", "penguins", "--sweep", "lr=0.01,0.1", env=env)
+    assert r.returncode == 2 and "a sweep chooses by a validation metric" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "state" / "runs").exists() or not list((tmp_path / "state" / "runs").rglob("*.ipynb"))  # nothing ran
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "/etc/passwd", "x" * 101])
+def test_a_model_name_stays_inside_the_training_folder(tmp_path, name):
+    "`mlkit train ../../x` runs no notebook outside the training folder: a one-line error naming the parameter."
+    env = project_env(write_project(tmp_path))
+    for args in (["train", name], ["train", name, "--sweep", "lr=0.1"]):
+        r = mlkit(*args, env=env)
+        assert r.returncode == 2 and r.stderr.startswith(f"mlkit train: model name {name!r}") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_reproduce_refuses_a_planted_model_name_or_notebook_path(tmp_path):
+    "The tags `reproduce` reads are data: a model name or notebook path that leaves its folder is refused before anything runs."
+    env = project_env(write_project(tmp_path))
+    code = ("import mlkit.tracking as t; c = t.mlflow().MlflowClient(); e = t.experiment_id('penguins');"
+            "tags = {'mlkit.notebook': 'nbs/train/penguins.ipynb', 'mlkit.dataset_version': 'sha256:' + '0' * 64};"
+            "print(c.create_run(e, tags={**tags, 'mlkit.model': '../../x'}).info.run_id,"
+            " c.create_run(e, tags={**tags, 'mlkit.model': 'penguins', 'mlkit.notebook': '../../../x.ipynb'}).info.run_id)")
+    name_run, nb_run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    r = mlkit("reproduce", name_run, env=env)
+    assert r.returncode == 2 and f"run {name_run}: model name '../../x'" in r.stderr, r.stderr
+    import polars as pl
+    from mlkit.snapshots import snapshot
+    snap = snapshot(pl.DataFrame({"a": [1]}), tmp_path / "state" / "snapshots")
+    subprocess.run([sys.executable, "-c", f"import mlkit.tracking as t; t.mlflow().MlflowClient().set_tag('{nb_run}', 'mlkit.dataset_version', '{snap.id}')"],
+                   env=env, check=True)
+    r = mlkit("reproduce", nb_run, env=env)
+    assert r.returncode == 2 and "notebook '../../../x.ipynb' is outside the repository" in r.stderr, r.stderr

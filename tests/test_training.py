@@ -21,6 +21,10 @@ def test_train_records_run_params_metrics_notebook(trained, in_project):
     assert tags["mlkit.dataset_version"].startswith("sha256:") and tags["mlkit.feature_spec"].startswith("sha256:")
     assert tags["mlkit.notebook"] == "nbs/train/penguins.ipynb" and tags["mlkit.runner"] == "papermill"
     assert len(tags["mlflow.source.git.commit"]) == 40
+    # who ran it (so a later command can tell when that process is gone), and the rows early stopping read
+    assert tags["mlkit.runner.pid"].isdigit() and tags["mlkit.runner.host"] and float(tags["mlkit.runner.started"]) > 0
+    assert tags["mlkit.fit.stopping_rows"] == "val"
+    assert json.loads(tags["mlkit.papermill_parameters"]) == {"epochs": 3, "hidden": [8], "batch_size": 64, "model_name": "penguins"}
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "notebook")}
     assert arts == {f"notebook/{trained['run_id']}.ipynb", f"notebook/{trained['run_id']}.html"}
     executed = json.loads((trained["state"] / "runs" / "penguins" / f"{trained['run_id']}.ipynb").read_text())
@@ -178,3 +182,48 @@ def test_early_stopping_reads_the_validation_rows_only(trained, in_project):
     assert abs(logged[epochs + 1] - min(val)) < 1e-5  # the final val_loss is the best epoch's: its weights were kept
     run = client.get_run(run_id).data.metrics
     assert abs(run["test_loss"] - train.evaluate(module, p.X_test, p.y_test)["loss"]) < 1e-5
+
+
+PII_EMAILS = [f"person{i}@example.org" for i in range(240)]
+
+
+def test_no_pii_value_reaches_what_a_run_logs(tmp_path, clean_environ):
+    """A contract's pii column as a feature (a keyed hash): none of its raw values is in the run's artifacts, the logged
+    model (its input example) or the bundle. The load-back check scored raw rows in a private folder, now gone."""
+    import os
+    from pathlib import Path
+
+    import polars as pl
+    import mlkit.config
+    from mlkit import models, pipeline, train
+    from mlkit.tracking import mlflow
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "customers.contract.yaml").write_text(
+        "name: customers\nlabel: churned\ncolumns:\n  email: {dtype: string, unique: true, pii: true, encode: hash}\n"
+        "  age: {dtype: int, min: 18, max: 99}\n  plan: {dtype: string, categories: [basic, pro]}\n"
+        "  churned: {dtype: string, categories: ['no', 'yes']}\n")
+    n = len(PII_EMAILS)
+    pl.DataFrame({"email": PII_EMAILS, "age": [18 + i % 70 for i in range(n)], "plan": ["basic", "pro"] * (n // 2),
+                  "churned": ["no", "no", "yes"] * (n // 3)}).write_csv(tmp_path / "customers.csv")
+    ini = write_project(tmp_path / "proj")
+    ini.write_text(ini.read_text().replace(f"train_dir = {REPO / 'nbs' / 'train'}", f"train_dir = {tmp_path / 'train'}"))
+    os.environ.clear()
+    os.environ.update({**project_env(ini), "MLKIT_FEATURE_KEY": "a-test-key-of-32-bytes-0123456789"})
+    settings = mlkit.config.configure()
+    p = pipeline.prepare("customers", tmp_path / "customers.csv", features=["email", "age", "plan"])
+    pipeline.track(p, {"epochs": 2})
+    config = models.model_config(models.TabularMLP, n_features=p.X_train.shape[1], n_classes=p.task.n_outputs, hidden=[4])
+    module = models.build_model(config)
+    history = train.fit(module, p.X_train, p.y_train, p.X_val, p.y_val, epochs=2, loss_fn=p.task.loss, device="cpu", progress=False)
+    done = pipeline.finish(p, module, config, history)
+    mlf = mlflow()
+    where = [Path(mlf.artifacts.download_artifacts(run_id=done.run_id, dst_path=str(tmp_path / "run"))),
+             Path(mlf.artifacts.download_artifacts(done.model_uri, dst_path=str(tmp_path / "model"))), done.bundle]
+    files = [f for w in where for f in w.rglob("*") if f.is_file()]
+    assert any(f.name == "input_example.json" for f in files) and any(f.name == "features.json" for f in files)
+    leaks = {str(f): e for f in files for e in PII_EMAILS if e.encode() in f.read_bytes()}
+    assert leaks == {}, leaks
+    example = json.loads(next(f for f in files if f.name == "input_example.json").read_text())
+    assert {r[example["columns"].index("email")] for r in example["data"]} == {"<pii>"}, example
+    assert not list(done.bundle.parent.glob("mlkit-loadback-*"))  # the raw rows' folder is gone
+    assert done.bundle.parent.parent == settings.state_dir / "tmp"
