@@ -5,45 +5,104 @@
 # %% ../nbs/77_bento.ipynb #ff53b6af
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from .config import Settings, configure, current_settings
-from .core import git_state, run_tool
+from .config import Settings, configure, current_settings, tool_env
+from .core import atomic_write, fault, git_state, running, tool_command
 from .models import bundle_sha256
 from .predictor import Predictor
 from .registry import fetched_bundle
 from .tracking import mlflow
 
 # %% auto #0
-__all__ = ['BENTO_MODEL_ENV', 'MODELS_FILE', 'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento',
-           'service_source', 'mlkit_wheel', 'build_bento', 'build', 'packed_champion', 'bentoml_models',
-           'bentoml_bentos']
+__all__ = ['COMPLETE_LABEL', 'FORMAT_LABEL', 'BENTO_FORMAT', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'BUILDS_DIR', 'bentoml_models',
+           'bentoml_bentos', 'bento_models', 'import_bundle', 'bento_contract', 'predictor_from_bento', 'sweep_builds',
+           'service_source', 'mlkit_wheel', 'build_bento', 'bento_labels', 'bento_refusal', 'build', 'packed_champion']
+
+# %% ../nbs/77_bento.ipynb #554bab09
+COMPLETE_LABEL = "mlkit_complete"  # put on a Bento once `build_bento` finished it: when (UTC)
+FORMAT_LABEL, BENTO_FORMAT = "mlkit_bento_format", 2  # 2: marked finished, bundle hashes recorded; no label: format 1
+
+def _yaml(path: Path) -> dict:
+    "A YAML file of a store; `{}` when it cannot be read (one an import or build killed mid-copy left cut short)."
+    import yaml
+    try: return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError): return {}
+
+def bentoml_models(home: Path | str) -> list[dict]:
+    "The models of a BentoML home: tag, the mlkit model name, version and bundle hash from its labels (None if unlabelled), creation time, folder."
+    out = []
+    for f in sorted(Path(home).glob("models/*/*/model.yaml")):
+        if not (y := _yaml(f)).get("name"): continue
+        labels = y.get("labels") or {}
+        out.append({"tag": f"{y['name']}:{y['version']}", "model": labels.get("mlkit_model"),
+                    "version": None if labels.get("mlkit_version") is None else str(labels["mlkit_version"]),
+                    "sha256": labels.get("mlkit_bundle_sha256"), "created": str(y.get("creation_time", "")), "path": str(f.parent)})
+    return out
+
+def bentoml_bentos(home: Path | str) -> list[dict]:
+    "The Bentos of a BentoML home: tag, the model tags it packs, the mlkit model it is for (None: not mlkit's), whether mlkit finished it, creation time, folder."
+    out = []
+    for f in sorted(Path(home).glob("bentos/*/*/bento.yaml")):
+        if not (y := _yaml(f)).get("name"): continue
+        labels = y.get("labels") or {}
+        packed = [m["tag"] for m in y.get("models") or []] + [m["tag"] for s in y.get("services") or [] for m in s.get("models") or []]
+        out.append({"tag": f"{y['name']}:{y['version']}", "models": sorted(set(packed)), "path": str(f.parent),
+                    "model": labels.get("mlkit_model") or (labels.get("model") if labels.get("project") == "mlkit" else None),
+                    "finished": bool(labels.get(COMPLETE_LABEL)), "created": str(y.get("creation_time", ""))})
+    return out
+
+def _remove_stored(store: Path, tag: str) -> None:
+    "Delete model or Bento `tag` from a store folder (`<home>/models`, `<home>/bentos`), and its `latest` if it pointed there."
+    name, version = tag.split(":")
+    shutil.rmtree(store / name / version, ignore_errors=True)
+    latest = store / name / "latest"
+    if latest.is_file() and latest.read_text().strip() == version: latest.unlink()  # BentoML finds the newest again
 
 # %% ../nbs/77_bento.ipynb #0a7c169d
-BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # development: the model tag `bentoml serve bentos/<name>` packs (else `<name>:latest`)
+BENTO_MODEL_ENV = "MLKIT_BENTO_MODEL"  # development: the model tag `bentoml serve bentos/<name>` packs (else the newest of mlkit's)
 MODELS_FILE = "mlkit-models.json"  # written into a Bento's build context by `build_bento`
 
-def bento_models(name: str, folder: Path | str | None = None) -> dict:
+def bento_models(name: str, folder: Path | str | None = None, home: Path | str | None = None) -> dict:
     "The BentoML model tags a service packs, `{'champion': tag, 'challenger': tag}` (challenger optional)."
     f = Path(folder) / MODELS_FILE if folder else None
     if f is not None and f.is_file(): return json.loads(f.read_text())
-    return {"champion": os.environ.get(BENTO_MODEL_ENV) or f"{name}:latest"}
+    if tag := os.environ.get(BENTO_MODEL_ENV): return {"champion": tag}
+    home = home or os.environ.get("BENTOML_HOME") or current_settings().bentoml_home
+    mine = [m for m in bentoml_models(home) if m["model"] == name and m["sha256"] and m["tag"].startswith(f"{name}:")]
+    return {"champion": max(mine, key=lambda m: m["created"])["tag"] if mine else f"{name}:latest"}  # none: BentoML says so
+
+def _stored_ok(bentoml, tag: str, sha: str, store: Path) -> bool:
+    "Whether the store holds model `tag` whole: its labels, metadata and bundle bytes all have hash `sha`."
+    try: m = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound: return False
+    except Exception: m = None  # no model.yaml, or one cut short: an import killed mid-copy
+    ok = m is not None and m.info.labels.get("mlkit_bundle_sha256") == sha == (m.info.metadata or {}).get("mlkit.bundle_sha256")
+    if ok and (Path(m.path) / "bundle").is_dir() and bundle_sha256(Path(m.path) / "bundle") == sha: return True
+    print(f"mlkit build: BentoML model {tag} is incomplete or differs from its bundle in the store: importing it again", file=sys.stderr)
+    _remove_stored(store, tag)
+    return False
 
 def import_bundle(bundle: Path | str, name: str, version: str | int, labels: dict | None = None,
                   settings: Settings | None = None) -> str:
-    "Copy a bundle into the BentoML model store as `<name>:v<version>-<hash8>` (reused if present); returns the tag."
-    configure(settings or current_settings())
+    "Copy a bundle into the BentoML model store as `<name>:v<version>-<hash8>` (reused if whole and unchanged); returns the tag."
+    s = configure(settings or current_settings())
     import bentoml
     sha = bundle_sha256(bundle)
     tag = f"{name}:v{version}-{sha.split(':')[1][:8]}"
-    try: return str(bentoml.models.get(tag).tag)
-    except bentoml.exceptions.NotFound: pass
+    if _stored_ok(bentoml, tag, sha, s.bentoml_home / "models"): return tag
     meta = {"mlkit.model": name, "mlkit.version": str(version), "mlkit.bundle_sha256": sha, **(labels or {})}
     with bentoml.models.create(tag, labels={k.replace("mlkit.", "mlkit_"): str(v) for k, v in meta.items()}, metadata=meta) as bm:
         shutil.copytree(bundle, Path(bm.path) / "bundle")
@@ -54,15 +113,102 @@ def bento_contract(tag: str) -> dict:
     import bentoml
     return json.loads((Path(bentoml.models.get(tag).path) / "bundle" / "contract.json").read_text())
 
-def predictor_from_bento(stored) -> Predictor:
-    "The Predictor for a stored BentoML model made by `import_bundle`, hash-checked: no recorded hash, or two that disagree, is refused."
+def predictor_from_bento(stored, expected: str | None = None) -> Predictor:
+    "The Predictor for a stored BentoML model made by `import_bundle`, hash-checked: no recorded hash, or two that disagree (label, metadata, tag, `expected`: the Bento's record), is refused."
     labels, meta = stored.info.labels, stored.info.metadata or {}
-    sha = labels.get("mlkit_bundle_sha256")
-    if not sha or meta.get("mlkit.bundle_sha256", sha) != sha or not str(stored.tag.version).endswith(sha.split(":")[-1][:8]):
-        raise ValueError(f"BentoML model {stored.tag}: its bundle hash is missing or its records disagree (label {sha}, "
-                         f"metadata {meta.get('mlkit.bundle_sha256')}, tag); refusing to serve it")
+    sha = labels.get("mlkit_bundle_sha256") or ""
+    if not sha or meta.get("mlkit.bundle_sha256", sha) != sha or not str(stored.tag.version).endswith(sha.split(":")[-1][:8]) \
+            or expected not in (None, sha):
+        raise ValueError(f"BentoML model {stored.tag}: its bundle hash is missing or its records disagree (label {sha or None}, "
+                         f"metadata {meta.get('mlkit.bundle_sha256')}, tag{', Bento ' + expected if expected else ''}); refusing to serve it")
     return Predictor.from_bundle(Path(stored.path) / "bundle", name=labels.get("mlkit_model", stored.tag.name),
                                  version=labels.get("mlkit_version", ""), expected_sha256=sha)
+
+# %% ../nbs/77_bento.ipynb #b0c1d2e4
+BUILDS_DIR = "mlkit-builds"  # in the BentoML home: each build's own folder (`<pid>-*`) and a lock per model
+
+# Runs argv[2:] in a process group of its own and kills that whole group (SIGKILL) when the process argv[1] dies,
+# SIGKILL included: Linux sends this supervisor SIGTERM then (PR_SET_PDEATHSIG = 1).
+_SUPERVISOR = """\
+import ctypes, os, signal, subprocess, sys
+def stop(*_): os.killpg(0, signal.SIGKILL)
+signal.signal(signal.SIGTERM, stop)
+if sys.platform.startswith("linux"): ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))
+if os.getppid() != int(sys.argv[1]): stop()
+rc = subprocess.Popen(sys.argv[2:]).wait()
+sys.exit(rc if rc >= 0 else 128 - rc)
+"""
+
+def _run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> str:
+    "Run `cmd` so that it and all it starts die with this process, however this one ends; returns its output, raises with its errors."
+    p = subprocess.Popen([sys.executable, "-c", _SUPERVISOR, str(os.getpid()), *map(str, cmd)], env=env, cwd=cwd, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try: out, err = p.communicate()
+    finally:
+        if p.poll() is None:  # interrupted (Ctrl-C): the group goes now
+            with contextlib.suppress(OSError): os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    if p.returncode: raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} failed (exit {p.returncode}):\n{(err or out)[-3000:]}")
+    return out
+
+@contextlib.contextmanager
+def _build_lock(name: str, settings: Settings):
+    "Hold `<bentoml home>/mlkit-builds/<name>.lock` (waiting, and saying so, while another build of `name` holds it)."
+    path = settings.bentoml_home / BUILDS_DIR / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:  # the kernel lets go of it when its holder dies, by SIGKILL too
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            print(f"mlkit build: waiting for another build of {name} ({f.read().strip() or 'holder unknown'})", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}"); f.flush()
+        yield path
+
+# %% ../nbs/77_bento.ipynb #b0c1d2e5
+_BUILDING, _active = threading.RLock(), []  # one build folder at a time in a process: it redirects `tempfile`
+
+def _alive(folder: Path) -> bool:
+    "Whether the build that made `folder` (`<prefix><pid>-*`) still runs: the PID and start time of its `owner.json`, else the PID in its name."
+    import psutil
+    try: owner = json.loads((folder / "owner.json").read_text())
+    except (OSError, ValueError): owner = {"pid": int(p) if (p := folder.name.rsplit("-", 1)[0].rsplit("-", 1)[-1]).isdigit() else 0}
+    try: return bool(owner.get("pid")) and running(p := psutil.Process(int(owner["pid"]))) and abs(p.create_time() - owner.get("started", p.create_time())) < 1
+    except (psutil.Error, TypeError, ValueError): return False
+
+def _own_folder(root: Path, prefix: str, owner: dict) -> Path:
+    "A new folder `<root>/<prefix><pid>-*` whose `owner.json` names this process."
+    root.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+    atomic_write(d / "owner.json", lambda p: p.write_text(json.dumps(owner)))
+    return d
+
+def sweep_builds(settings: Settings | None = None) -> list[str]:
+    "Remove the folders of killed builds (`<bentoml home>/mlkit-builds/*/`, `<temp>/mlkit-build-*/`) whose owner no longer runs; returns them."
+    roots = [((settings or current_settings()).bentoml_home / BUILDS_DIR, "*"), (Path(tempfile.gettempdir()), "mlkit-build-*")]
+    gone = [d for root, pattern in roots for d in sorted(root.glob(pattern)) if d.is_dir() and not _alive(d)]
+    for d in gone: shutil.rmtree(d, ignore_errors=True)
+    return [str(d) for d in gone]
+
+@contextlib.contextmanager
+def _workspace(settings: Settings):
+    "This build's folders (killed builds' removed first): `<bentoml home>/mlkit-builds/<pid>-*/` (yielded) and `<temp>/mlkit-build-<pid>-*/`, where its temp files go."
+    with _BUILDING:
+        if _active:  # `build` made them; `build_bento` works in them
+            yield _active[-1]
+            return
+        import psutil
+        sweep_builds(settings)
+        owner = {"format": 1, "pid": os.getpid(), "started": psutil.Process().create_time(), "command": sys.argv[:6]}
+        ws = _own_folder(settings.bentoml_home / BUILDS_DIR, "", owner)  # its BentoML store: one rename from the project's
+        tmp = _own_folder(Path(tempfile.gettempdir()), "mlkit-build-", owner)  # BentoML refuses a build context in `.mlkit/`
+        saved, tempfile.tempdir = tempfile.tempdir, str(tmp)
+        _active.append(ws)
+        try: yield ws
+        finally:
+            tempfile.tempdir = saved
+            _active.pop()
+            shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(ws, ignore_errors=True)
 
 # %% ../nbs/77_bento.ipynb #cc2744ab
 def _project_root() -> Path | None:
@@ -128,22 +274,23 @@ def mlkit_wheel(dst: Path, settings: Settings) -> Path:
         dst.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copy(w, dst / w.name))
     if (root := _project_root()) is not None:
-        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dst), str(root)],
-                           capture_output=True, text=True)
-        if r.returncode: raise RuntimeError(f"building the mlkit wheel for the Bento failed:\n{r.stderr[-2000:]}")
+        try: _run_child([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dst, root],
+                        {**os.environ, "TMPDIR": tempfile.gettempdir()})  # pip's build folders: the build's own temp folder
+        except RuntimeError as e: raise RuntimeError(f"building the mlkit wheel for the Bento failed: {e}") from None
         return next(dst.glob("mlkit-*.whl"))
     return _installed_wheel(dst)
 
 # %% ../nbs/77_bento.ipynb #4d3c2da8
 def build_bento(name: str, models: dict | str, settings: Settings | None = None, labels: dict | None = None,
                 packages: list[str] | None = None) -> str:
-    "Run `bentoml build` for `bentos/<name>/` (or the generic service) packing `models` (`{'champion': tag, 'challenger': tag}`); returns the Bento tag."
+    "Run `bentoml build` for `bentos/<name>/` (or the generic service) packing `models` (`{'champion': tag, 'challenger': tag}`), staged, then stored finished; returns its tag."
     import yaml
     settings = settings or current_settings()
     models = {"champion": models} if isinstance(models, str) else dict(models)
     src = settings.project.bentos_dir / name
-    with tempfile.TemporaryDirectory(prefix=f"mlkit-bento-{name}-") as tmp:
-        ctx = Path(tmp) / name
+    hashes = {m["tag"]: m["sha256"] for m in bentoml_models(settings.bentoml_home)}
+    with _workspace(settings) as ws:
+        ctx = Path(tempfile.mkdtemp(prefix=f"mlkit-bento-{name}-")) / name  # in the build's folder
         if src.is_dir(): shutil.copytree(src, ctx, ignore=shutil.ignore_patterns("__pycache__", MODELS_FILE))
         else: ctx.mkdir()
         if not (ctx / "service.py").is_file(): (ctx / "service.py").write_text(service_source(name))
@@ -158,26 +305,59 @@ def build_bento(name: str, models: dict | str, settings: Settings | None = None,
         py["wheels"] = [*py.get("wheels", []), f"wheels/{wheel.name}"]
         cfg["labels"] = {"project": "mlkit", "model": name, **cfg.get("labels", {}), "mlkit_version": _mlkit_version(),
                          "mlkit_commit": _mlkit_commit() or "unknown", **{f"{role}_model": tag.replace(":", "_") for role, tag in models.items()},
-                         **(labels or {})}
+                         **(labels or {}), **{f"{role}_sha256": hashes.get(tag) or "" for role, tag in models.items()},
+                         "mlkit_model": name, FORMAT_LABEL: str(BENTO_FORMAT)}
         (ctx / "bentofile.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        out = run_tool("bentoml", ["build", str(ctx), "--output", "tag"], settings, cwd=ctx)
-    return _built_tag(out, name, settings or current_settings())
+        home = Path(tempfile.mkdtemp(prefix="store-", dir=ws))  # the build's own BentoML home; its models are the project's
+        (settings.bentoml_home / "models").mkdir(parents=True, exist_ok=True)
+        (home / "models").symlink_to(settings.bentoml_home / "models", target_is_directory=True)
+        env = {**os.environ, **tool_env(settings), "BENTOML_HOME": str(home), "TMPDIR": tempfile.gettempdir()}
+        out = _run_child([*tool_command("bentoml"), "build", ctx, "--output", "tag"], env, ctx)
+        staged, tag = _staged_bento(home, src, out)
+        fault("build")  # the Bento written, not yet marked finished nor in the project's store
+        _finish(staged, tag, settings)
+    return tag
 
 # %% ../nbs/77_bento.ipynb #109d6721
-def _built_tag(out: str, name: str, settings: Settings) -> str:
-    "The tag of the Bento `bentoml build --output tag` printed `out` for, checked to be the service of model `name`."
-    import re
-    printed = [ln.split("__tag__", 1)[1].strip() for ln in out.splitlines() if "__tag__" in ln]
-    version = (re.search(r"([a-z0-9]+)$", printed[-1]) or [None, ""])[1] if printed else ""
-    found = sorted(settings.bentoml_home.glob(f"bentos/*/{version}/bento.yaml")) if version else []
-    if len(found) != 1: raise RuntimeError(f"bentoml build printed no tag found in the store ({printed[-1:] or 'none'}):\n{out[-2000:]}")
-    tag = f"{found[0].parent.parent.name}:{version}"
-    if not tag.startswith(f"{name}:"):
-        try: run_tool("bentoml", ["delete", tag, "-y"], settings)
-        except Exception: pass  # the error below is the one to see; `mlkit gc` removes what is left
-        raise ValueError(f"{settings.project.bentos_dir / name}: its service is named {tag.split(':')[0]!r}, not {name!r} "
+def _staged_bento(home: Path, src: Path, out: str = "") -> tuple[Path, str]:
+    "The one Bento in a build's own store (`home`) and its tag, checked to be the service of the model of `bentos/<name>/` (`src`)."
+    found = sorted(home.glob("bentos/*/*/bento.yaml"))
+    if len(found) != 1: raise RuntimeError(f"bentoml build left {len(found)} Bentos in its store, not one:\n{out[-2000:]}")
+    tag = f"{found[0].parent.parent.name}:{found[0].parent.name}"
+    if not tag.startswith(f"{src.name}:"):
+        raise ValueError(f"{src}: its service is named {tag.split(':')[0]!r}, not {src.name!r} "
                          f"(rename it in service.py's @bentoml.service(name=...) and the bentofile's labels); nothing was built")
-    return tag
+    return found[0].parent, tag
+
+def _finish(staged: Path, tag: str, settings: Settings) -> None:
+    "Mark a staged Bento finished (`mlkit_complete`), then move it into the project's store, where it is BentoML's `latest`."
+    import yaml
+    info = _yaml(staged / "bento.yaml")
+    info["labels"] = {**(info.get("labels") or {}), COMPLETE_LABEL: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write(staged / "bento.yaml", lambda p: p.write_text(yaml.safe_dump(info, sort_keys=False, allow_unicode=True)))
+    name, version = tag.split(":")
+    dst = settings.bentoml_home / "bentos" / name / version
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try: os.rename(staged, dst)  # one step: the store never holds a Bento of mlkit's half-written or unmarked
+    except OSError as e: raise RuntimeError(f"the finished Bento {tag} could not be moved into {dst.parent}: {e}") from None
+    atomic_write(dst.parent / "latest", lambda p: p.write_text(version))
+
+# %% ../nbs/77_bento.ipynb #c3d4e5f7
+def bento_labels(tag: str, settings: Settings | None = None) -> dict | None:
+    "The labels of the stored Bento `tag` (`NAME:VERSION`); None when the store holds no such Bento."
+    if not re.fullmatch(r"[\w.-]+:[\w.-]+", tag or ""): return None
+    f = (settings or current_settings()).bentoml_home / "bentos" / tag.replace(":", "/") / "bento.yaml"
+    return (_yaml(f).get("labels") or {}) if f.is_file() else None
+
+def bento_refusal(labels: dict | None, name: str, recorded: bool = False) -> str | None:
+    "Why a Bento with `labels` (None: not stored) is not one `mlkit build` finished for model `name`, or None; `recorded` (a version records it) vouches for format 1."
+    if labels is None: return "it is not in the BentoML store"
+    if FORMAT_LABEL in labels:
+        if labels.get("mlkit_model") != name: return f"it was built for model {labels.get('mlkit_model')!r}"
+        return None if labels.get(COMPLETE_LABEL) else f"it has no {COMPLETE_LABEL} label: a build that never finished"
+    if labels.get("project") != "mlkit" or not labels.get("model"): return "it has no mlkit labels: mlkit build did not make it"
+    if labels["model"] != name: return f"it was built for model {labels['model']!r}"
+    return None if recorded else "it was built before mlkit marked finished builds, and no registered version records it"
 
 # %% ../nbs/77_bento.ipynb #e47a41f1
 def build(name: str, alias: str | None = "champion", version: str | None = None, with_challenger: bool = False,
@@ -186,46 +366,23 @@ def build(name: str, alias: str | None = "champion", version: str | None = None,
     s = configure(settings or current_settings())
     picks = [("champion", None if version else alias, version)] + ([("challenger", "challenger", None)] if with_challenger else [])
     models, versions, requires = {}, [], []
-    for role, a, v in picks:
-        with fetched_bundle(name, alias=a, version=v) as (bundle, mv):
-            requires += json.loads((bundle / "model.json").read_text()).get("requires", [])  # model packages installed from an index
-            labels = {"mlkit.run_id": mv.run_id, "mlkit.dataset_version": mv.tags.get("mlkit.dataset_version", ""),
-                      "mlkit.git_commit": mv.tags.get("mlflow.source.git.commit", "")}
-            models[role] = import_bundle(bundle, name, mv.version, labels=labels, settings=s)
-            versions.append(mv.version)
-    if with_challenger and versions[0] == versions[1]:
-        raise ValueError(f"model {name!r}: the challenger is version {versions[1]}, the version being built as champion")
-    bento = build_bento(name, models, settings=s, packages=sorted(set(requires)))
+    with _build_lock(name, s), _workspace(s):
+        for role, a, v in picks:
+            with fetched_bundle(name, alias=a, version=v) as (bundle, mv):  # a temp folder in the build's own
+                requires += json.loads((bundle / "model.json").read_text()).get("requires", [])  # model packages installed from an index
+                labels = {"mlkit.run_id": mv.run_id, "mlkit.dataset_version": mv.tags.get("mlkit.dataset_version", ""),
+                          "mlkit.git_commit": mv.tags.get("mlflow.source.git.commit", "")}
+                models[role] = import_bundle(bundle, name, mv.version, labels=labels, settings=s)
+                versions.append(mv.version)
+        if with_challenger and versions[0] == versions[1]:
+            raise ValueError(f"model {name!r}: the challenger is version {versions[1]}, the version being built as champion")
+        bento = build_bento(name, models, settings=s, packages=sorted(set(requires)))
     client = mlflow(s).MlflowClient()
     for v in versions: client.set_model_version_tag(name, v, "mlkit.bento", bento)
     return bento
 
 def packed_champion(bento: str, settings: Settings | None = None) -> str | None:
-    "`NAME_vVERSION` of the model a stored Bento packs as champion (None when the Bento is not in the store)."
-    f = (settings or current_settings()).bentoml_home / "bentos" / bento.replace(":", "/") / "bento.yaml"
-    if not f.is_file(): return None
-    return (_yaml(f).get("labels") or {}).get("champion_model", "").rsplit("-", 1)[0]
-
-# %% ../nbs/77_bento.ipynb #554bab09
-def _yaml(path: Path) -> dict:
-    import yaml
-    return yaml.safe_load(path.read_text()) or {}
-
-def bentoml_models(home: Path | str) -> list[dict]:
-    "The models of a BentoML home: tag, the mlkit model name and version from its labels (None if unlabelled), folder."
-    out = []
-    for f in sorted(Path(home).glob("models/*/*/model.yaml")):
-        y = _yaml(f)
-        labels = y.get("labels") or {}
-        out.append({"tag": f"{y['name']}:{y['version']}", "model": labels.get("mlkit_model"),
-                    "version": None if labels.get("mlkit_version") is None else str(labels["mlkit_version"]), "path": str(f.parent)})
-    return out
-
-def bentoml_bentos(home: Path | str) -> list[dict]:
-    "The Bentos of a BentoML home: tag, the model tags it packs, folder."
-    out = []
-    for f in sorted(Path(home).glob("bentos/*/*/bento.yaml")):
-        y = _yaml(f)
-        packed = [m["tag"] for m in y.get("models") or []] + [m["tag"] for s in y.get("services") or [] for m in s.get("models") or []]
-        out.append({"tag": f"{y['name']}:{y['version']}", "models": sorted(set(packed)), "path": str(f.parent)})
-    return out
+    "`NAME_vVERSION` of the model a stored Bento packs as champion; None unless stored as a build mlkit finished (format 1 counts: callers take it from a version's record)."
+    labels = bento_labels(bento, settings)
+    if labels is None or bento_refusal(labels, labels.get("mlkit_model") or labels.get("model") or "", recorded=True): return None
+    return labels.get("champion_model", "").rsplit("-", 1)[0] or None

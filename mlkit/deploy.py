@@ -20,17 +20,18 @@ import uuid
 from pathlib import Path
 
 from ._compat import PROMETHEUS_DIR_ENV
-from .bento import build, packed_champion
+from .bento import FORMAT_LABEL, bentoml_bentos, bento_labels, bento_refusal, build, packed_champion
 from .config import Settings, current_settings, tool_env
 from .core import Unavailable, atomic_write, check_port, descendants, run_foreground, running, stop_tree
 from .guard import INSTANCE_ENV, check_host
 from .ledger import record
 from .registry import get_version
+from .tracking import mlflow
 
 # %% auto #0
-__all__ = ['RECORD_FORMAT', 'MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'bento_of', 'serve',
-           'deployment_file', 'deployments', 'service_process', 'current_deployment', 'deployment_lock', 'deploy',
-           'undeploy', 'deploy_champion']
+__all__ = ['RECORD_FORMAT', 'MIGRATE_REQ', 'free_port', 'start_service', 'wait_ready', 'stop_service', 'check_bento', 'bento_of',
+           'serve', 'deployment_file', 'deployments', 'service_process', 'current_deployment', 'deployment_lock',
+           'deploy', 'undeploy', 'deploy_champion']
 
 # %% ../nbs/79_deploy.ipynb #ec3b9961
 def free_port(host: str = "127.0.0.1") -> int:
@@ -93,12 +94,29 @@ def stop_service(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     return proc.wait()
 
 # %% ../nbs/79_deploy.ipynb #23b13926
+def _recorded(tag: str, name: str, settings: Settings) -> bool:
+    "Whether a registered version of `name` records Bento `tag` as its build (`mlkit.bento`)."
+    try: versions = mlflow(settings).MlflowClient().search_model_versions(f"name='{name}'")
+    except Exception: return False  # no such model
+    return any(mv.tags.get("mlkit.bento") == tag for mv in versions)
+
+def check_bento(tag: str, name: str, settings: Settings | None = None) -> str:
+    "The stored Bento `tag` if `mlkit build` finished it for model `name` (`NAME`, `NAME:latest`: the newest such), else a one-line `ValueError` naming it."
+    s = settings or current_settings()
+    if ":" not in tag or tag.endswith(":latest"):  # the newest Bento mlkit finished for that name, whatever BentoML's `latest` is
+        done = [b for b in bentoml_bentos(s.bentoml_home) if b["finished"] and b["model"] == b["tag"].split(":")[0] == tag.split(":")[0]]
+        tag = max(done, key=lambda b: b["created"])["tag"] if done else tag
+    labels = bento_labels(tag, s)
+    if why := bento_refusal(labels, name, recorded=labels is not None and FORMAT_LABEL not in labels and _recorded(tag, name, s)):
+        raise ValueError(f"Bento {tag} is not one mlkit build finished for {name!r}: {why} (`mlkit build {name}` makes one)")
+    return tag
+
 def bento_of(name: str, alias: str | None = "champion", version: str | None = None, settings: Settings | None = None):
-    "The Bento of a registered version and the version: the one recorded on it, if still in the store and packing it as champion, else a new build."
+    "The Bento of a registered version and the version: the one recorded on it, if stored as a build mlkit finished packing it as champion, else a new build."
     s = settings or current_settings()
     mv = get_version(name, alias=None if version else alias, version=version)
     bento = mv.tags.get("mlkit.bento")
-    if not bento or packed_champion(bento, s) != f"{name}_v{mv.version}":
+    if not bento or bento_refusal(bento_labels(bento, s), name, recorded=True) or packed_champion(bento, s) != f"{name}_v{mv.version}":
         bento = build(name, version=mv.version, settings=s)  # none yet, gone from the store, or one that packs this version as challenger
     return bento, mv
 
@@ -109,7 +127,7 @@ def serve(name: str, alias: str = "champion", bento: str | None = None, host: st
     host, port = host or s.serve.host, port or s.serve.port
     check_host(host, insecure)
     check_port(host, port)
-    target = bento or bento_of(name, alias, settings=s)[0]
+    target = check_bento(bento, name, s) if bento else bento_of(name, alias, settings=s)[0]  # a named one: mlkit's, for `name`
     say(f"serving {target} on http://{host}:{port} (Ctrl-C or SIGTERM stops it)")
     return run_foreground(lambda: start_service(target, host=host, port=port, settings=s, quiet=False), grace, say)
 
@@ -209,9 +227,10 @@ def _migrate_requests() -> bool:
 # %% ../nbs/79_deploy.ipynb #1821f0ac
 def deploy(name: str, bento: str, version: str = "", settings: Settings | None = None, host: str | None = None,
            port: int | None = None, say=_warn) -> dict:
-    "Serve `bento` on `host:port`, taking over from the service `deploy` started before; returns the deployment record."
+    "Serve `bento` (a build mlkit finished for `name`) on `host:port`, taking over from the service `deploy` started before; returns the deployment record."
     settings = settings or current_settings()
     host, port = host or settings.serve.host, port or settings.serve.port
+    bento = check_bento(bento, name, settings)  # one line naming it when it is not
     with deployment_lock(name, settings):
         old = current_deployment(name, settings, say)
         if old and (old["host"], old["port"]) != (host, port):

@@ -223,15 +223,17 @@ def bundle_sha256(path: Path | str) -> str:
 
 def load_bundle(
     path: Path | str,  # bundle folder
-    expected_sha256: str | None = None,  # refuse the bundle unless its hash matches
+    expected_sha256: str | None = None,  # the hash on record: refused unless it matches (an empty one too); None: no check
     device: str = "cpu",  # where to put the weights
 ) -> Bundle:
     "Load a bundle: build the module from `model.json`, load safetensors weights (no pickle), read the JSON parts."
     path = Path(path)
     if not (path / WEIGHTS_FILE).is_file() or not (path / "model.json").is_file():
         raise FileNotFoundError(f"{path}: not a model bundle (needs {WEIGHTS_FILE} and model.json)")
-    if expected_sha256 and (actual := bundle_sha256(path)) != expected_sha256:
-        raise ValueError(f"{path}: bundle hash {actual} does not match the expected {expected_sha256}")
+    if expected_sha256 is not None:  # fails closed: a missing record is no reason to skip the check
+        if not str(expected_sha256).strip(): raise ValueError(f"{path}: no bundle hash was recorded for it; refusing to load a bundle nothing vouches for")
+        if (actual := bundle_sha256(path)) != expected_sha256:
+            raise ValueError(f"{path}: bundle hash {actual} does not match the expected {expected_sha256}")
     parts = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in path.glob("*.json")}
     module = build_model(parts["model"], code=path / CODE_DIR)
     try: state = load_file(path / WEIGHTS_FILE, device=device)  # safetensors: tensors only, nothing executed

@@ -53,7 +53,7 @@ class Predictor:
     @classmethod
     def from_bundle(cls, path: Path | str, name: str = "", version: str = "", expected_sha256: str | None = None,
                     device: str = "cpu") -> Predictor:
-        "A predictor for the bundle at `path` (hash-checked when `expected_sha256` is given), its model on `device`."
+        "A predictor for the bundle at `path`, its model on `device`; `expected_sha256`: the hash on record, checked (an empty record is refused; None: no check)."
         return cls(load_bundle(path, expected_sha256=expected_sha256, device=device), name, version)
 
     def scores(self, X) -> np.ndarray:

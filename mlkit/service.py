@@ -13,13 +13,14 @@ import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import guard
 from ._compat import cork_dispatcher, lean_tracing, server_limits, share_port
-from .bento import bento_contract, bento_models, predictor_from_bento
+from .bento import FORMAT_LABEL, bento_contract, bento_models, bento_refusal, predictor_from_bento
 from .config import Settings, SettingsError, current_settings
 from .contracts import task_of
 from .guard import OPEN_PATHS, ServiceGuard, api_key_hashes, request_id
@@ -31,7 +32,7 @@ from .telemetry import JSONFormatter, observe_many, prometheus_metrics, request_
 
 # %% auto #0
 __all__ = ['OFFLOAD_VALUES', 'service_config', 'serve_device', 'row_values', 'place', 'Overloaded', 'ModelServer', 'model_server',
-           'start_models', 'guard_service', 'bento_service']
+           'start_models', 'guard_service', 'bento_record', 'served_hashes', 'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def service_config(settings: Settings | None = None) -> dict:
@@ -258,19 +259,19 @@ async def _shadow(self: ModelServer, rows: list, champion_out: np.ndarray, champ
 ModelServer._answer, ModelServer.answer, ModelServer.handle, ModelServer._shadow = _answer, _answer_request, _handle_route, _shadow
 
 # %% ../nbs/78_service.ipynb #00be2111
-def model_server(service, settings: Settings | None = None) -> ModelServer:
-    "The ModelServer of a BentoML service instance whose class declares `champion` (and maybe `challenger`) BentoModels."
+def model_server(service, settings: Settings | None = None, record: dict | None = None) -> ModelServer:
+    "The ModelServer of a BentoML service instance whose class declares `champion` (and maybe `challenger`) BentoModels; `record`: its Bento's labels."
     import gc
-    challenger = getattr(service, "challenger", None)
-    server = ModelServer(predictor_from_bento(service.champion),
-                         predictor_from_bento(challenger) if challenger is not None else None, settings)
+    challenger, want = getattr(service, "challenger", None), served_hashes(record)
+    server = ModelServer(predictor_from_bento(service.champion, want.get("champion")),
+                         predictor_from_bento(challenger, want.get("challenger")) if challenger is not None else None, settings)
     gc.collect(); gc.freeze()  # the loaded frameworks' objects leave the GC's generations: no long pauses under load
     guard.set_server(server)  # the worker's server: `ServiceGuard` answers `/predict` with it directly
     return server
 
-def start_models(service, settings: Settings | None = None) -> ModelServer | None:
+def start_models(service, settings: Settings | None = None, record: dict | None = None) -> ModelServer | None:
     "`model_server`, or None when the models cannot start: then the reason is logged once and the guard answers 503 with it."
-    try: return model_server(service, settings)
+    try: return model_server(service, settings, record)
     except Exception as e:
         reason = clip(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", 500)  # the first line, bounded
         guard.set_not_started(reason)
@@ -308,6 +309,20 @@ def guard_service(service, settings: Settings | None = None, models: dict | None
     # the service's `/predict` is answered by the guard once `model_server` has run (`mlkit.guard.set_server`)
     return service
 
+# %% ../nbs/78_service.ipynb #c3d4e5f9
+def bento_record(folder) -> dict | None:
+    "The labels of the Bento whose `src/` is `folder` (a service run from a Bento); None in development (a service folder)."
+    import yaml
+    f = Path(folder).parent / "bento.yaml" if folder else None
+    return ((yaml.safe_load(f.read_text()) or {}).get("labels") or {}) if f is not None and f.is_file() else None
+
+def served_hashes(record: dict | None) -> dict:
+    """The bundle hash each model of a service must have, `{'champion': sha, 'challenger': sha}` ('' when the Bento
+    recorded none), from `bento_record`; `{}` in development and for a format-1 Bento. A Bento never finished is refused."""
+    if record is None or FORMAT_LABEL not in record: return {}
+    if why := bento_refusal(record, record.get("mlkit_model", ""), recorded=True): raise ValueError(f"this Bento is not one mlkit build finished: {why}")
+    return {role: record.get(f"{role}_sha256", "") for role in ("champion", "challenger")}
+
 # %% ../nbs/78_service.ipynb #5e7c1ce2
 _ANSWERS = {"classification": "one label and the class probabilities per row",
             "regression": "one value per row (a value per target when there are several), in the target's units"}
@@ -325,16 +340,16 @@ def bento_service(
 ):
     "The BentoML service of model `name`, for a `service.py` of one line: `svc = bento_service(\"NAME\")`."
     import inspect
-    from pathlib import Path
     from typing import Any
     import bentoml
     caller = inspect.currentframe().f_back.f_globals  # service.py's globals: its folder holds mlkit-models.json
-    models = bento_models(name, Path(caller["__file__"]).parent if caller.get("__file__") else None)
+    folder = Path(caller["__file__"]).parent if caller.get("__file__") else None
+    models, record = bento_models(name, folder), bento_record(folder)
     try: task = task_of(bento_contract(models["champion"]))
     except Exception: task = None  # not in the store yet: BentoModel below says so
     doc = doc or (f"Score raw {name} records: {_ANSWERS.get(task, 'one answer per row')}, and the model version that answered. "
                   "A row the contract rejects is a 422 naming the row and field; an overloaded server a 503 to retry.")
-    def __init__(self): self.server = start_models(self, settings)  # hash-checked: a corrupt bundle never serves (503 not_started)
+    def __init__(self): self.server = start_models(self, settings, record)  # hash-checked: a corrupt bundle never serves (503 not_started)
     async def predict(self, rows, ctx): return await self.server.handle(rows, ctx)  # a finished JSON response
     async def close(self):  # shadow scoring in flight, then the queued prediction-log rows
         if self.server is not None: await self.server.aclose()

@@ -125,8 +125,23 @@ def test_a_stored_model_without_a_consistent_hash_never_serves(bundle, tmp_path)
                                               info=NS(labels=labels, metadata=meta))
     good = {"mlkit_model": "m", "mlkit_version": "1", "mlkit_bundle_sha256": sha}
     assert predictor_from_bento(stored(good, {"mlkit.bundle_sha256": sha}, f"v1-{sha[7:15]}")).version == "1"
+    assert predictor_from_bento(stored(good, {}, f"v1-{sha[7:15]}"), expected=sha).version == "1"  # as its Bento recorded
     for labels, meta, version in [({k: v for k, v in good.items() if k != "mlkit_bundle_sha256"}, {}, f"v1-{sha[7:15]}"),
+                                  ({**good, "mlkit_bundle_sha256": ""}, {}, f"v1-{sha[7:15]}"),
                                   (good, {"mlkit.bundle_sha256": "sha256:00"}, f"v1-{sha[7:15]}"), (good, {}, "v1-00000000")]:
         with pytest.raises(ValueError, match="its bundle hash is missing or its records disagree"): predictor_from_bento(stored(labels, meta, version))
+    for expected in ("", "sha256:" + "0" * 64):  # the Bento recorded none (a Bento of format 2 always does), or another
+        with pytest.raises(ValueError, match="its bundle hash is missing or its records disagree"):
+            predictor_from_bento(stored(good, {}, f"v1-{sha[7:15]}"), expected=expected)
     (tmp_path / "m" / "bundle" / "metrics.json").write_text("{}")  # the records agree, the bundle does not
     with pytest.raises(ValueError, match="does not match the expected"): predictor_from_bento(stored(good, {}, f"v1-{sha[7:15]}"))
+
+
+def test_a_hash_on_record_is_checked_even_when_empty(bundle, tmp_path):
+    "`expected_sha256` fails closed: an empty record (nothing was recorded) is refused, never taken as no check; None alone skips it."
+    sha = bundle_sha256(bundle["path"])
+    assert Predictor.from_bundle(bundle["path"], expected_sha256=sha).kind == "classification"
+    assert Predictor.from_bundle(bundle["path"], expected_sha256=None).kind == "classification"  # the caller vouches for it
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="no bundle hash was recorded for it"): load_bundle(bundle["path"], expected_sha256=empty)
+        with pytest.raises(ValueError, match="no bundle hash was recorded for it"): Predictor.from_bundle(bundle["path"], expected_sha256=empty)

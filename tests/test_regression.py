@@ -279,7 +279,7 @@ def test_mlkit_serve_prints_where_and_stops_on_sigterm(served, project):
     assert re.fullmatch(rf"serving penguins:[a-z0-9]+ on {url} \(Ctrl-C or SIGTERM stops it\)", first), first
     with pytest.raises(OSError): urllib.request.urlopen(url + "/readyz", timeout=5)  # nothing serves on after mlkit
     r = mlkit("serve", "diabetes", "--port", str(port), "--bento", "nope:nothing", env=project["env"], timeout=120)
-    assert r.returncode != 0 and r.stdout.startswith("serving nope:nothing")
+    assert r.returncode == 2 and r.stdout == "" and "Bento nope:nothing is not one mlkit build finished for 'diabetes': it is not in the BentoML store" in r.stderr
 
 
 def test_a_copied_notebook_trains_under_its_own_name(tmp_path):

@@ -1,13 +1,15 @@
 """What a served model's worker answers when it cannot start, and when a client sends what no parser or log should
-take whole: a worker whose bundle fails its hash check answers `/readyz` and `/predict` 503 with the reason (never
-hangs, never restarts in a loop); JSON nested too deeply is a 400 before it is parsed; and no error body or log line
-echoes more than a bounded piece of what the client sent."""
+take whole: a worker whose bundle fails its hash check, or has no hash recorded, answers `/readyz` and `/predict` 503
+with the reason (never hangs, never restarts in a loop); JSON nested too deeply is a 400 before it is parsed; and no
+error body or log line echoes more than a bounded piece of what the client sent."""
+import contextlib
 import http.client
 import json
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO, bento_served, champion_bento, corrupt_model
@@ -29,12 +31,11 @@ def _call(url: str, path: str, body: bytes | None = None, headers: dict | None =
     except ValueError: return status, raw
 
 
-@pytest.fixture(scope="module")
-def corrupt(trained, tmp_path_factory):
-    "`bentoml serve` of the penguins service whose bundle's bytes no longer match the hash recorded at registration."
+@contextlib.contextmanager
+def _dev_served(env: dict, tag: str, log):
+    "`bentoml serve` of the penguins service folder packing BentoML model `tag` (`MLKIT_BENTO_MODEL`), up once /livez answers."
     from mlkit.deploy import free_port, stop_service
-    env, tag = corrupt_model(trained, "78")
-    port, log = free_port(), tmp_path_factory.mktemp("corrupt") / "serve.log"
+    port = free_port()
     proc = subprocess.Popen([str(BIN / "bentoml"), "serve", "service:svc", "--host", "127.0.0.1", "--port", str(port)],
                             env={**env, "MLKIT_BENTO_MODEL": tag}, cwd=REPO / "bentos" / "penguins",
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -45,9 +46,17 @@ def corrupt(trained, tmp_path_factory):
             try:
                 if _call(url, "/livez", timeout=2)[0] == 200: break
             except OSError: time.sleep(0.25)
-        yield {"url": url, "proc": proc, "log": log}
+        yield url, proc
     finally:
         stop_service(proc)
+
+
+@pytest.fixture(scope="module")
+def corrupt(trained, tmp_path_factory):
+    "`bentoml serve` of the penguins service whose bundle's bytes no longer match the hash recorded at registration."
+    env, tag = corrupt_model(trained, "78")
+    log = tmp_path_factory.mktemp("corrupt") / "serve.log"
+    with _dev_served(env, tag, log) as (url, proc): yield {"url": url, "proc": proc, "log": log}
 
 
 def test_a_worker_that_cannot_start_says_why(corrupt):
@@ -74,6 +83,24 @@ def test_wait_ready_stops_at_once_with_the_reason(corrupt):
     with pytest.raises(urllib.error.HTTPError) as e: urllib.request.urlopen(req, timeout=5)
     assert e.value.code == 503 and e.value.headers["content-type"] == "application/json"
     assert json.loads(e.value.read())["error"] == "not_started"
+
+
+def test_a_model_with_no_recorded_hash_is_refused(trained, tmp_path):
+    """The bundle hash label removed from a stored model's `model.yaml` (its bytes untouched): the check fails closed,
+    never skipped: /readyz and /predict answer 503 `not_started` saying the hash is missing, nothing is scored."""
+    from mlkit.config import load_settings, tool_env
+    env = {**trained["env"], **tool_env(load_settings(trained["ini"], env={}))}
+    code = ("import bentoml, pathlib\nfrom mlkit.registry import download_bundle\nfrom mlkit.bento import import_bundle\n"
+            "p, _ = download_bundle('penguins', version='1')\ntag = import_bundle(p, 'penguins', '77')\n"
+            "f = pathlib.Path(bentoml.models.get(tag).path) / 'model.yaml'\n"
+            "f.write_text(''.join(ln for ln in f.read_text().splitlines(True) if not ln.startswith('  mlkit_bundle_sha256:')))\nprint(tag)\n")
+    tag = subprocess.run([str(BIN / "python"), "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert "mlkit_bundle_sha256" not in (Path(env["BENTOML_HOME"]) / "models" / tag.replace(":", "/") / "model.yaml").read_text().split("metadata:")[0]
+    with _dev_served(env, tag, tmp_path / "serve.log") as (url, _):
+        status, ready = _call(url, "/readyz")
+        assert (status, ready["error"]) == (503, "not_started"), (status, ready)
+        assert f"BentoML model {tag}: its bundle hash is missing" in ready["detail"], ready
+        assert _call(url, "/predict", json.dumps({"rows": [ROW]}).encode()) == (503, ready)
 
 
 @pytest.fixture(scope="module")
