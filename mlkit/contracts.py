@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -18,12 +18,14 @@ from .data import ENGINE, SYNTHETIC_PLANS, SYNTHETIC_REGIONS, DataError, read_da
 from .tensors import FIELD_KEYS, TENSOR_DTYPES, FieldSpec, InvalidInput
 
 # %% auto #0
-__all__ = ['DTYPES', 'TASKS', 'targets_of', 'classes_of', 'task_of', 'Contract', 'draft_image', 'infer_contract',
-           'synthetic_contract', 'Check', 'ValidationReport', 'validate', 'read_as', 'check_file', 'encode_labels']
+__all__ = ['DTYPES', 'HASH_BUCKETS_MAX', 'TASKS', 'targets_of', 'classes_of', 'task_of', 'Contract', 'draft_image',
+           'infer_contract', 'synthetic_contract', 'Check', 'ValidationReport', 'validate', 'read_as', 'check_file',
+           'encode_labels']
 
 # %% ../nbs/11_contracts.ipynb #12f3de36
 DTYPES = ("int", "float", "string", "bool", "date", "datetime", *TENSOR_DTYPES)
-_COLUMN_KEYS = {"dtype", "nullable", "min", "max", "categories", "unique", "pii", "description", *FIELD_KEYS}
+_COLUMN_KEYS = {"dtype", "nullable", "min", "max", "categories", "unique", "pii", "encode", "buckets", "description", *FIELD_KEYS}
+HASH_BUCKETS_MAX = 1 << 16  # the most buckets a hash encoding may have
 
 def _kind_of(dtype: pl.DataType) -> str:
     "The contract dtype that holds a polars dtype's values, else the polars type's own name in lower case (`struct`, `duration`)."
@@ -65,8 +67,8 @@ def task_of(contract: dict) -> str | None:
     return "classification" if c.get("categories") or c.get("dtype") in ("string", "bool") else "regression"
 
 # %% ../nbs/11_contracts.ipynb #63af5d08
-def _check(c: Contract):
-    "Raise `DataError` naming the file (or contract) and the column for anything the contract cannot mean."
+def _check(c: Contract, stored: bool = False):
+    "Raise `DataError` naming the file (or contract) and the column for anything the contract cannot mean (`stored`: read from a bundle)."
     where = c.path or f"contract {c.name!r}"
     for col, spec in c.columns.items():
         bad = set(spec) - _COLUMN_KEYS
@@ -78,6 +80,12 @@ def _check(c: Contract):
         elif bad := set(spec) & FIELD_KEYS: raise DataError(f"{where}: column {col!r}: {sorted(bad)} are for tensor and image columns")
         if spec["dtype"] == "string" and not all(isinstance(v, str) for v in spec.get("categories") or []):  # YAML reads 1 as a number
             raise DataError(f"{where}: column {col!r}: the categories of a string column are text: quote them, e.g. {[str(v) for v in spec['categories'][:3]]}")
+        if (enc := spec.get("encode")) is not None and (enc != "hash" or spec["dtype"] not in ("string", "int")):
+            raise DataError(f"{where}: column {col!r}: encode {enc!r}: the one encoding a contract names is hash, of a string or int column")
+        if (b := spec.get("buckets")) is not None and (enc != "hash" or type(b) is not int or not 2 <= b <= HASH_BUCKETS_MAX):
+            raise DataError(f"{where}: column {col!r}: buckets {b!r}: an integer from 2 to {HASH_BUCKETS_MAX}, beside encode: hash")
+        if spec.get("pii") and not stored and (vals := [k for k in ("categories", "min", "max") if k in spec]):
+            raise DataError(f"{where}: column {col!r} is pii: drop its {', '.join(vals)}: the contract is stored with the model, a pii value never is")
     for col in [*c.targets, *c.slices, *c.key]:
         if col not in c.columns: raise DataError(f"{where}: {col!r} is named as label, slice or key but is not a column")
     for col in [*c.targets, *c.slices]:
@@ -97,15 +105,16 @@ def _check(c: Contract):
 class Contract:
     "A data set's declared schema and quality rules (see the YAML above)."
     name: str
-    columns: dict  # column name -> {dtype, nullable, min, max, categories, unique, pii, description}
+    columns: dict  # column name -> {dtype, nullable, min, max, categories, unique, pii, encode, buckets, description}
     label: str | list | None = None  # one label column, or several (a regression with several targets)
     slices: list = field(default_factory=list)
     rows: dict = field(default_factory=dict)  # {min, max} row count
     path: str | None = None  # where it was read from
     task: str | None = None  # classification or regression (None: what the label implies)
     key: list = field(default_factory=list)  # the columns that identify a row
+    stored: InitVar[bool] = False  # read from a bundle (`from_dict`): what an earlier mlkit wrote still loads
 
-    def __post_init__(self): _check(self)
+    def __post_init__(self, stored: bool): self._stored = stored; _check(self, stored)
 
     @classmethod
     def load(cls, path: str | Path) -> Contract:
@@ -125,7 +134,7 @@ class Contract:
 
     @classmethod
     def from_dict(cls, d: dict) -> Contract:  # format 1 (no task, no key) or 2
-        return cls(d["name"], d["columns"], d.get("label"), d.get("slices", []), d.get("rows", {}), None, d.get("task"), d.get("key", []))
+        return cls(d["name"], d["columns"], d.get("label"), d.get("slices", []), d.get("rows", {}), None, d.get("task"), d.get("key", []), True)
 
     def subset(self, features: list[str]) -> Contract:
         "The contract of `features` plus the label(s): what a model built on those features accepts."
@@ -133,7 +142,7 @@ class Contract:
         if missing: raise DataError(f"{self.path or self.name}: features {missing} are not columns of the contract")
         keep = [*features, *(t for t in self.targets if t not in features)]
         return Contract(self.name, {c: self.columns[c] for c in keep}, self.label, [s for s in self.slices if s in keep], {},
-                        self.path, self.kind)
+                        self.path, self.kind, stored=self._stored)
 
     @property
     def targets(self) -> list[str]: return targets_of({"label": self.label})

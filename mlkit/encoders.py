@@ -6,22 +6,28 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 
 import numpy as np
 import polars as pl
 
+from .config import SettingsError
+
 # %% auto #0
-__all__ = ['FIT_KEYS', 'ENCODERS', 'NUMBER_DTYPES', 'PARALLEL_ROWS', 'parse_expr', 'expr_columns', 'compile_expr', 'step_outputs',
-           'input_exprs', 'column_kinds', 'apply_step', 'expressions', 'encoder_chains', 'numeric_into', 'missing_fill',
-           'numeric_block', 'one_hot_into', 'missing_code', 'numpy_plan', 'run_jobs']
+__all__ = ['FIT_KEYS', 'ENCODERS', 'NUMBER_DTYPES', 'HASH_BUCKETS', 'MIN_KEY_BYTES', 'PARALLEL_ROWS', 'parse_expr',
+           'expr_columns', 'compile_expr', 'step_outputs', 'input_exprs', 'column_kinds', 'apply_step', 'expressions',
+           'encoder_chains', 'numeric_into', 'missing_fill', 'numeric_block', 'one_hot_into', 'missing_code',
+           'numpy_plan', 'key_id', 'read_key', 'hash_key', 'hash_codes', 'hash_into', 'codes_into', 'run_jobs']
 
 # %% ../nbs/20_encoders.ipynb #59f0a684
 FIT_KEYS = {"impute": {"value"}, "log": set(), "clip": {"lower", "upper"}, "derive": set(),
             "standardize": {"mean", "std"}, "minmax": {"min", "max"}, "passthrough": set(),
-            "one_hot": {"categories"}, "ordinal": {"categories"}, "bucketize": {"edges"}}
-ENCODERS = {"standardize", "minmax", "passthrough", "one_hot", "ordinal", "bucketize"}
+            "one_hot": {"categories"}, "ordinal": {"categories"}, "bucketize": {"edges"}, "hash": {"buckets", "key_env", "key_id"}}
+ENCODERS = {"standardize", "minmax", "passthrough", "one_hot", "ordinal", "bucketize", "hash"}
 
 # %% ../nbs/20_encoders.ipynb #ce3489c6
 _FUNCS = {"log": lambda e: e.log(), "log1p": lambda e: e.log1p(), "exp": lambda e: e.exp(), "sqrt": lambda e: e.sqrt(),
@@ -62,6 +68,7 @@ def step_outputs(s: dict) -> list[str]:
     "Names of encoder step `s`'s output columns: after its column, or its `name`."
     c = s.get("name", s["column"])
     if s["op"] == "one_hot": return [f"{c}={v}" for v in s.get("categories", [])] + ([f"{c}=<unknown>"] if s.get("unknown") == "bucket" else [])
+    if s["op"] == "hash": return [f"{c}#{j}" for j in range(s.get("buckets", HASH_BUCKETS))]  # bucket numbers: no value of the column
     return [f"{c}_bucket" if s["op"] == "bucketize" else c]
 
 def input_exprs(spec, schema: dict | None = None) -> dict:
@@ -111,6 +118,9 @@ def _emit(s: dict, x: pl.Expr) -> list[pl.Expr]:
     if op == "bucketize":
         idx = pl.sum_horizontal([(x > e).cast(pl.Float64) for e in s["edges"]]) if s["edges"] else pl.lit(0.0)
         return [pl.when(x.is_null() | x.is_nan()).then(float(len(s["edges"]) + 1)).otherwise(idx).alias(f"{c}_bucket")]
+    if op == "hash":  # the key is read when the expression runs: a spec holds none
+        code = x.map_batches(partial(_hash_batch, s), return_dtype=pl.Int64)
+        return [(code == j).fill_null(False).cast(pl.Float32).alias(f"{c}#{j}") for j in range(s["buckets"])]
     raise ValueError(op)
 
 def expressions(spec, schema: dict | None = None) -> list[pl.Expr]:
@@ -218,15 +228,92 @@ def missing_code(cats: list, fill: str | None) -> int:
 
 def numpy_plan(s: dict, chain: list[dict] | None, kind: str) -> tuple[str, object] | None:
     """How encoder `s` (after `chain`, on a column of `kind`) runs without polars' expressions: `("one_hot", fill)`
-    (the impute value or None), `("numeric", ops)` (`_numeric_ops`), or None where only the expressions compute it."""
+    (the impute value or None), `("numeric", ops)` (`_numeric_ops`), `("hash", fill)`, or None where only the expressions compute it."""
     if chain is None: return None
     if s["op"] == "one_hot" and kind == "string" and all(t["op"] == "impute" for t in chain):
         return "one_hot", str(chain[0]["value"]) if chain else None
     if s["op"] in ("standardize", "minmax", "passthrough") and kind != "string" and (ops := _numeric_ops(chain, s)) is not None:
         return "numeric", ops
+    if s["op"] == "hash" and (not chain or (kind == "string" and all(t["op"] == "impute" for t in chain))):
+        return "hash", str(chain[0]["value"]) if chain else None
     return None
 
 NUMBER_DTYPES = {pl.Float32, pl.Float64, pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64}
+
+# %% ../nbs/20_encoders.ipynb #5b9c0d71
+HASH_BUCKETS = 32  # buckets of a hash step that names none
+MIN_KEY_BYTES = 16  # a shorter key could be guessed
+_KEY_SALT, _KEY_ROUNDS = b"mlkit.features.hash-key-id", 100_000
+
+def key_id(key: bytes) -> str:
+    "The public id of a hash key: 12 hex digits of its PBKDF2-HMAC-SHA256 (telling keys apart, costly to guess from)."
+    return _key_id(bytes(key))
+
+@lru_cache(maxsize=8)
+def _key_id(key: bytes) -> str: return hashlib.pbkdf2_hmac("sha256", key, _KEY_SALT, _KEY_ROUNDS)[:6].hex()
+
+def read_key(env_name: str, environ: dict | None = None) -> bytes:
+    "The hash key in the environment variable `env_name`; a `SettingsError` naming the setting and the variable when it is unset or short."
+    text = (os.environ if environ is None else environ).get(env_name, "")
+    where = f"[features] pii_key_env = {env_name}"
+    if not text: raise SettingsError(f"{where}: set {env_name} to a secret of at least {MIN_KEY_BYTES} bytes: it keys the hashed pii "
+                                     "features and is never stored (e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+    if len(key := text.encode("utf-8", "surrogatepass")) < MIN_KEY_BYTES:
+        raise SettingsError(f"{where}: {env_name} holds {len(key)} bytes: the pii feature key needs at least {MIN_KEY_BYTES}")
+    return key
+
+def hash_key(s: dict, environ: dict | None = None) -> bytes:
+    "The key of the fitted hash step `s`, read from the variable it names; a `SettingsError` when it is not the key `s` was fitted with."
+    key = read_key(s["key_env"], environ)
+    if key_id(key) != s["key_id"]:
+        raise SettingsError(f"[features] pii_key_env = {s['key_env']}: {s['key_env']} is not the key the feature spec was fitted with "
+                            f"(hash of column {s['column']!r}): set it to the training key, or train again with this one")
+    return key
+
+# %% ../nbs/20_encoders.ipynb #8c1d7e49
+def _text(v) -> str:
+    "The text a value is hashed as (see above)."
+    if isinstance(v, str): return v
+    if isinstance(v, bool): return "1" if v else "0"  # as polars' expressions see a boolean: a number
+    if isinstance(v, float) and v.is_integer(): return str(int(v))
+    return repr(v)
+
+@lru_cache(maxsize=8)
+def _pads(key: bytes) -> tuple:
+    "HMAC-SHA256's inner and outer SHA-256 states for `key` (RFC 2104): a value then costs two updates of copies, half a fresh HMAC's time."
+    k = (hashlib.sha256(key).digest() if len(key) > 64 else key).ljust(64, b"\0")
+    return hashlib.sha256(bytes(b ^ 0x36 for b in k)), hashlib.sha256(bytes(b ^ 0x5C for b in k))
+
+def hash_codes(values: list, s: dict, key: bytes) -> np.ndarray:
+    "The bucket of each value under hash step `s` and `key` (-1: missing or NaN)."
+    n, (inner, outer) = s["buckets"], _pads(key)
+    ic, oc, out = inner.copy, outer.copy, []
+    for v in values:
+        if v is None or v != v: out.append(-1); continue
+        h = ic(); h.update((v if type(v) is str else _text(v)).encode("utf-8", "surrogatepass"))
+        o = oc(); o.update(h.digest())
+        out.append(int.from_bytes(o.digest()[:8], "big") % n)
+    return np.array(out, np.int64)
+
+def hash_into(x: pl.Series, s: dict, key: bytes, fill: str | None, out: np.ndarray) -> None:
+    "Hash step `s` on the column `x` (missing values read as `fill` after an impute) into its one-hot columns `out`: a distinct value hashed once."
+    if isinstance(x.dtype, (pl.Categorical, pl.Enum)): x = x.cast(pl.String)
+    if fill is not None: x = x.fill_null(fill)
+    if x.dtype.is_float(): x = x.fill_nan(None)
+    u = x.drop_nulls().unique()
+    if 2 * len(u) > len(x): codes = hash_codes(x.to_list(), s, key)  # mostly distinct (e-mail addresses): mapping back costs more than it saves
+    else: codes = x.replace_strict(u, pl.Series(hash_codes(u.to_list(), s, key)), default=-1, return_dtype=pl.Int64).fill_null(-1).to_numpy()
+    codes_into(codes, out)
+
+def codes_into(codes: np.ndarray, out: np.ndarray) -> None:
+    "One-hot of the bucket `codes` (-1: none) into the float32 columns `out`: one scatter, not a comparison per bucket."
+    out[:] = 0.0
+    ok = codes >= 0
+    out[np.flatnonzero(ok), codes[ok]] = 1.0
+
+def _hash_batch(s: dict, x: pl.Series) -> pl.Series:
+    "The bucket codes of a batch of values (-1: missing), the expression form of a hash step: its key read when it runs."
+    return pl.Series(x.name, hash_codes(x.to_list(), s, hash_key(s)), pl.Int64)
 
 # %% ../nbs/20_encoders.ipynb #2872a98b
 PARALLEL_ROWS = 1 << 16  # frames from this many rows are fitted and transformed on several threads

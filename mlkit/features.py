@@ -13,12 +13,13 @@ from functools import partial
 import numpy as np
 import polars as pl
 
-from .contracts import Contract
+from .config import current_settings
+from .contracts import HASH_BUCKETS_MAX, Contract
 from .core import moved
-from .data import ENGINE
-from .encoders import (ENCODERS, FIT_KEYS, NUMBER_DTYPES, PARALLEL_ROWS, column_kinds, encoder_chains,
-                            expr_columns, expressions, missing_code, missing_fill, numeric_block, numeric_into,
-                            numpy_plan, one_hot_into, run_jobs, step_outputs)
+from .data import ENGINE, DataError
+from .encoders import (ENCODERS, FIT_KEYS, HASH_BUCKETS, NUMBER_DTYPES, PARALLEL_ROWS, column_kinds, encoder_chains,
+                            codes_into, expr_columns, expressions, hash_codes, hash_into, hash_key, key_id, missing_code, missing_fill,
+                            numeric_block, numeric_into, numpy_plan, one_hot_into, read_key, run_jobs, step_outputs)
 from .fitting import fit_steps
 from .inputs import VALUE_KINDS, check_value
 from .tensors import TENSOR_DTYPES, TensorSpec, model_input
@@ -35,31 +36,31 @@ class FeatureSpec:
                  inputs: list[dict],  # raw input columns: [{"name": ..., "kind": "number" | "string" | "bool"}]
                  ):
         self.steps, self.inputs = [dict(s) for s in steps], [dict(i) for i in inputs]
-        names = {i["name"] for i in self.inputs}
-        for n, s in enumerate(self.steps):
-            if s.get("op") not in FIT_KEYS: raise ValueError(f"feature spec step {n}: unknown op {s.get('op')!r}")
-            if s["op"] == "derive":
-                for c in expr_columns(s["expr"]):
-                    if c not in names: raise ValueError(f"feature spec step {n}: derive {s['name']!r} uses unknown column {c!r}")
-                names.add(s["name"])
-            elif s.get("column") not in names: raise ValueError(f"feature spec step {n} ({s['op']}): unknown column {s.get('column')!r}")
+        _check_steps(self.steps, self.inputs)
         if self.fitted:
             seen = set()
             for o in self.output_names:
                 if o in seen: raise ValueError(f"feature spec: output {o!r} is produced twice; give one of the encoders a distinct 'name'")
                 seen.add(o)
+        for s in self.steps:  # a key unset, short or not the fitted one: refused when the spec is loaded, not at the first request
+            if s["op"] == "hash" and "key_id" in s: hash_key(s)
 
     @classmethod
-    def from_contract(cls, contract: Contract, features: list[str] | None = None) -> FeatureSpec:
-        "Default steps for a contract's features: numbers imputed (median) and standardized, strings one-hot, bools as 0/1."
+    def from_contract(cls, contract: Contract, features: list[str] | None = None,
+                      key_env: str | None = None) -> FeatureSpec:  # key_env: the hash key's variable (default: `[features] pii_key_env`)
+        """Default steps for a contract's features: numbers imputed (median) and standardized, strings one-hot, bools as 0/1,
+        and a column marked `encode: hash` as a keyed hash; a `pii` feature without it is a `DataError` naming the fix."""
         features = features or contract.features
         steps, inputs = [], []
         for c in features:
-            if contract.columns[c]["dtype"] in TENSOR_DTYPES: continue  # tensors and images: `mlkit.tensors.TensorSpec`
-            dtype = contract.columns[c]["dtype"]
-            kind = VALUE_KINDS.get(dtype, "string")
-            inputs.append({"name": c, "kind": kind})
-            if kind == "number": steps += [{"op": "impute", "column": c, "strategy": "median"}, {"op": "standardize", "column": c}]
+            col = contract.columns[c]
+            if col.get("pii"): _check_pii_feature(contract, c)
+            if col["dtype"] in TENSOR_DTYPES: continue  # tensors and images: `mlkit.tensors.TensorSpec`
+            kind = VALUE_KINDS.get(col["dtype"], "string")
+            inputs.append({"name": c, "kind": kind, **({"pii": True} if col.get("pii") else {})})
+            if col.get("encode") == "hash":
+                steps.append({"op": "hash", "column": c, "buckets": col.get("buckets", HASH_BUCKETS), **({"key_env": key_env} if key_env else {})})
+            elif kind == "number": steps += [{"op": "impute", "column": c, "strategy": "median"}, {"op": "standardize", "column": c}]
             elif kind == "bool": steps.append({"op": "passthrough", "column": c})
             else: steps.append({"op": "one_hot", "column": c, "unknown": "ignore"})
         return cls(steps, inputs)
@@ -72,10 +73,13 @@ class FeatureSpec:
         "Names of the output columns, in order."
         return [o for s in self.steps if s["op"] in ENCODERS for o in step_outputs(s)]
 
-    def to_dict(self) -> dict: return {"format": 1, "inputs": self.inputs, "steps": self.steps}
+    def to_dict(self) -> dict:  # format 2: hash steps (a format-1 reader would not know them)
+        return {"format": 2 if any(s["op"] == "hash" for s in self.steps) else 1, "inputs": self.inputs, "steps": self.steps}
     def to_json(self) -> str: return json.dumps(self.to_dict(), indent=1)
     @classmethod
-    def from_dict(cls, d: dict) -> FeatureSpec: return cls(d["steps"], d.get("inputs", []))
+    def from_dict(cls, d: dict) -> FeatureSpec:
+        if d.get("format", 1) > 2: raise ValueError(f"feature spec format {d['format']}: this mlkit reads formats 1 and 2 (upgrade mlkit)")
+        return cls(d["steps"], d.get("inputs", []))
     @classmethod
     def from_json(cls, text: str) -> FeatureSpec: return cls.from_dict(json.loads(text))
 
@@ -86,10 +90,48 @@ class FeatureSpec:
 
     def __repr__(self): return f"FeatureSpec({len(self.steps)} steps, {len(self.output_names)} outputs, fitted={self.fitted})"
 
+# %% ../nbs/22_features.ipynb #0a9f4c3e
+def _check_steps(steps: list[dict], inputs: list[dict]):
+    "Raise `ValueError` naming the step for an unknown op or column, or a pii column read by another step than a hash (hash steps' buckets defaulted)."
+    names, pii = {i["name"] for i in inputs}, {i["name"] for i in inputs if i.get("pii")}
+    for n, s in enumerate(steps):
+        if s.get("op") not in FIT_KEYS: raise ValueError(f"feature spec step {n}: unknown op {s.get('op')!r}")
+        if s["op"] == "derive":
+            for c in expr_columns(s["expr"]):
+                if c not in names: raise ValueError(f"feature spec step {n}: derive {s['name']!r} uses unknown column {c!r}")
+                if c in pii: raise ValueError(f"feature spec step {n}: derive {s['name']!r} reads pii column {c!r}: only a hash step may read it")
+            names.add(s["name"])
+        elif s.get("column") not in names: raise ValueError(f"feature spec step {n} ({s['op']}): unknown column {s.get('column')!r}")
+        elif s["column"] in pii and s["op"] != "hash":
+            raise ValueError(f"feature spec step {n} ({s['op']}): column {s['column']!r} is pii: only a hash step may read it (this one would store its values or statistics)")
+        if s["op"] == "hash": _check_hash(n, s)
+
+def _check_hash(n: int, s: dict):
+    "Check hash step `s` (number `n`), its bucket count defaulted."
+    b = s.setdefault("buckets", HASH_BUCKETS)
+    if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= HASH_BUCKETS_MAX:
+        raise ValueError(f"feature spec step {n} (hash): buckets {b!r}: an integer from 2 to {HASH_BUCKETS_MAX}")
+    if "key_id" in s and not isinstance(s.get("key_env"), str): raise ValueError(f"feature spec step {n} (hash): a key_id without its key_env")
+
+def _check_pii_feature(contract: Contract, c: str):
+    "Raise `DataError` unless the pii column `c` can be a feature: a scalar, as a keyed hash."
+    where, col = contract.path or f"contract {contract.name!r}", contract.columns[c]
+    if col["dtype"] in TENSOR_DTYPES: raise DataError(f"{where}: column {c!r} is pii: a {col['dtype']} cannot be a hashed feature: leave it out of the features")
+    if col.get("encode") != "hash":
+        raise DataError(f"{where}: column {c!r} is pii: as a feature its raw values would be stored with the model: add `encode: hash` "
+                        "to it in the contract (a keyed hash; key in the variable [features] pii_key_env names), or leave it out of the features")
+
 # %% ../nbs/22_features.ipynb #baf26858
 def fit(spec: FeatureSpec, df: pl.DataFrame | pl.LazyFrame) -> FeatureSpec:
-    "A fitted copy of `spec`, its statistics computed on `df` (the training split)."
+    "A fitted copy of `spec`, its statistics computed on `df` (the training split), its hash steps bound to their key's id."
+    if any(s["op"] == "hash" and "key_id" not in s for s in spec.steps):
+        spec = FeatureSpec([_bound(s) if s["op"] == "hash" and "key_id" not in s else s for s in spec.steps], spec.inputs)
     return FeatureSpec(fit_steps(spec, df), spec.inputs)
+
+def _bound(s: dict) -> dict:
+    "Hash step `s` with its key's variable (default: `[features] pii_key_env`) and the key's id; unset or short, the key is refused here, before training."
+    env = s.get("key_env") or current_settings().features.pii_key_env
+    return {**s, "key_env": env, "key_id": key_id(read_key(env))}
 
 FeatureSpec.fit = fit
 
@@ -102,6 +144,9 @@ def _column_job(s: dict, chain: list[dict] | None, df: pl.DataFrame, kind: str, 
     x = df.get_column(s["column"])
     if how[0] == "one_hot" and isinstance(x.dtype, (pl.String, pl.Categorical, pl.Enum)): return partial(one_hot_into, x, s, how[1], out)
     if how[0] == "numeric" and (x.dtype in NUMBER_DTYPES or x.dtype == pl.Boolean): return partial(numeric_into, x, how[1], out[:, 0])
+    if how[0] == "hash" and (isinstance(x.dtype, (pl.String, pl.Categorical, pl.Enum)) if kind == "string" else x.dtype in NUMBER_DTYPES or x.dtype == pl.Boolean):
+        x = x if kind == "string" or x.dtype == pl.Float64 else x.cast(pl.Float64)  # a number as a request's is read: a float64
+        return partial(hash_into, x, s, hash_key(s), how[1], out)
     return None
 
 def _expressions_into(spec: FeatureSpec, df: pl.DataFrame, cols: list[int], out: np.ndarray) -> None:
@@ -192,6 +237,8 @@ def _transform_values(spec: FeatureSpec, records: list[dict]) -> np.ndarray | No
             for c, v in enumerate(cats): index.setdefault(v, c)  # the first of duplicates, as polars' when-chain
             codes = np.array([missing if v is None else index.get(v, len(cats)) for v in x], np.int64)
             for c in range(w): np.equal(codes, c, out=out[:, j + c])
+        elif op == "hash":
+            codes_into(hash_codes(x if arg is None else [arg if v is None else v for v in x], s, hash_key(s)), out[:, j:j + w])
         else:
             fill = missing_fill(arg)
             numeric_block(np.array([fill if v is None else float(v) for v in x], np.float64), arg, out[:, j], np.empty(n))

@@ -204,3 +204,106 @@ def test_large_column_statistics_are_exact(kind):
     v = v[~np.isnan(v)]
     exact = exact_median(v.tolist()) if len(v) else 0.0
     assert spec.steps[0]["value"] == exact
+
+
+# keyed hashes (pii features): no value of the column in the spec, the same buckets on every path and in every process
+HASH_KEY_ENV, HASH_KEY = "MLKIT_TEST_FEATURE_KEY", "a key for the feature tests, 16+ bytes"
+HASH_STEPS = [{"op": "hash", "column": "cat", "buckets": 8, "key_env": HASH_KEY_ENV}, {"op": "hash", "column": "n", "key_env": HASH_KEY_ENV},
+              {"op": "standardize", "column": "x"}, {"op": "passthrough", "column": "flag"}]
+HASH_INPUTS = [{**i, "pii": True} if i["name"] in ("cat", "n") else i for i in INPUTS]
+
+
+@pytest.fixture(scope="module")
+def hash_key_set():
+    import os
+    old = os.environ.get(HASH_KEY_ENV)
+    os.environ[HASH_KEY_ENV] = HASH_KEY
+    yield HASH_KEY
+    if old is None: del os.environ[HASH_KEY_ENV]
+    else: os.environ[HASH_KEY_ENV] = old
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(train=frames(min_rows=2), serve=frames(cats=("a", "b", "zz", "", "é\ud7ff")))
+def test_hashed_columns_agree_on_every_path(hash_key_set, train, serve):
+    "Frames (column jobs), records (no frame), polars' expressions and a spec loaded from JSON: the same buckets, bit for bit."
+    from mlkit.encoders import expressions
+    from mlkit.features import _transform_values
+    spec = FeatureSpec(HASH_STEPS, HASH_INPUTS).fit(train)
+    batch = spec.transform(serve)
+    same(_transform_values(spec, serve.to_dicts()), batch)
+    same(FeatureSpec.from_json(spec.to_json()).transform_records(serve.to_dicts()), batch)
+    same(serve.select([e.cast(pl.Float32) for e in expressions(spec, serve.schema)]).to_numpy(order="fortran"), batch)
+    hashed = batch[:, :8 + 32]
+    assert hashed[:, :8].sum(1).tolist() == [float(v is not None) for v in serve["cat"]]  # one bucket a value, none when missing
+    assert hashed[:, 8:].sum(1).tolist() == [float(v is not None) for v in serve["n"]]
+
+
+def test_a_large_hashed_column_matches_the_records_and_holds_no_value(hash_key_set):
+    "Past the parallel and the distinct-value thresholds: mostly distinct values, few distinct values, a Categorical column."
+    from mlkit.encoders import PARALLEL_ROWS, hash_codes, key_id
+    n = PARALLEL_ROWS + 1001
+    emails = pl.Series("e", [f"user{i}@example.org" for i in range(n)])
+    for col in (emails, emails.gather(np.arange(n) % 37), emails.gather(np.arange(n) % 37).cast(pl.Categorical)):
+        df = pl.DataFrame({"e": col, "x": np.arange(n, dtype=np.float64)})
+        spec = FeatureSpec([{"op": "hash", "column": "e", "buckets": 64, "key_env": HASH_KEY_ENV}, {"op": "standardize", "column": "x"}],
+                           [{"name": "e", "kind": "string", "pii": True}, {"name": "x", "kind": "number"}]).fit(df)
+        X = spec.transform(df)
+        codes = hash_codes(col.cast(pl.String).to_list(), spec.steps[0], HASH_KEY.encode())
+        same(X[:, :64].argmax(1), codes)
+        same(spec.transform_records(df.head(4096).with_columns(pl.col("e").cast(pl.String)).to_dicts()), X[:4096])
+        text = spec.to_json()
+        assert "example.org" not in text and "user1" not in text and HASH_KEY not in text
+        assert spec.steps[0] == {"op": "hash", "column": "e", "buckets": 64, "key_env": HASH_KEY_ENV, "key_id": key_id(HASH_KEY.encode())}
+        if col is emails: assert 0.8 < np.bincount(codes, minlength=64).min() / (n / 64)  # distinct values spread evenly (~1% apart here)
+
+
+def test_hash_buckets_are_stable_across_processes_and_versions(hash_key_set):
+    "HMAC-SHA256 of the value's text, first 8 bytes big-endian modulo the buckets: pinned, and the same in a fresh interpreter."
+    import subprocess
+    import sys
+    from mlkit.encoders import hash_codes, key_id
+    s = {"buckets": 1000}
+    values = ["ann@example.org", 7, 7.0, 7.5, True, None, "Zoë"]
+    here = hash_codes(values, s, HASH_KEY.encode()).tolist()
+    code = f"from mlkit.encoders import hash_codes; print(hash_codes({values!r}, {{'buckets': 1000}}, {HASH_KEY.encode()!r}).tolist())"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123"}).stdout
+    assert json.loads(there) == here
+    import hmac
+    pin = lambda text: int.from_bytes(hmac.digest(HASH_KEY.encode(), text.encode(), "sha256")[:8], "big") % 1000
+    assert here == [pin("ann@example.org"), pin("7"), pin("7"), pin("7.5"), pin("1"), -1, pin("Zoë")]
+    assert here[0] == 575 and key_id(HASH_KEY.encode()) == "08863d919312"  # pinned: a change here strands every hashed model
+
+
+def test_a_spec_with_a_hash_step_loads_only_with_its_key(hash_key_set, monkeypatch):
+    from mlkit.config import SettingsError
+    train = pl.DataFrame({"x": [1.0, 2.0], "n": [1, 2], "cat": ["a", "b"], "flag": [True, False]})
+    text = FeatureSpec(HASH_STEPS, HASH_INPUTS).fit(train).to_json()
+    assert json.loads(text)["format"] == 2 and json.loads(FeatureSpec(STEPS, INPUTS).fit(train).to_json())["format"] == 1
+    monkeypatch.setenv(HASH_KEY_ENV, "another key, also 16 bytes or more")
+    with pytest.raises(SettingsError, match=re.escape(f"[features] pii_key_env = {HASH_KEY_ENV}: {HASH_KEY_ENV} is not the key")): FeatureSpec.from_json(text)
+    monkeypatch.setenv(HASH_KEY_ENV, "short")
+    with pytest.raises(SettingsError, match="holds 5 bytes: the pii feature key needs at least 16"): FeatureSpec.from_json(text)
+    monkeypatch.delenv(HASH_KEY_ENV)
+    with pytest.raises(SettingsError, match=re.escape(f"[features] pii_key_env = {HASH_KEY_ENV}: set {HASH_KEY_ENV} to a secret")):
+        FeatureSpec.from_json(text)
+    with pytest.raises(SettingsError, match="set MLKIT_TEST_FEATURE_KEY"): FeatureSpec(HASH_STEPS, HASH_INPUTS).fit(train)  # nor fits without it
+    with pytest.raises(ValueError, match="format 3"): FeatureSpec.from_dict({**json.loads(text), "format": 3})
+
+
+@pytest.mark.parametrize("steps,msg", [
+    ([{"op": "one_hot", "column": "cat"}], "column 'cat' is pii: only a hash step may read it"),
+    ([{"op": "impute", "column": "n", "strategy": "median"}], "column 'n' is pii"),
+    ([{"op": "derive", "name": "d", "expr": "n * 2"}], "reads pii column 'n'"),
+    ([{"op": "hash", "column": "cat", "buckets": 1}], "buckets 1: an integer from 2 to 65536"),
+    ([{"op": "hash", "column": "cat", "buckets": True}], "buckets True")])
+def test_a_pii_input_is_read_by_hash_steps_only(steps, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)): FeatureSpec(steps, HASH_INPUTS)
+
+
+def test_a_hashed_number_column_agrees_with_requests_past_float_precision(hash_key_set):
+    "An int column is hashed as the float64 a request's JSON number becomes: a frame of Int64 ids and the same ids served agree."
+    ids = pl.Series("id", [1, 7, 2**53 + 1, 4_111_111_111_111_111, None], dtype=pl.Int64)
+    spec = FeatureSpec([{"op": "hash", "column": "id", "buckets": 64, "key_env": HASH_KEY_ENV}], [{"name": "id", "kind": "number", "pii": True}]).fit(ids.to_frame())
+    same(spec.transform_records([{"id": v} for v in ids.to_list()]), spec.transform(ids.to_frame()))
+    same(spec.transform(ids.cast(pl.Float64).to_frame()), spec.transform(ids.to_frame()))

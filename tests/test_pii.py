@@ -85,3 +85,57 @@ def test_mlkit_data_profile_with_the_contract_keeps_no_pii_value(tmp_path):
     mlkit = Path(sys.executable).parent / "mlkit"
     out = subprocess.run([str(mlkit), "data", "profile", str(data), "--contract", str(c)], capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["columns"]["email"]["kind"] == "pii" and raw_values_in(out) == []
+
+
+def hashed(**extra) -> Contract:
+    c = contract(**extra)
+    c.columns["email"] = {"dtype": "string", "unique": True, "pii": True, "encode": "hash", "buckets": 8}
+    return Contract(c.name, c.columns, c.label, c.slices, c.rows, c.path, c.task, c.key)
+
+
+def project(tmp_path, extra: str = ""):
+    "Settings of a throwaway project (state in tmp_path), applied in this process (`clean_environ` undoes it)."
+    import mlkit.config
+    (ini := tmp_path / "settings.ini").write_text(f"[project]\nstate_dir = state\n{extra}")
+    return mlkit.config.configure(load_settings(ini, env={}))
+
+
+def test_a_pii_feature_without_the_hash_encoding_is_refused_at_prepare(tmp_path, clean_environ):
+    "One line naming the column and the fix, before anything is fitted on it."
+    from mlkit.pipeline import prepare
+    settings = project(tmp_path)
+    with pytest.raises(DataError) as e: prepare("customers", "customers.parquet", contract(), settings=settings, data=frame())
+    assert "column 'email' is pii" in str(e.value) and "add `encode: hash` to it in the contract" in str(e.value) and "\n" not in str(e.value)
+    p = prepare("customers", "customers.parquet", contract(), features=["age", "plan"], settings=settings, data=frame())  # left out: fine
+    assert p.spec.output_names == ["age", "plan=basic", "plan=pro"]
+
+
+def test_a_hashed_pii_feature_trains_only_with_its_key_and_stores_no_value(tmp_path, clean_environ, monkeypatch):
+    "The key's variable is the one `[features] pii_key_env` names; unset or short it stops `prepare`; set, no e-mail reaches the spec, profile or report."
+    from mlkit.config import SettingsError
+    from mlkit.pipeline import prepare
+    settings = project(tmp_path, "[features]\npii_key_env = SHOP_FEATURE_KEY\n")
+    monkeypatch.delenv("SHOP_FEATURE_KEY", raising=False)
+    with pytest.raises(SettingsError, match=r"^\[features\] pii_key_env = SHOP_FEATURE_KEY: set SHOP_FEATURE_KEY to a secret of at least 16 bytes"):
+        prepare("customers", "customers.parquet", hashed(), settings=settings, data=frame())
+    monkeypatch.setenv("SHOP_FEATURE_KEY", "too short")
+    with pytest.raises(SettingsError, match="SHOP_FEATURE_KEY holds 9 bytes"): prepare("customers", "customers.parquet", hashed(), settings=settings, data=frame())
+    monkeypatch.setenv("SHOP_FEATURE_KEY", "a long enough secret for the shop")
+    p = prepare("customers", "customers.parquet", hashed(), settings=settings, data=frame())
+    assert p.spec.output_names[:8] == [f"email#{j}" for j in range(8)] and p.X_train.shape[1] == 8 + 1 + 2
+    assert p.X_train[:, :8].sum(1).tolist() == [1.0] * len(p.X_train)
+    (step,) = [s for s in p.spec.steps if s["column"] == "email"]
+    assert step["key_env"] == "SHOP_FEATURE_KEY" and set(step) == {"op", "column", "buckets", "key_env", "key_id"}
+    stored = p.spec.to_json() + json.dumps(p.profile) + p.report.to_json() + json.dumps(p.model_contract.to_dict())
+    assert raw_values_in(stored) == [] and "a long enough secret" not in stored
+
+
+def test_a_contract_lists_no_value_of_a_pii_column():
+    "Categories or a range of a pii column would travel in every bundle's contract: refused, naming the column and what to drop."
+    cols = contract().columns
+    with pytest.raises(DataError, match="column 'email' is pii: drop its categories"):
+        Contract("customers", {**cols, "email": {"dtype": "string", "pii": True, "categories": EMAILS[:2]}}, label="churned")
+    with pytest.raises(DataError, match="encode 'hash'"):
+        Contract("customers", {**cols, "age": {"dtype": "float", "encode": "hash"}}, label="churned")
+    stored = {**contract().to_dict(), "columns": {**cols, "email": {"dtype": "string", "pii": True, "categories": EMAILS[:2]}}}
+    assert Contract.from_dict(stored).pii == ["email"]  # what an earlier mlkit stored in a bundle still loads
