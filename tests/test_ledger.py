@@ -3,6 +3,7 @@ end (its head is anchored in the registry), survives a crash at each named point
 back the move), and keeps registry and ledger agreeing when several processes promote at once."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,16 +131,27 @@ for i in range(int(sys.argv[3])):
 """
 
 
-@pytest.fixture
-def versions(tmp_path):
-    "A project with model `m` registered 6 times (pre-built bundles, no training) and its environment."
-    ini = tmp_path / "settings.ini"
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    "A project with model `m` registered 6 times (pre-built bundles, no training), versions 1 then 2 promoted (forced)."
+    root = tmp_path_factory.mktemp("ledger-template")
+    ini = root / "settings.ini"
     ini.write_text("[project]\nstate_dir = state\n[ledger]\nlock_wait = 300\n")
     env = project_env(ini)
-    r = subprocess.run([sys.executable, "-c", MAKE_VERSIONS, str(ini), str(REPO / "nbs/train/penguins.contract.yaml"), "6"],
+    code = MAKE_VERSIONS + ("from mlkit.registry import promote\n"
+                            "for v in ('1', '2'): promote('m', v, force=True, reason='set up', settings=s)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(ini), str(REPO / "nbs/train/penguins.contract.yaml"), "6"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return {"ini": ini, "env": env, "settings": load_settings(ini, env={}), "versions": r.stdout.split()}
+    return root, r.stdout.split()
+
+
+@pytest.fixture
+def versions(template, tmp_path):
+    "A copy of the template project (its MLflow store, ledger and anchors; the artifacts stay where the store names them)."
+    shutil.copytree(template[0], tmp_path / "p")
+    ini = tmp_path / "p" / "settings.ini"
+    return {"ini": ini, "env": project_env(ini), "settings": load_settings(ini, env={}), "versions": template[1]}
 
 
 def _aliases(env) -> dict:
@@ -167,12 +179,12 @@ def test_concurrent_promotions_serialize_and_agree(versions, round_):
     "4 processes promote 4 versions at once (forced, so every one moves): 4 champion moves, one after the other."
     env, vs = versions["env"], versions["versions"]
     procs = [subprocess.Popen([mlkit_bin(), "models", "promote", "m", v, "--force", "--reason", f"round {round_} p{v}"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in vs[1:5]]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in vs[2:6]]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [o[1][-500:] for o in outs]
     recs = _agree(versions)
-    champ = [m for m in moves(recs) if m.get("alias") == "champion" and m.get("phase") == "done"]
-    assert sorted(m["to_version"] for m in champ) == sorted(vs[1:5]) and champ[0]["from_version"] is None
+    champ = [m for m in moves(recs) if m.get("alias") == "champion" and m.get("phase") == "done"][2:]  # after the template's two
+    assert sorted(m["to_version"] for m in champ) == sorted(vs[2:6]) and champ[0]["from_version"] == vs[1]
     assert all(m.get("judged") == m["from_version"] for m in champ)  # each gate judged the champion of its moment
 
 
@@ -183,9 +195,8 @@ def mlkit_bin() -> str: return str(Path(sys.executable).parent / "mlkit")
                                           ("alias", "rollback"), ("register", "register"), ("alias", "retire")])
 def test_a_crash_at_each_point_is_resolved_by_the_next_command(versions, point, action):
     env, vs = versions["env"], versions["versions"]
-    mlkit("models", "promote", "m", vs[0], "--force", "--reason", "first", env=env, check=True)
-    mlkit("models", "promote", "m", vs[1], "--force", "--reason", "second", env=env, check=True)
     before = _aliases(env)
+    assert before == {"champion": vs[1], "challenger": vs[5]}
     args = {"promote": ["models", "promote", "m", vs[2], "--force", "--reason", "third"],
             "rollback": ["models", "rollback", "m", "--reason", "back"],
             "retire": ["models", "retire", "m", vs[5], "--reason", "old"]}
@@ -196,7 +207,7 @@ def test_a_crash_at_each_point_is_resolved_by_the_next_command(versions, point, 
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     hist = json.loads(mlkit("models", "history", "m", "--json", env=env, check=True).stdout)  # the next command
     last = hist[-1]
-    assert last["action"] == action and last["phase"] in ("done", "aborted") and last["recovered"] is True
+    assert last["action"] in (action, f"force-{action}") and last["phase"] in ("done", "aborted") and last["recovered"] is True
     after = _aliases(env)
     if point == "intent" or action == "register":  # the registry had not moved (or the version had no alias yet): rolled back
         assert last["phase"] == "aborted" and after == before
@@ -204,18 +215,17 @@ def test_a_crash_at_each_point_is_resolved_by_the_next_command(versions, point, 
     if action == "register":  # nothing half-registered: the version made before the crash is gone
         code = "import mlkit.config; from mlkit.tracking import mlflow; mlkit.config.configure(); print(len(mlflow().MlflowClient().search_model_versions(\"name='m'\")))"
         n = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout.split()[-1]
-        assert n == str(len(vs))
+        assert n == str(len(vs))  # the template's six
     _agree(versions)
 
 
 def test_an_alias_moved_around_mlkit_stops_moves_until_adopted(versions):
     env, vs = versions["env"], versions["versions"]
-    mlkit("models", "promote", "m", vs[0], "--force", "--reason", "first", env=env, check=True)
     code = ("import mlkit.config; from mlkit.tracking import mlflow; mlkit.config.configure();"
             f"mlflow().MlflowClient().set_registered_model_alias('m', 'champion', '{vs[3]}')")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
     v = mlkit("models", "verify", "m", env=env)
-    assert v.returncode == 1 and f"the registry's champion is {vs[3]}, the ledger's last move left it at {vs[0]}" in v.stderr
+    assert v.returncode == 1 and f"the registry's champion is {vs[3]}, the ledger's last move left it at {vs[1]}" in v.stderr
     r = mlkit("models", "promote", "m", vs[4], "--force", "--reason", "x", env=env)
     assert r.returncode == 2 and "an alias was moved around mlkit" in r.stderr
     assert mlkit("models", "verify", "m", "--adopt", env=env).returncode == 2  # a reason is required
