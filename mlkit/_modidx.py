@@ -514,6 +514,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'mlkit.registry._version_lineage': ('registry.html#_version_lineage', 'mlkit/registry.py'),
                                 'mlkit.registry.adopt': ('registry.html#adopt', 'mlkit/registry.py'),
                                 'mlkit.registry.alias_version': ('registry.html#alias_version', 'mlkit/registry.py'),
+                                'mlkit.registry.check_aliases': ('registry.html#check_aliases', 'mlkit/registry.py'),
                                 'mlkit.registry.download_bundle': ('registry.html#download_bundle', 'mlkit/registry.py'),
                                 'mlkit.registry.evaluate_gate': ('registry.html#evaluate_gate', 'mlkit/registry.py'),
                                 'mlkit.registry.fetched_bundle': ('registry.html#fetched_bundle', 'mlkit/registry.py'),

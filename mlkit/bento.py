@@ -23,7 +23,7 @@ from .config import Settings, configure, current_settings, tool_env
 from .core import atomic_write, fault, git_state, running, tool_command
 from .models import bundle_sha256
 from .predictor import Predictor
-from .registry import fetched_bundle
+from .registry import check_aliases, fetched_bundle
 from .tracking import mlflow
 
 # %% auto #0
@@ -365,6 +365,7 @@ def build(name: str, alias: str | None = "champion", version: str | None = None,
     "Bundle of `name@alias` (or `version`), and the `challenger`'s with `with_challenger`, from the registry -> BentoML -> a Bento; returns its tag."
     s = configure(settings or current_settings())
     picks = [("champion", None if version else alias, version)] + ([("challenger", "challenger", None)] if with_challenger else [])
+    if alias or with_challenger: check_aliases(name, s)  # an alias moved around mlkit (past the gate) is not built
     models, versions, requires = {}, [], []
     with _build_lock(name, s), _workspace(s):
         for role, a, v in picks:

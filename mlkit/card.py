@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import Settings, current_settings
 from .core import atomic_write
-from .registry import get_version, history, lineage, parse_ref
+from .registry import check_aliases, get_version, history, lineage, parse_ref
 from .reports import render_card
 from .tensors import TENSOR_DTYPES, FieldSpec
 from .tracking import mlflow
@@ -45,6 +45,7 @@ def card_data(name: str, alias: str | None = "champion", version: str | None = N
     mv = get_version(name, alias=None if version else alias, version=version)
     run = client.get_run(mv.run_id)
     hist = history(name, settings)
+    if alias: check_aliases(name, settings)  # the card of an alias moved around mlkit would vouch for a version no gate passed
     gates = [r for r in hist if r.get("to_version") == str(mv.version) and r.get("gate") and r.get("phase") in (None, "done")]
     report = _artifact_json(client, mv.run_id, "data/contract_report.json") or {}
     nb_files = [f.path for f in client.list_artifacts(mv.run_id, "notebook") if f.path.endswith(".ipynb")]

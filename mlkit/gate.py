@@ -234,7 +234,7 @@ def judge(
                                     f"{m} = {v}" if v is not None else _missing(candidate, m)))
     mine = candidate.metrics.get(metric)
     if champion is None or champion.version == candidate.version:
-        res.checks.append(GateCheck("beats_champion", mine is not None, f"no other champion; {metric} = {mine}" if mine is not None
+        res.checks.append(GateCheck("beats_champion", mine is not None, f"no other champion; {metric} = {mine:.6g}" if mine is not None
                                     else _missing(candidate, metric)))
         return res
     res.checks.append(_beats(candidate, champion, metric, direction, margin, paired))

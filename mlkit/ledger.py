@@ -75,12 +75,12 @@ def _client(settings: Settings): return mlflow(settings).MlflowClient()
 
 def _not_found(e) -> bool: return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 
-def anchors(settings: Settings) -> dict[str, dict]:
-    "`{'': project head, model: its last record}` as the registry holds them (`{'seq', 'hash'}` each)."
-    client, out = _client(settings), {}
+def anchors(settings: Settings) -> dict[str, dict | None]:
+    "`{'': project head, model: its last record}` as the registry holds them (`{'seq', 'hash'}` each; None: a registered model without one)."
+    client, out = _client(settings), {"": None}
     for rm in client.search_registered_models(max_results=1000):  # a tag per model: one listing, not one call per model
-        if rm.name == LOCK_MODEL or ANCHOR_TAG not in (rm.tags or {}): continue
-        out["" if rm.name == ANCHOR_MODEL else rm.name] = json.loads(rm.tags[ANCHOR_TAG])
+        if rm.name == LOCK_MODEL: continue
+        out["" if rm.name == ANCHOR_MODEL else rm.name] = json.loads(rm.tags[ANCHOR_TAG]) if ANCHOR_TAG in (rm.tags or {}) else None
     return out
 
 def _anchor(settings: Settings, rec: dict):
@@ -100,9 +100,11 @@ def _anchor(settings: Settings, rec: dict):
 def _anchor_problems(recs: list[dict], marks: dict[str, dict]) -> list[str]:
     "How the file's records disagree with the registry's anchors (truncated, replaced), or [] ."
     by_seq, probs = {r["seq"]: r for r in recs}, []
-    if not marks and any(r.get("format", 1) >= 2 for r in recs):
-        probs.append("the registry holds no anchor of a ledger with format-2 records (its mlkit.ledger model or tag was removed)")
-    for who, a in sorted(marks.items()):
+    anchored = {r.get("model") or "" for r in recs if r.get("format", 1) >= 2} | ({""} if any(r.get("format", 1) >= 2 for r in recs) else set())
+    for who in sorted(w for w in anchored if w in marks and marks[w] is None):  # format 2 anchors every record: a missing anchor was removed
+        probs.append(f"model {who}'s anchor is missing from the registry (its {ANCHOR_TAG} tag was removed)" if who else
+                     f"the project's anchor is missing from the registry (the {ANCHOR_MODEL} model or its {ANCHOR_TAG} tag was removed)")
+    for who, a in sorted((w, a) for w, a in marks.items() if a is not None):
         where = f"model {who}'s anchor" if who else "the project's anchor"
         r = by_seq.get(a["seq"])
         if r is None: probs.append(f"{where} names record {a['seq']}, but the ledger ends at record {len(recs)}: records were removed")
@@ -250,6 +252,7 @@ def _raise(path, probs: list[str]):
 def history(name: str, settings: Settings | None = None) -> list[dict]:
     "Every recorded move of model `name`, oldest first, from a ledger that verifies (file, anchors, continuity), else `LedgerError`."
     settings = settings or current_settings()
+    if not settings.ledger_path.exists(): return []  # nothing ever moved: no need to ask the registry
     recs, probs, _ = _scan(settings.ledger_path)
     _raise(settings.ledger_path, _problems(settings, recs, probs))
     return [m for m in moves(recs) if m.get("model") == name]
@@ -293,5 +296,5 @@ def locked(settings: Settings, resolve=None):
             if resolve is None: raise LedgerError(f"record {intent['seq']}: a {intent['action']} of {intent['model']} was begun and not finished")
             phase, details = resolve(intent)
             s.outcome(intent, phase, recovered=True, **details)
-        if recs and anchors(settings).get("", {}).get("seq") != recs[-1]["seq"]: _anchor(settings, recs[-1])  # a crash before anchoring
+        if recs and (anchors(settings).get("") or {}).get("seq") != recs[-1]["seq"]: _anchor(settings, recs[-1])  # a crash before anchoring
         yield s

@@ -53,9 +53,12 @@ def cmd_models_retire(args) -> int:
 
 def cmd_models_history(args) -> int:
     "Every alias move of a model, from the audit ledger."
-    from mlkit.registry import history
+    from mlkit.registry import check_aliases, history
+    from mlkit.ledger import LedgerError
     configure()
     recs = history(args.name)
+    try: check_aliases(args.name)
+    except LedgerError as e: print(f"mlkit models history: warning: {e}", file=sys.stderr)
     if args.json: _out(json.dumps(recs, indent=1)); return 0
     if not recs: _out(f"{args.name}: no recorded moves (the audit ledger has none for this model)")
     for r in recs:

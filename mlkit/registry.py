@@ -16,12 +16,12 @@ from .config import Settings, current_settings
 from .core import fault, moved
 from . import gate as _gate
 from . import ledger as _ledger
-from .tracking import mlflow
+from .tracking import check_model_name, mlflow
 
 # %% auto #0
 __all__ = ['CHAMPION', 'CHALLENGER', 'register', 'get_version', 'alias_version', 'versions_of_run', 'download_bundle',
            'fetched_bundle', 'parse_ref', 'evaluate_gate', 'promote', 'rollback', 'retire', 'unretire', 'history',
-           'verify', 'adopt', 'lineage']
+           'check_aliases', 'verify', 'adopt', 'lineage']
 
 # %% ../nbs/53_registry.ipynb #8878ddff
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -40,7 +40,7 @@ def register(
     settings = settings or current_settings()
     mlf = mlflow(settings)
     client = mlf.MlflowClient()
-    try: client.get_registered_model(name)
+    try: client.get_registered_model(check_model_name(name))
     except mlf.exceptions.MlflowException: client.create_registered_model(name)
     run_tags = client.get_run(run_id).data.tags
     tags = {"mlkit.bundle_sha256": bundle_sha256, "mlkit.run_id": run_id,
@@ -234,9 +234,18 @@ def unretire(name: str, version: str | int, reason: str, settings: Settings | No
 def history(name: str, settings: Settings | None = None) -> list[dict]:
     "Every recorded move of model `name`, oldest first, from a verified ledger (an unfinished move resolved first)."
     settings = settings or current_settings()
+    if not settings.ledger_path.exists(): return []
     if any(m.get("phase") == "pending" for m in _ledger.history(name, settings)):
         with _ledger.locked(settings, _resolve): pass
     return _ledger.history(name, settings)
+
+def check_aliases(name: str, settings: Settings | None = None) -> None:
+    "Raise `LedgerError` unless the ledger verifies and the registry's aliases of `name` are where its moves left them (what builds and cards trust)."
+    settings = settings or current_settings()
+    if not settings.ledger_path.exists(): return  # nothing ever moved through mlkit: nothing to disagree with
+    recs = _ledger.read_ledger(settings.ledger_path)
+    if bad := _disagree(_ledger.alias_state(recs)[0], name):
+        raise _ledger.LedgerError(f"{'; '.join(bad)}: an alias was moved around mlkit (`mlkit models verify {name}`)")
 
 def verify(name: str | None = None, settings: Settings | None = None) -> list[str]:
     "Every reason not to trust the audit trail of `name` (default: every model): the ledger's chain, anchors, continuity, the registry's aliases."
@@ -255,6 +264,10 @@ def adopt(name: str, reason: str, settings: Settings | None = None) -> list[dict
     settings = settings or current_settings()
     if not reason.strip(): raise ValueError("adopting the registry's aliases needs a reason (it goes into the audit ledger)")
     with _ledger.locked(settings, _resolve) as led:
+        champ = alias_version(name, CHAMPION)
+        if champ and champ != led.state.get((name, CHAMPION)) and _client().get_model_version(name, champ).tags.get("mlkit.retired") == "true":
+            raise ValueError(f"{name} version {champ} is retired: a retired version is never champion (move the alias back in "
+                             f"MLflow, or `mlkit models unretire {name} {champ}` first)")
         return [led.single("adopt", name, a, led.state.get((name, a)), alias_version(name, a), reason)
                 for a in (CHAMPION, CHALLENGER) if alias_version(name, a) != led.state.get((name, a))]
 

@@ -319,9 +319,9 @@ def reproduce(run_id: str, settings: Settings | None = None, atol: float = 0.0) 
     if Path(nb_rel).is_absolute() or ".." in Path(nb_rel).parts: raise ReproduceRefused(f"run {run_id}: notebook {nb_rel!r} is outside the repository")
     dv = t.get("mlkit.dataset_version")
     if not dv: raise ReproduceRefused(f"run {run_id}: no dataset version recorded")
-    snap = settings.snapshots_dir / f"{_hex(dv)}.parquet"  # where the notebook's `prepare` will read it
-    if not snap.is_file():
-        return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"data version {dv}: its snapshot {snap} is gone (`mlkit gc`, or another state folder); nothing was run")
+    snap = settings.snapshots_dir / f"{_hex(dv)}.parquet"  # where the notebook's `prepare` will read it (and its .json record)
+    if gone := [str(f) for f in (snap, snap.with_suffix(".json")) if not f.is_file()]:
+        return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"data version {dv}: its snapshot {' and '.join(gone)} is gone (`mlkit gc`, or another state folder); nothing was run")
     try: load_snapshot(str(snap))
     except DataError as e:
         return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"data snapshot changed: {e}")

@@ -51,6 +51,8 @@ def check_model_name(name: str, what: str = "model name") -> str:
     if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"{what} {name!r}: use letters, digits, _, - and . (not first), up to 100 of them, no '..' "
                          "(the name becomes file names inside the project's folders)")
+    if name.lower().startswith("mlkit.ledger"):  # the ledger's anchor and lock are registered models of these names
+        raise ValueError(f"{what} {name!r}: names starting with 'mlkit.ledger' are mlkit's own (the audit ledger's anchor and lock)")
     return name
 
 def experiment_id(name: str, settings: Settings | None = None) -> str:

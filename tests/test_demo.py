@@ -42,7 +42,7 @@ def demo(tmp_path_factory):
 
 def test_demo_end_to_end(demo):
     out, tmp_path = demo["stdout"], demo["root"]
-    for line in ["registered model  penguins version 1 (challenger)", "promoted          penguins version 1 -> champion (gate: not_retired, contract",
+    for line in ["registered model  penguins version 1 (challenger)", "promoted          penguins version 1 -> champion (gate: not_retired, contract, loaded_back, held_out",
                  "POST /predict     200", "server stopped"]:
         assert line in out, out
     assert masked(out) == masked(DEMO_STDOUT.read_text()), out  # ids, times and paths masked

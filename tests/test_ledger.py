@@ -242,3 +242,29 @@ def test_the_anchor_shows_a_cut_end_and_a_replaced_record(versions):
     assert r.returncode == 2 and "but the ledger ends at record" in r.stderr
     s.ledger_path.write_bytes(good)
     mlkit("models", "promote", "m", versions["versions"][0], "--force", "--reason", "x", env=env, check=True)
+
+
+def test_a_removed_anchor_and_the_ledger_s_own_names_are_refused(versions):
+    "Found by review: the project's anchor deleted alone went unnoticed; a model could be named as the ledger's lock."
+    env = versions["env"]
+    client = ("import mlkit.config; from mlkit.tracking import mlflow; mlkit.config.configure(); c = mlflow().MlflowClient();")
+    subprocess.run([sys.executable, "-c", client + "c.delete_registered_model_tag('mlkit.ledger', 'mlkit.ledger.head')"], env=env, check=True, timeout=120)
+    v = mlkit("models", "verify", env=env)
+    assert v.returncode == 1 and "the project's anchor is missing from the registry" in v.stderr, v.stderr
+    r = mlkit("models", "history", "m", env=env)
+    assert r.returncode == 2 and "the project's anchor is missing" in r.stderr
+    for name in ("mlkit.ledger.lock", "mlkit.ledger"):
+        t = mlkit("train", name, env=env)
+        assert t.returncode == 2 and "are mlkit's own" in t.stderr, t.stderr
+
+
+def test_adopting_a_retired_champion_is_refused(versions):
+    env, vs = versions["env"], versions["versions"]
+    mlkit("models", "retire", "m", vs[3], "--reason", "old", env=env, check=True)
+    code = ("import mlkit.config; from mlkit.tracking import mlflow; mlkit.config.configure();"
+            f"mlflow().MlflowClient().set_registered_model_alias('m', 'champion', '{vs[3]}')")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    r = mlkit("models", "verify", "m", "--adopt", "--reason", "oops", env=env)
+    assert r.returncode == 2 and f"version {vs[3]} is retired" in r.stderr, r.stderr
+    h = mlkit("models", "history", "m", env=env)
+    assert h.returncode == 0 and "an alias was moved around mlkit" in h.stderr  # shown, with a warning
