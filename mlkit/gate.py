@@ -127,6 +127,9 @@ def row_scores(
         return ((hit(y, out_c) - hit(yh, out_h))[:, None], lambda m: m[..., 0],
                 "per-row correctness" + ("" if base == "accuracy" else f"; {base} has no per-row form"))
     name, _, target = base.partition(".")
+    if direction != (natural := "max" if name == "r2" else "min"):  # a direction set against the metric's own: the gain turns with it
+        scores, g, what = row_scores(kind, metric, natural, y, out_c, out_h, y_h, targets)
+        return scores, lambda m: -g(m), what
     if target and target not in (targets or []): raise _Unfair(f"{metric}: {target!r} is not a target of the model ({targets})")
     ks = [targets.index(target)] if target else slice(None)
     y, out_c, out_h = (np.asarray(a, np.float64).reshape(len(out_c), -1)[:, ks] for a in (y, out_c, out_h))

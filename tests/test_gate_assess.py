@@ -114,7 +114,7 @@ def test_versions_split_with_other_seeds_are_scored_on_the_rows_both_held_out(ga
     mine, theirs = _test_rows(df, records["4"]), _test_rows(df, records["1"])
     both = mine.join(theirs, on=df.columns, how="semi", nulls_equal=True)  # in version 1's test rows: neither trained nor validated on
     assert 30 <= len(both) < len(mine)
-    assert res.paired["rows"] == len(both) and res.paired["rows_sha256"] == content_hash(both.sort(df.columns, nulls_last=True))
+    assert res.paired["rows"] == len(both) and res.paired["rows_sha256"] == content_hash(both.sort(df.columns, nulls_last=True), 1)  # as split records hash
     assert (f"on {len(both)} rows held out by both (version 4's {len(mine)} test rows less the {len(mine) - len(both)} version 1 "
             "trained or validated on)") in res.checks[-2].detail
     accuracy = {}
