@@ -357,6 +357,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlkit.ledger._anchor_problems': ('ledger.html#_anchor_problems', 'mlkit/ledger.py'),
                               'mlkit.ledger._canon': ('ledger.html#_canon', 'mlkit/ledger.py'),
                               'mlkit.ledger._client': ('ledger.html#_client', 'mlkit/ledger.py'),
+                              'mlkit.ledger._denied': ('ledger.html#_denied', 'mlkit/ledger.py'),
                               'mlkit.ledger._digest': ('ledger.html#_digest', 'mlkit/ledger.py'),
                               'mlkit.ledger._hold_tags': ('ledger.html#_hold_tags', 'mlkit/ledger.py'),
                               'mlkit.ledger._not_found': ('ledger.html#_not_found', 'mlkit/ledger.py'),

@@ -74,6 +74,7 @@ INTERNAL = (ANCHOR_MODEL, LOCK_MODEL)  # registered models that are mlkit's book
 def _client(settings: Settings): return mlflow(settings).MlflowClient()
 
 def _not_found(e) -> bool: return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+def _denied(e) -> bool: return getattr(e, "error_code", "") in ("PERMISSION_DENIED", "UNAUTHENTICATED")
 
 def anchors(settings: Settings) -> dict[str, dict | None]:
     "`{'': project head, model: its last record}` as the registry holds them (`{'seq', 'hash'}` each; None: a registered model without one)."
@@ -137,9 +138,12 @@ def registry_lock(settings: Settings):
             client.create_registered_model(LOCK_MODEL, tags=_hold_tags(settings, token), description="mlkit's ledger lock: held while a move is written")
             break
         except Exception as e:
-            if _not_found(e): raise
-        try: rm = client.get_registered_model(LOCK_MODEL)
-        except Exception: continue  # released between the two calls
+            if _denied(e): raise
+        try: rm = client.get_registered_model(LOCK_MODEL)  # taken; a store may also say "not found" when it was released meanwhile
+        except Exception as e:
+            if not _not_found(e) and time.monotonic() > deadline: raise  # the registry does not answer: say why
+            time.sleep(pause)
+            continue
         tags = rm.tags or {}  # none yet: made this instant (its tags follow), or its maker died before writing them
         expires = float(tags.get("mlkit.lock.expires", rm.creation_timestamp / 1000 + settings.ledger.lock_lease))
         if expires < time.time() or (tags and not _alive(tags)):
