@@ -75,6 +75,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'mlkit.config.Settings.predictions_dir': ('config.html#settings.predictions_dir', 'mlkit/config.py'),
                               'mlkit.config.Settings.registry_uri': ('config.html#settings.registry_uri', 'mlkit/config.py'),
                               'mlkit.config.Settings.runs_dir': ('config.html#settings.runs_dir', 'mlkit/config.py'),
+                              'mlkit.config.Settings.shared': ('config.html#settings.shared', 'mlkit/config.py'),
                               'mlkit.config.Settings.snapshots_dir': ('config.html#settings.snapshots_dir', 'mlkit/config.py'),
                               'mlkit.config.Settings.state_dir': ('config.html#settings.state_dir', 'mlkit/config.py'),
                               'mlkit.config.Settings.tracking_uri': ('config.html#settings.tracking_uri', 'mlkit/config.py'),

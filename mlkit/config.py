@@ -40,7 +40,8 @@ _SCHEMA: dict[str, dict[str, tuple]] = {  # section -> key -> (type, default, op
                 "package": (str, "", (lambda v: not v or v.isidentifier(), "must be a Python package name (or empty: none)")),
                 "model_packages": (str, "", (lambda v: all(p.strip().isidentifier() for p in v.split(",") if p.strip()),
                                              "must be comma-separated top-level package names"))},
-    "tracking": {"uri": (str, ""), "registry_uri": (str, "")},
+    "tracking": {"uri": (str, ""), "registry_uri": (str, ""),
+                 "share": (str, "auto", (lambda v: v in ("auto", "yes", "no"), "must be auto, yes or no"))},
     "runs": {"cell_timeout": (int, 1800, _positive), "kernel": (str, "python3")},
     "serve": {"host": (str, "127.0.0.1"), "port": (int, 3000, _port), "workers": (int, 1, (lambda v: 1 <= v <= 512, "must be 1-512")),
               "ready_timeout": (float, 120.0, _positive), "max_rows": (int, 1000, _positive),
@@ -158,6 +159,12 @@ class Settings:
     def embedded_tracking(self) -> bool:
         "True when MLflow state lives in the local state folder (no tracking server)."
         return not self._values[("tracking", "uri")]
+    @property
+    def shared(self) -> bool:
+        "True when what a teammate needs (snapshots, the audit ledger) lives with the registry, not in the state folder."
+        share = self._values[("tracking", "share")]
+        if share != "auto": return share == "yes"
+        return self.registry_uri.split(":", 1)[0].split("+")[0] in ("http", "https", "postgresql", "mysql", "mssql", "databricks")
     @property
     def artifacts_dir(self) -> Path: return self.state_dir / "mlartifacts"
     @property
