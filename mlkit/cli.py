@@ -84,7 +84,12 @@ def cmd_build(args) -> int:
     "Import a registered bundle into BentoML and build the Bento of `bentos/NAME/`."
     from mlkit.bento import build
     configure()
-    _out(build(args.name, alias=args.alias, version=args.version, with_challenger=args.with_challenger))
+    if args.registry and not args.containerize: raise ValueError("--registry names where the image goes: it needs --containerize")
+    if args.containerize:
+        from mlkit.k8s import container_engine, containerize
+        container_engine()  # before the build: a machine that cannot build images says so at once (exit 2)
+    _out(tag := build(args.name, alias=args.alias, version=args.version, with_challenger=args.with_challenger))
+    if args.containerize: _out(containerize(tag, args.registry))
     return 0
 
 def cmd_serve(args) -> int:
@@ -97,6 +102,14 @@ def cmd_deploy(args) -> int:
     "Serve the current champion's Bento locally, taking over from the previous deployment with no failed request."
     from mlkit.deploy import deploy_champion, undeploy
     configure()
+    if args.k8s:
+        if args.stop or args.host or args.port: raise ValueError("--k8s writes manifests: it does not go with --stop, --host or --port")
+        from mlkit.k8s import k8s_manifests
+        r = k8s_manifests(args.name, args.k8s, registry=args.image_prefix, replicas=args.replicas, max_replicas=args.max_replicas,
+                          canary=False if args.no_canary else None, gpu=args.gpu)
+        _out(f"wrote {r['path']}: {', '.join(r['objects'])}")
+        for image in r["images"]: _out(f"image {image}")
+        return 0
     if args.stop:
         rec = undeploy(args.name)
         _out(f"stopped {args.name} version {rec['version']} ({rec['bento']}) on {rec['host']}:{rec['port']}" if rec
@@ -221,6 +234,8 @@ def _serving_parsers(add):
     sp = add("build", cmd_build, "build the Bento of a registered model version")
     sp.add_argument("name"); sp.add_argument("--alias", default="champion"); sp.add_argument("--version")
     sp.add_argument("--with-challenger", action="store_true", help="also pack the `challenger` version, for canary and shadow")
+    sp.add_argument("--containerize", action="store_true", help="then build its container image (bentoml containerize: docker or podman)")
+    sp.add_argument("--registry", help="with --containerize: the image registry prefix, e.g. registry.example.com/team")
     sp = add("serve", cmd_serve, "serve a model with bentoml (127.0.0.1 unless told otherwise)")
     sp.add_argument("name"); sp.add_argument("--alias", default="champion"); sp.add_argument("--bento", help="Bento tag to serve")
     sp.add_argument("--host"); sp.add_argument("--port", type=int)
@@ -230,6 +245,10 @@ def _serving_parsers(add):
     sp.add_argument("--restart", action="store_true", help="start a fresh service even if this Bento already serves")
     sp.add_argument("--stop", action="store_true", help="stop the local deployment (draining in-flight requests)")
     sp.add_argument("--insecure", action="store_true", help="allow a non-loopback host without API keys")
+    sp.add_argument("--k8s", metavar="DIR", help="instead: write Kubernetes manifests of the champion (and a challenger canary) to DIR")
+    sp.add_argument("--image-prefix", help="with --k8s: the registry the images were pushed to"); sp.add_argument("--replicas", type=int, default=2)
+    sp.add_argument("--max-replicas", type=int, default=10); sp.add_argument("--no-canary", action="store_true", help="with --k8s: no canary Deployment")
+    sp.add_argument("--gpu", action=argparse.BooleanOptionalAction, help="with --k8s: request a GPU (default: as the model wants)")
     sp = add("monitor", cmd_monitor, "drift of served traffic against the training profile (exit 1 on a crossed threshold)")
     sp.add_argument("name"); sp.add_argument("--since", help="ISO time, e.g. 2026-11-28T09:00"); sp.add_argument("--until")
     sp.add_argument("--version", help="the served version to judge (default: the newest in the log)")

@@ -21,9 +21,9 @@ from .config import Settings, current_settings
 from .tracking import mlflow
 
 # %% auto #0
-__all__ = ['FORMAT', 'ANCHOR_MODEL', 'ANCHOR_TAG', 'LOCK_MODEL', 'INTERNAL', 'MOVES', 'LedgerError', 'read_ledger',
-           'verify_ledger', 'anchors', 'registry_lock', 'append_ledger', 'record', 'moves', 'alias_state', 'history',
-           'Session', 'locked']
+__all__ = ['FORMAT', 'ANCHOR_MODEL', 'ANCHOR_TAG', 'LOCK_MODEL', 'INTERNAL', 'RECORD_TAG', 'MOVES', 'LedgerError', 'read_ledger',
+           'verify_ledger', 'where', 'load', 'exists', 'anchors', 'registry_lock', 'append_ledger', 'append', 'record',
+           'moves', 'alias_state', 'history', 'Session', 'locked']
 
 # %% ../nbs/51_ledger.ipynb #f9438773
 FORMAT = 2  # records since the write-ahead ledger: `format`, and a move as an intent and its outcome (`phase`)
@@ -39,22 +39,26 @@ def _scan(p: Path) -> tuple[list[dict], list[str], bytes]:
     "(records, problems, torn tail) of the ledger file `p`: every line checked, the chain followed."
     if not p.exists(): return [], [], b""
     *lines, tail = p.read_bytes().split(b"\n")
+    return (*_check([(f"line {i}", line) for i, line in enumerate(lines, 1)]), tail if tail.strip() else b"")
+
+def _check(items: list[tuple[str, bytes]]) -> tuple[list[dict], list[str]]:
+    "(records, problems) of `(where, serialized record)` items in order: every item checked, the chain followed."
     recs, probs, prev, bad = [], [], None, []
-    for i, line in enumerate(lines, 1):
+    for i, line in items:
         try: rec = json.loads(line)
         except ValueError: rec = None
         if not isinstance(rec, dict) or not {"seq", "hash", "prev"} <= rec.keys():
             bad.append(i)
             continue
         n = rec["seq"]
-        if rec["hash"] != _digest(rec): probs.append(f"record {n} (line {i}): its hash does not match its content (edited)")
+        if rec["hash"] != _digest(rec): probs.append(f"record {n} ({i}): its hash does not match its content (edited)")
         if rec["prev"] != prev or n != len(recs) + 1:
-            probs.append(f"record {n} (line {i}): the chain is broken before it (a record missing, moved or edited)")
-        if bad and (rec.get("format", 1) >= 2 or probs): probs += [f"line {j}: not a ledger record" for j in bad]
+            probs.append(f"record {n} ({i}): the chain is broken before it (a record missing, moved or edited)")
+        if bad and (rec.get("format", 1) >= 2 or probs): probs += [f"{j}: not a ledger record" for j in bad]
         bad, prev = [], rec["hash"]
         recs.append(rec)
-    probs += [f"line {j}: not a ledger record" for j in bad]  # a bad line after the last record: never a legacy torn write
-    return recs, probs, tail if tail.strip() else b""
+    probs += [f"{j}: not a ledger record" for j in bad]  # a bad line after the last record: never a legacy torn write
+    return recs, probs
 
 def read_ledger(path: Path | str, model: str | None = None) -> list[dict]:
     "Ledger records (oldest first), optionally of one model; raises `LedgerError` naming what is wrong unless the chain verifies."
@@ -76,6 +80,30 @@ def _client(settings: Settings): return mlflow(settings).MlflowClient()
 def _not_found(e) -> bool: return getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
 def _denied(e) -> bool: return getattr(e, "error_code", "") in ("PERMISSION_DENIED", "UNAUTHENTICATED")
 
+RECORD_TAG = "mlkit.ledger.record."  # + the 9-digit sequence number: a record held by the registry (`settings.shared`)
+
+def _registry_items(settings: Settings) -> list[tuple[str, bytes]]:
+    "The records the registry holds as tags of `mlkit.ledger`, in sequence order (none when it was never written)."
+    try: tags = _client(settings).get_registered_model(ANCHOR_MODEL).tags or {}
+    except Exception as e:
+        if _not_found(e): return []
+        raise
+    return [(f"tag {k}", tags[k].encode()) for k in sorted(k for k in tags if k.startswith(RECORD_TAG))]
+
+def where(settings: Settings) -> str:
+    "Where the project's audit ledger lives: a file in the state folder, or (shared) the registry."
+    return f"the registry's {ANCHOR_MODEL} model ({settings.registry_uri})" if settings.shared else str(settings.ledger_path)
+
+def load(settings: Settings) -> tuple[list[dict], list[str], bytes]:
+    "(records, problems of the chain, torn tail) of the project's ledger, wherever it lives."
+    if not settings.shared: return _scan(settings.ledger_path)
+    return (*_check(_registry_items(settings)), b"")  # a tag is written whole: nothing is ever torn
+
+def exists(settings: Settings) -> bool:
+    "Whether anything was ever recorded (a local file answers without asking the registry)."
+    return bool(_registry_items(settings)) if settings.shared else settings.ledger_path.exists()
+
+# %% ../nbs/51_ledger.ipynb #c1a2000e
 def anchors(settings: Settings) -> dict[str, dict | None]:
     "`{'': project head, model: its last record}` as the registry holds them (`{'seq', 'hash'}` each; None: a registered model without one)."
     client, out = _client(settings), {"": None}
@@ -189,15 +217,46 @@ def append_ledger(path: Path | str, expect: str | None | bool = False, settings:
         if torn:
             os.ftruncate(fd, os.fstat(fd).st_size - len(torn))  # never acknowledged: cut, and said in the record
             record = {**record, "repaired": f"cut {len(torn)} bytes of an unfinished write after record {len(recs)}"}
-        rec = {"format": FORMAT, "seq": len(recs) + 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "who": _who(), **record, "prev": head}
-        rec["hash"] = _digest(rec)
+        rec = _new_record(recs, record)
         os.write(fd, _canon(rec) + b"\n")
         os.fsync(fd)
     finally:
         os.close(fd)
     if settings is not None: _anchor(settings, rec)
     return rec
+
+def _new_record(recs: list[dict], record: dict) -> dict:
+    rec = {"format": FORMAT, "seq": len(recs) + 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "who": _who(), **record, "prev": recs[-1]["hash"] if recs else None}
+    return {**rec, "hash": _digest(rec)}
+
+# %% ../nbs/51_ledger.ipynb #c1a2000c
+def _append_registry(settings: Settings, expect: str | None | bool, renew, **record) -> dict:
+    "Append one record as a tag of `mlkit.ledger` (the caller holds the registry lock; `renew` proves it still does)."
+    client, (recs, probs) = _client(settings), _check(_registry_items(settings))
+    probs += _anchor_problems(recs, anchors(settings))
+    if probs: raise LedgerError(f"{where(settings)}: refusing to append to a ledger that does not verify: {'; '.join(probs[:3])}")
+    if expect is not False and expect != (recs[-1]["hash"] if recs else None):
+        raise LedgerError(f"{where(settings)}: the ledger moved on while this move was decided (another writer): try again")
+    rec = _new_record(recs, record)
+    key, value = f"{RECORD_TAG}{rec['seq']:09d}", _canon(rec).decode()
+    try: taken = key in (client.get_registered_model(ANCHOR_MODEL).tags or {})
+    except Exception as e:
+        if not _not_found(e): raise
+        client.create_registered_model(ANCHOR_MODEL, description="mlkit's audit ledger: its records and the head of their hash chain (not a model)")
+        taken = False
+    if renew: renew()  # still the lock's holder: no successor broke the lease, so no one else writes this slot
+    if taken: raise LedgerError(f"{where(settings)}: record {rec['seq']} was written by another writer meanwhile: try again")
+    client.set_registered_model_tag(ANCHOR_MODEL, key, value)
+    if (client.get_registered_model(ANCHOR_MODEL).tags or {}).get(key) != value:  # read back: ours, whole
+        raise LedgerError(f"{where(settings)}: record {rec['seq']} was overwritten by another writer: `mlkit models verify`")
+    _anchor(settings, rec)
+    return rec
+
+def append(settings: Settings, expect: str | None | bool = False, renew=None, **record) -> dict:
+    "Append one record to the project's ledger wherever it lives (a file, or the registry when shared), and anchor it."
+    if settings.shared: return _append_registry(settings, expect, renew, **record)
+    return append_ledger(settings.ledger_path, expect=expect, settings=settings, **record)
 
 def record(
     action: str,  # what happened: register, promote, force-promote, rollback, retire, unretire, deploy, undeploy, flag-retire, gc
@@ -211,9 +270,9 @@ def record(
 ) -> dict:
     "Append one audit record of `action` to the project's ledger (and anchor it); returns it, with its sequence number, time, user and hash."
     settings = settings or current_settings()
-    with registry_lock(settings):  # one writer at a time, here and on every machine sharing the registry
-        return append_ledger(settings.ledger_path, settings=settings, model=model, action=action, alias=alias,
-                             from_version=from_version, to_version=to_version, reason=reason, **details)
+    with registry_lock(settings) as held:  # one writer at a time, here and on every machine sharing the registry
+        return append(settings, False, held["renew"], model=model, action=action, alias=alias,
+                      from_version=from_version, to_version=to_version, reason=reason, **details)
 
 # %% ../nbs/51_ledger.ipynb #c1a20006
 MOVES = ("register", "promote", "force-promote", "rollback", "adopt")  # the actions that point an alias at a version
@@ -256,9 +315,9 @@ def _raise(path, probs: list[str]):
 def history(name: str, settings: Settings | None = None) -> list[dict]:
     "Every recorded move of model `name`, oldest first, from a ledger that verifies (file, anchors, continuity), else `LedgerError`."
     settings = settings or current_settings()
-    if not settings.ledger_path.exists(): return []  # nothing ever moved: no need to ask the registry
-    recs, probs, _ = _scan(settings.ledger_path)
-    _raise(settings.ledger_path, _problems(settings, recs, probs))
+    if not settings.shared and not settings.ledger_path.exists(): return []  # nothing ever moved: no need to ask the registry
+    recs, probs, _ = load(settings)
+    _raise(where(settings), _problems(settings, recs, probs))
     return [m for m in moves(recs) if m.get("model") == name]
 
 # %% ../nbs/51_ledger.ipynb #c1a20008
@@ -271,7 +330,7 @@ class Session:
     def state(self) -> dict: return alias_state(self.recs)[0]
     def _append(self, cas: bool = True, **rec) -> dict:
         if self.held["broken"]: rec["lock_broken"], self.held["broken"] = self.held["broken"], []
-        r = append_ledger(self.settings.ledger_path, expect=self.head if cas else False, settings=self.settings, **rec)
+        r = append(self.settings, self.head if cas else False, self.held["renew"], **rec)
         self.recs.append(r)
         self.head = r["hash"]
         return r
@@ -292,8 +351,8 @@ class Session:
 def locked(settings: Settings, resolve=None):
     "The ledger under the registry lock, verified, each unfinished move resolved by `resolve(intent) -> (phase, details)`; yields a `Session`."
     with registry_lock(settings) as held:
-        recs, probs, _ = _scan(settings.ledger_path)
-        _raise(settings.ledger_path, _problems(settings, recs, probs))
+        recs, probs, _ = load(settings)
+        _raise(where(settings), _problems(settings, recs, probs))
         s = Session(settings, held, recs)
         for m in [m for m in moves(recs) if m.get("phase") == "pending"]:
             intent = next(r for r in recs if r["seq"] == m["seq"])

@@ -234,7 +234,7 @@ def unretire(name: str, version: str | int, reason: str, settings: Settings | No
 def history(name: str, settings: Settings | None = None) -> list[dict]:
     "Every recorded move of model `name`, oldest first, from a verified ledger (an unfinished move resolved first)."
     settings = settings or current_settings()
-    if not settings.ledger_path.exists(): return []
+    if not _ledger.exists(settings): return []
     if any(m.get("phase") == "pending" for m in _ledger.history(name, settings)):
         with _ledger.locked(settings, _resolve): pass
     return _ledger.history(name, settings)
@@ -242,15 +242,16 @@ def history(name: str, settings: Settings | None = None) -> list[dict]:
 def check_aliases(name: str, settings: Settings | None = None) -> None:
     "Raise `LedgerError` unless the ledger verifies and the registry's aliases of `name` are where its moves left them (what builds and cards trust)."
     settings = settings or current_settings()
-    if not settings.ledger_path.exists(): return  # nothing ever moved through mlkit: nothing to disagree with
-    recs = _ledger.read_ledger(settings.ledger_path)
+    if not _ledger.exists(settings): return  # nothing ever moved through mlkit: nothing to disagree with
+    recs, probs, _ = _ledger.load(settings)
+    _ledger._raise(_ledger.where(settings), probs)
     if bad := _disagree(_ledger.alias_state(recs)[0], name):
         raise _ledger.LedgerError(f"{'; '.join(bad)}: an alias was moved around mlkit (`mlkit models verify {name}`)")
 
 def verify(name: str | None = None, settings: Settings | None = None) -> list[str]:
     "Every reason not to trust the audit trail of `name` (default: every model): the ledger's chain, anchors, continuity, the registry's aliases."
     settings = settings or current_settings()
-    recs, probs, torn = _ledger._scan(settings.ledger_path)
+    recs, probs, torn = _ledger.load(settings)
     probs = _ledger._problems(settings, recs, probs)
     state = _ledger.alias_state(recs)[0]
     names = [name] if name else sorted({m for m, _ in state if m} | {rm.name for rm in _client().search_registered_models()
