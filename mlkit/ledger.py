@@ -31,7 +31,8 @@ FORMAT = 2  # records since the write-ahead ledger: `format`, and a move as an i
 class LedgerError(ValueError):
     "The audit ledger cannot be trusted as it is (a gap, an edit, a bad line, a mismatch with its anchor or the registry)."
 
-def _who() -> str: return os.environ.get("MLKIT_USER") or getpass.getuser()
+def _who() -> str:  # on a team server, the user it authenticates (MLflow's own variable), not the login of this machine
+    return os.environ.get("MLKIT_USER") or os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
 def _canon(rec: dict) -> bytes: return json.dumps(rec, sort_keys=True, separators=(",", ":"), default=str).encode()
 def _digest(rec: dict) -> str: return hashlib.sha256(_canon({k: v for k, v in rec.items() if k != "hash"})).hexdigest()
 

@@ -92,10 +92,25 @@ def _disagree(state: dict, name: str) -> list[str]:
     return [f"{name}: the registry's {a} is {alias_version(name, a)}, the ledger's last move left it at {state.get((name, a))}"
             for a in (CHAMPION, CHALLENGER) if alias_version(name, a) != state.get((name, a))]
 
+def _may_move(name: str):
+    "Stop now, before anything is written, when this user may not change `name` (a team server's 403): one line, no half move."
+    client = _client()
+    try: cur = (client.get_registered_model(name).tags or {}).get(_ledger.ANCHOR_TAG)
+    except Exception as e:
+        if _ledger._not_found(e): return
+        raise
+    if cur is None: return
+    try: client.set_registered_model_tag(name, _ledger.ANCHOR_TAG, cur)  # writes what is there (under the lock: nobody else moves it)
+    except Exception as e:
+        if not _ledger._denied(e): raise
+        raise PermissionError(f"the registry refuses {_ledger._who()!r} changes to model {name!r} ({getattr(e, 'error_code', '')}, "
+                              f"HTTP 403): ask its owner or an admin for EDIT on it; nothing was moved") from None
+
 @contextmanager
 def _moving(settings: Settings, name: str):
     "The ledger, locked and verified, with the registry agreeing with it about `name`; yields the `ledger.Session`."
     with _ledger.locked(settings, _resolve) as led:
+        _may_move(name)
         if bad := _disagree(led.state, name):
             raise _ledger.LedgerError(f"{'; '.join(bad)}: an alias was moved around mlkit (run `mlkit models verify {name}`; "
                                       f"`--adopt --reason ...` records the registry's state)")
