@@ -27,8 +27,8 @@ from .tensors import TENSOR_DTYPES, TensorSpec, jsonable, thumbnails
 from . import tracking
 
 # %% auto #0
-__all__ = ['DATASET_VERSION_ENV', 'LOADBACK_ROWS', 'Prepared', 'default_features', 'prepare', 'track', 'Finished', 'scores',
-           'load_back', 'finish']
+__all__ = ['DATASET_VERSION_ENV', 'SNAPSHOT_ARTIFACTS', 'LOADBACK_ROWS', 'Prepared', 'default_features', 'prepare',
+           'share_snapshot', 'track', 'Finished', 'scores', 'load_back', 'finish']
 
 # %% ../nbs/54_pipeline.ipynb #9951a33b
 @dataclass
@@ -137,6 +137,17 @@ def prepare(
     return Prepared(name, contract, features, str(source), df, snap, report, sp, spec, task, profile, settings, seed, X, y,
                     tensors=tensors)
 
+# %% ../nbs/54_pipeline.ipynb #5a7e0c02
+SNAPSHOT_ARTIFACTS = "data/snapshot"  # where a shared project's run keeps the snapshot it trained on (`<hex>.parquet`, `<hex>.json`)
+
+def share_snapshot(snap: Snapshot, settings: Settings) -> str | None:
+    "Log snapshot `snap` (Parquet and record) to the active run when the project is shared; its artifact path, else None."
+    if not settings.shared: return None  # one person's store: raw rows (pii among them) stay in the owner-only snapshot folder
+    hexid, mlf = snap.id.split(":")[1], tracking.mlflow(settings)
+    for ext in (".parquet", ".json"): mlf.log_artifact(str(settings.snapshots_dir / f"{hexid}{ext}"), SNAPSHOT_ARTIFACTS)
+    mlf.set_tag("mlkit.snapshot.artifact", where := f"{SNAPSHOT_ARTIFACTS}/{hexid}.parquet")  # the record last: a run tagged holds both
+    return where
+
 # %% ../nbs/54_pipeline.ipynb #8caabb67
 def _notebook_of(p: Prepared) -> str | None:
     "The model's training notebook (`<train_dir>/<name>.ipynb`), relative to its git repository's root: what a run records."
@@ -153,6 +164,7 @@ def track(p: Prepared, params: dict | None = None, notebook: str | None = None):
     notebook = notebook or run.data.tags.get("mlkit.notebook") or _notebook_of(p)  # under `mlkit train`, the runner recorded it
     if notebook and not run.data.tags.get("mlkit.notebook"): tracking.mlflow().set_tag("mlkit.notebook", notebook)
     tracking.log_dataset(p.snapshot, p.data, p.contract, p.report, p.profile)
+    share_snapshot(p.snapshot, p.settings)  # before anything is fitted: a version registered on a team has its data shared
     tracking.log_split(p.split.record)
     mlf = tracking.mlflow()
     mlf.log_dict(p.spec.to_dict(), "features/spec.json")

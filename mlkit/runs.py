@@ -23,6 +23,7 @@ from .gate import resolve
 from .pipeline import DATASET_VERSION_ENV
 from .registry import alias_version, register, versions_of_run
 from .reports import render_notebook
+from .shared import fetch_snapshot
 from .tracking import (SOURCE_COMMIT_ENV, check_model_name, clean_scratch, experiment_id, installed_packages, mlflow, owner_tags,
                             scratch, source_tags)
 
@@ -319,10 +320,11 @@ def reproduce(run_id: str, settings: Settings | None = None, atol: float = 0.0) 
     if Path(nb_rel).is_absolute() or ".." in Path(nb_rel).parts: raise ReproduceRefused(f"run {run_id}: notebook {nb_rel!r} is outside the repository")
     dv = t.get("mlkit.dataset_version")
     if not dv: raise ReproduceRefused(f"run {run_id}: no dataset version recorded")
-    snap = settings.snapshots_dir / f"{_hex(dv)}.parquet"  # where the notebook's `prepare` will read it (and its .json record)
-    if gone := [str(f) for f in (snap, snap.with_suffix(".json")) if not f.is_file()]:
-        return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"data version {dv}: its snapshot {' and '.join(gone)} is gone (`mlkit gc`, or another state folder); nothing was run")
-    try: load_snapshot(str(snap))
+    here = (settings.snapshots_dir / f"{_hex(dv)}.parquet").is_file()
+    try: snap = fetch_snapshot(dv, run_id, settings)  # where the notebook's `prepare` will read it: here, or the run's shared copy
+    except DataError as e: return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"{e}; nothing was run")
+    try:
+        if here: load_snapshot(str(snap))  # (a fetched one was verified on its way in)
     except DataError as e:
         return ReproReport(run_id, None, "NOT RUN", False, {}, [], f"data snapshot changed: {e}")
     src = _checkout(repo_root(settings.project.train_dir) or Path("."), commit, run_id, settings)
