@@ -314,6 +314,10 @@ def _snapshot_of(settings: Settings, run):
     hexid = vid.split(":")[-1]
     for p in (run.data.tags.get("mlkit.snapshot"), settings.snapshots_dir / f"{hexid}.parquet"):
         if hexid and p and Path(p).stem == hexid and Path(p).is_file(): return load_snapshot(str(p))
+    if hexid and settings.shared:  # a teammate's run: its shared copy, fetched owner-only and verified (or one line why not)
+        from mlkit.shared import fetch_snapshot
+        try: return load_snapshot(str(fetch_snapshot(vid, run.info.run_id, settings)))
+        except ValueError as e: raise _Unfair(f"{e}: nothing to score both versions on; {_FORCE}") from None
     raise _Unfair(f"the snapshot of data version {vid[:19] or '(not recorded)'} is not in {settings.snapshots_dir} (removed by "
                   f"retention?): nothing to score both versions on; snapshot the data again (the same content, the same id), {_FORCE}")
 

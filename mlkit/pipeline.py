@@ -20,6 +20,7 @@ from .data import DataError
 from .features import FeatureSpec, frame_inputs, frame_values, record_inputs
 from .profiles import profile_frame, tensor_profile
 from .registry import register
+from .shared import SNAPSHOT_ARTIFACTS
 from .snapshots import Snapshot, load_snapshot, snapshot, snapshot_record
 from .splits import Split, split_for
 from .tasks import Task
@@ -27,8 +28,8 @@ from .tensors import TENSOR_DTYPES, TensorSpec, jsonable, thumbnails
 from . import tracking
 
 # %% auto #0
-__all__ = ['DATASET_VERSION_ENV', 'SNAPSHOT_ARTIFACTS', 'LOADBACK_ROWS', 'Prepared', 'default_features', 'prepare',
-           'share_snapshot', 'track', 'Finished', 'scores', 'load_back', 'finish']
+__all__ = ['DATASET_VERSION_ENV', 'LOADBACK_ROWS', 'Prepared', 'default_features', 'prepare', 'share_snapshot', 'track',
+           'Finished', 'scores', 'load_back', 'finish']
 
 # %% ../nbs/54_pipeline.ipynb #9951a33b
 @dataclass
@@ -138,8 +139,6 @@ def prepare(
                     tensors=tensors)
 
 # %% ../nbs/54_pipeline.ipynb #5a7e0c02
-SNAPSHOT_ARTIFACTS = "data/snapshot"  # where a shared project's run keeps the snapshot it trained on (`<hex>.parquet`, `<hex>.json`)
-
 def share_snapshot(snap: Snapshot, settings: Settings) -> str | None:
     "Log snapshot `snap` (Parquet and record) to the active run when the project is shared; its artifact path, else None."
     if not settings.shared: return None  # one person's store: raw rows (pii among them) stay in the owner-only snapshot folder

@@ -136,6 +136,11 @@ def predict_classes(model: nn.Module, X, batch_size: int = 65536) -> np.ndarray:
     return predict_outputs(model, X, batch_size).argmax(1).numpy()
 
 # %% ../nbs/40_train.ipynb #a16407d1
+def _share(total, model):
+    "The epoch's loss summed over the ranks, and rank 0's buffers on every rank (each rank's last step moved its own BatchNorm statistics)."
+    dist.all_reduce(total)
+    for b in model.buffers(): dist.broadcast(b, 0)
+
 def _epoch(net: nn.Module, model: nn.Module, opt, sched, Xt, yt, order, batch_size: int, on_device: bool,
            dev: torch.device, loss_fn: Callable, grad_clip: float | None, autocast) -> torch.Tensor:
     "One pass over the rows `order` of `Xt`, `yt` in batches; returns the summed training loss (on the device)."
@@ -233,7 +238,8 @@ def fit(
     net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model
     Xt, yt, on_device = _tensors(X, y, dev, max_device_bytes)
     world, me = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    steps_per_epoch = math.ceil(math.ceil(len(yt) / world) / batch_size)
+    # equal shares: a rank with one row more would take a step the others never join (a hang)
+    steps_per_epoch = math.ceil((used := len(yt) // world * world) // world / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     # constant: no scheduler at all; on CPU: no autocast context (each costs microseconds on every step)
     f = lr_lambda(schedule, epochs * steps_per_epoch, int(warmup * epochs * steps_per_epoch))
@@ -245,11 +251,11 @@ def fit(
         bar = tqdm(total=epochs, desc="epochs", leave=True)
     history, stopper = [], _EarlyStopping(patience, monitor) if patience is not None else None
     for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(yt), generator=gen)[me::world]  # same permutation on every rank, a disjoint share each
+        order = torch.randperm(len(yt), generator=gen)[:used][me::world]  # same permutation on every rank, a disjoint share each
         if on_device and dev.type != "cpu": order = order.to(dev)
         total = _epoch(net, model, opt, sched, Xt, yt, order, batch_size, on_device, dev, loss_fn, grad_clip, autocast)
-        if distributed: dist.all_reduce(total)
-        m = {"epoch": epoch, "train_loss": total.item() / len(yt), "lr": sched.get_last_lr()[0] if sched else lr}
+        if distributed: _share(total, model)
+        m = {"epoch": epoch, "train_loss": total.item() / used, "lr": sched.get_last_lr()[0] if sched else lr}
         if X_val is not None: m.update({f"val_{k}": v for k, v in evaluate(model, X_val, y_val, loss_fn).items()})
         history.append(m)
         if me == 0:

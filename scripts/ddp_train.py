@@ -29,7 +29,7 @@ from mlkit.train import fit, init_distributed, is_main_process, local_rank, rank
 
 NAME = "digits"  # the model: contract nbs/train/digits.contract.yaml, experiment and registered model
 DEFAULTS = dict(epochs=30, lr=0.01, weight_decay=1e-4, batch_size=64, widths=[16, 32], dropout=0.1, patience=None,
-                seed=0, register=True)  # the notebook's, but no early stopping (see `parse_args`)
+                seed=0, register=True)  # the notebook's (nbs/train/digits.yaml)
 SCRIPT = "scripts/ddp_train.py"  # recorded as the run's source instead of a notebook
 
 
@@ -47,9 +47,6 @@ def parse_args(argv=None) -> tuple[dict, Path | None]:
         if not sep: ap.error(f"-p {item!r}: expected KEY=VALUE")
         params[key.strip()] = yaml.safe_load(raw)
     if unknown := sorted(set(params) - set(DEFAULTS)): ap.error(f"unknown parameters {unknown}; valid: {', '.join(DEFAULTS)}")
-    if params["patience"] is not None:  # each rank would judge its epochs on its own BatchNorm statistics (`_sync_buffers`)
-        ap.error(f"patience={params['patience']}: early stopping under DDP needs fit to share BatchNorm statistics between "
-                 "ranks each epoch, or the ranks may stop at different epochs and hang; set -p patience=null")
     return params, a.report
 
 
@@ -61,24 +58,6 @@ def weights_sha256(module: torch.nn.Module) -> str:
         h.update(f"{k}\0{v.dtype}\0{tuple(v.shape)}\0".encode())
         h.update(v.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _sync_buffers(module: torch.nn.Module):
-    "Rank 0's buffers (BatchNorm running statistics) on every rank."
-    # DDP broadcasts rank 0's buffers before each forward, but each rank's last training step updates its own copy
-    # afterwards: without this the ranks end with different running statistics (and fit's per-epoch validation, hence
-    # early stopping, could differ between ranks: why `patience` defaults to None here).
-    for b in module.buffers(): dist.broadcast(b, 0)
-
-
-def _uneven(n: int, world: int, batch_size: int) -> str | None:
-    "Why `fit` would hang on `n` training rows over `world` ranks, or None."
-    # fit gives the first n % world ranks one row more; when the others' share is a multiple of batch_size, those ranks
-    # take one step more and DDP waits forever for the rest in that step's gradient all-reduce
-    if n % world and (n // world) % batch_size == 0:
-        return (f"batch_size={batch_size}: the {world} ranks' shares of the {n} training rows ({n // world + 1} and "
-                f"{n // world}) would take different numbers of steps and hang DDP; pick another batch_size")
-    return None
 
 
 def _source(settings) -> Path:
@@ -104,10 +83,8 @@ def main(argv=None) -> int:
         from mlkit import pipeline, tracking
         p = pipeline.prepare(NAME, _source(mlkit.config.configure()), seed=params["seed"])
         print(p.summary(), flush=True)
-        why = _uneven(len(p.y_train), world, params["batch_size"])  # refused before a run is opened
-        shared = [dict(error=why) if why else None]
-    else: shared = [None]
-    if p and not shared[0]:
+    shared = [None]
+    if p:
         pipeline.track(p, {**params, "world_size": world, "nodes": nodes}, notebook=SCRIPT)
         tracking.mlflow().set_tags({"mlkit.runner": "torchrun", "mlkit.ddp.world_size": str(world), "mlkit.ddp.nodes": str(nodes),
                                     "mlkit.ddp.backend": dist.get_backend()})
@@ -116,14 +93,12 @@ def main(argv=None) -> int:
         shared = [dict(config=config, task=p.task.to_dict(), X=p.X_train, y=p.y_train, X_val=p.X_val, y_val=p.y_val)]
     dist.broadcast_object_list(shared, src=0)  # the encoded arrays, as rank 0 prepared them (a few MB for the digits)
     d = shared[0]
-    if "error" in d: raise SystemExit(f"{SCRIPT}: {d['error']}" if p else 2)
     seed_everything(params["seed"])
     module = build_model(d["config"], allowed=("mlkit",))
     history = fit(module, d["X"], d["y"], d["X_val"], d["y_val"], epochs=params["epochs"], lr=params["lr"],
                   weight_decay=params["weight_decay"], batch_size=params["batch_size"], seed=params["seed"], device=None,
                   loss_fn=Task.from_dict(d["task"]).loss, patience=params["patience"],
                   progress=False, on_epoch=tracking.epoch_logger() if p else None)
-    _sync_buffers(module)
     digest = weights_sha256(module)
     digests = [None] * world
     dist.all_gather_object(digests, digest)

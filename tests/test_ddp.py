@@ -75,3 +75,33 @@ def test_two_nodes_of_two_ranks_train_one_model_and_log_one_run(tmp_path, clean_
     path, version = download_bundle("digits", alias="challenger")
     assert version.run_id == run.info.run_id
     assert script().weights_sha256(load_bundle(path).module) == ranks[0]["sha256"]
+
+
+UNEVEN = '''
+import hashlib, json, sys
+import numpy as np, torch
+from torch import nn
+from mlkit.train import fit, rank, seed_everything
+rng = np.random.default_rng(0)
+X = rng.normal(size=(1169, 6)).astype(np.float32)  # 1169 rows over 2 ranks: 585 and 584, and 584 is 8 x 73
+y = (X[:, 0] + X[:, 2] > 0).astype(np.int64)
+seed_everything(0)
+model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+hist = fit(model, X, y, X[:200], y[:200], epochs=3, batch_size=73, seed=0, device="cpu", progress=False, patience=2)
+w = b"".join(v.detach().numpy().tobytes() for _, v in sorted(model.state_dict().items()))
+open(f"{sys.argv[1]}/rank{rank()}.json", "w").write(json.dumps({"sha256": hashlib.sha256(w).hexdigest(),
+                                                                  "val_loss": [h["val_loss"] for h in hist]}))
+'''
+
+
+def test_uneven_shares_do_not_hang_and_batchnorm_agrees(tmp_path):
+    "Rows that do not split evenly over the ranks (one rank a step more) and BatchNorm: fit neither hangs nor drifts apart."
+    from mlkit.deploy import free_port
+    script = tmp_path / "uneven.py"
+    script.write_text(UNEVEN)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0 == r1  # the same weights and BatchNorm statistics, and the same validation each epoch (early stopping agrees)

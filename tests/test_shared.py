@@ -87,6 +87,19 @@ def test_a_teammate_renders_the_card(team):
     assert not (top / "carol" / "state" / "snapshots").exists() or not any((top / "carol" / "state" / "snapshots").iterdir())
 
 
+def test_a_teammate_gate_scores_on_the_shared_snapshot(team):
+    "The gate of a teammate whose state folder is empty fetches the run's snapshot to score both versions on."
+    erin, top = _checkout(team["top"] / "erin", team["db"]), team["top"]
+    away = team["local"].parent.with_name("snapshots-away")  # the path the run recorded is alice's: not on erin's machine
+    team["local"].parent.rename(away)
+    try: rows = _py("import mlkit.config, mlkit.gate as g, mlkit.tracking as t; s = mlkit.config.current_settings(); "
+                    f"print(g._snapshot_of(s, t.mlflow().MlflowClient().get_run('{team['run_id']}')).height)", erin, top)
+    finally: away.rename(team["local"].parent)
+    assert int(rows) == 344  # the penguins the run snapshotted, from the shared copy
+    mine = top / "erin" / "state" / "snapshots" / f"{team['dv'][7:]}.parquet"
+    assert mine.read_bytes() == team["local"].read_bytes() and oct(mine.stat().st_mode & 0o777) == "0o400"
+
+
 @pytest.mark.parametrize("harm", ["tampered", "missing"])
 def test_a_changed_or_missing_shared_snapshot_fails_closed(team, harm):
     top, remote, dv, run_id = team["top"], team["remote"], team["dv"], team["run_id"]
