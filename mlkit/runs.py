@@ -316,6 +316,9 @@ def reproduce(run_id: str, settings: Settings | None = None, atol: float = 0.0) 
     t = run.data.tags
     name, nb_rel, commit = t.get("mlkit.model"), t.get("mlkit.notebook"), t.get("mlflow.source.git.commit")
     if not (name and nb_rel): raise ReproduceRefused(f"run {run_id}: not an mlkit training run (no model or notebook recorded)")
+    if t.get("mlkit.runner") == "torchrun":  # a script over several processes (and machines): not a notebook papermill re-runs
+        raise ReproduceRefused(f"run {run_id}: trained by torchrun ({nb_rel}, {t.get('mlkit.ddp.world_size', '?')} ranks): run that "
+                               f"command again at commit {(commit or '?')[:12]} with the run's parameters")
     check_model_name(name, f"run {run_id}: model name")  # tags are data: a name or notebook path must not leave its folders
     if Path(nb_rel).is_absolute() or ".." in Path(nb_rel).parts: raise ReproduceRefused(f"run {run_id}: notebook {nb_rel!r} is outside the repository")
     dv = t.get("mlkit.dataset_version")

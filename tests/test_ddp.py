@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 
 from conftest import REPO, project_env, write_project
+from conftest import mlkit as mlkit_cli
 
 SCRIPT = REPO / "scripts" / "ddp_train.py"
 
@@ -75,6 +76,8 @@ def test_two_nodes_of_two_ranks_train_one_model_and_log_one_run(tmp_path, clean_
     path, version = download_bundle("digits", alias="challenger")
     assert version.run_id == run.info.run_id
     assert script().weights_sha256(load_bundle(path).module) == ranks[0]["sha256"]
+    r = mlkit_cli("reproduce", run.info.run_id, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "trained by torchrun" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr  # not a notebook
 
 
 UNEVEN = '''
