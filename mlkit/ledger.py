@@ -178,7 +178,10 @@ def registry_lock(settings: Settings):
         if expires < time.time() or (tags and not _alive(tags)):
             if (client.get_registered_model(LOCK_MODEL).tags or {}).get("mlkit.lock.owner") == tags.get("mlkit.lock.owner"):
                 try: client.delete_registered_model(LOCK_MODEL)
-                except Exception: pass
+                except Exception as e:
+                    if _denied(e): raise LedgerError(f"the ledger lock left by {tags.get('mlkit.lock.who')} on {tags.get('mlkit.lock.host')} "
+                                                     f"has expired, and the registry refuses {_who()!r} its removal (HTTP 403): an admin "
+                                                     f"deletes the registered model {LOCK_MODEL}") from None
                 broken.append({k.split(".")[-1]: v for k, v in tags.items() if k.startswith("mlkit.lock.") and k != "mlkit.lock.owner"})
             continue
         if time.monotonic() > deadline:
