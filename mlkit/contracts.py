@@ -10,11 +10,11 @@ import json
 from dataclasses import InitVar, asdict, dataclass, field
 from pathlib import Path
 
+from .data import ENGINE, SYNTHETIC_PLANS, aggregate, SYNTHETIC_REGIONS, DataError, duplicated_rows, read_data, reading, scan_data, streams  # before polars: sets its allocator under a memory cap (`mlkit.data`)
 import polars as pl
 import yaml
 
 from .config import brief
-from .data import ENGINE, SYNTHETIC_PLANS, SYNTHETIC_REGIONS, DataError, read_data
 from .tensors import FIELD_KEYS, TENSOR_DTYPES, FieldSpec, InvalidInput
 
 # %% auto #0
@@ -309,9 +309,10 @@ def validate(
     contract: Contract,  # its contract
     source: str = "<frame>",  # name of the data (a file path) for messages
     n_examples: int = 5,  # offending rows kept per failed check
+    engine: str = ENGINE,  # "streaming": a batch at a time, uniqueness by hash parts (`mlkit.data.duplicated_rows`)
 ) -> ValidationReport:
     "Check `data` against `contract`; every check is reported, pass or fail."
-    lf = data.lazy()
+    lf, parted = data.lazy(), engine == "streaming"
     schema = lf.collect_schema()
     checks, exprs, pending, decoded = [], [pl.len().alias("__rows")], [], []
     pii = set(contract.pii)
@@ -331,16 +332,16 @@ def validate(
         if spec["dtype"] in TENSOR_DTYPES: decoded.append(c)
         for name, bad, detail in _column_checks(c, spec, kind):
             key = f"__{len(pending)}"
-            exprs.append(_count(name, bad, c).alias(key))
+            if not (parted and name == "unique"): exprs.append(_count(name, bad, c).alias(key))
             pending.append((c, name, bad, detail, key))
-    counts = lf.select(exprs).collect(engine=ENGINE).row(0, named=True)
+    counts = aggregate(lf, exprs, engine)
     n = counts["__rows"]
     for c, name, bad, detail, key in pending:
-        failing = int(counts[key] or 0)
-        ex = []
+        dup = duplicated_rows(lf, c, n, n_examples) if parted and name == "unique" else None
+        failing, ex = int(counts[key] or 0) if dup is None else dup[0], []
         if failing:
-            if name == "unique": failing = int(lf.select(bad.sum()).collect(engine=ENGINE).item())  # rows involved
-            rows = lf.with_row_index("__row").filter(bad).head(n_examples).select(["__row", c]).collect()
+            if name == "unique" and not dup: failing = int(lf.select(bad.sum()).collect(engine=engine).item())  # rows involved
+            rows = dup[1] if dup else lf.with_row_index("__row").filter(bad).head(n_examples).select(["__row", c]).collect(engine=engine)
             ex = [{"row": r["__row"], c: ("<pii>" if c in pii else _shown(r[c]))} for r in rows.to_dicts()]
         checks.append(Check(c, name, failing == 0, failing, f"{failing} of {n} rows: {detail}" if failing else detail, ex))
     checks += [_decode_check(lf, c, contract.columns[c], n, n_examples) for c in decoded]
@@ -353,19 +354,23 @@ def validate(
     return ValidationReport(contract.name, source, n, checks)
 
 # %% ../nbs/11_contracts.ipynb #f0191d99
-def read_as(contract: Contract, data: Path | str) -> pl.DataFrame:
+def read_as(contract: Contract, data: Path | str, lazy: bool = False) -> pl.DataFrame | pl.LazyFrame:
     """Read a data file as its contract types it: a CSV column the contract calls `string` stays text even when its
     values look like numbers (codes such as `1` and `2`, zip codes with leading zeros), where type inference would
     read integers, and integer codes in Parquet or NDJSON become their text, and Parquet decimals a contract calls `float` become floats; `date` and `datetime` columns are parsed (ISO 8601). (Parquet and NDJSON carry their types.)"""
     kinds = {"string": pl.String, "date": pl.Date, "datetime": pl.Datetime}
     typed = {c: kinds[s["dtype"]] for c, s in contract.columns.items() if s["dtype"] in kinds}
-    df = read_data(data, schema_overrides=typed if str(data).split("?")[0].lower().endswith(".csv") else None)
-    codes = [c for c, s in contract.columns.items() if s["dtype"] == "string" and c in df.columns and df[c].dtype.is_integer()]
+    df = (scan_data if lazy else read_data)(data, schema_overrides=typed if str(data).split("?")[0].lower().endswith(".csv") else None)
+    df, t = (df.collect() if lazy and _files(contract, t := df.collect_schema()) else df), df.collect_schema()  # (image files: in memory)
+    codes = [c for c, s in contract.columns.items() if s["dtype"] == "string" and c in t and t[c].is_integer()]
     df = df.with_columns(pl.col(codes).cast(pl.String)) if codes else df  # integer codes a contract calls text (Parquet, NDJSON)
-    decimals = [c for c, s in contract.columns.items() if s["dtype"] == "float" and c in df.columns and isinstance(df[c].dtype, pl.Decimal)]
+    decimals = [c for c, s in contract.columns.items() if s["dtype"] == "float" and c in t and isinstance(t[c], pl.Decimal)]
     df = df.with_columns(pl.col(decimals).cast(pl.Float64)) if decimals else df  # Parquet decimals a contract calls float
-    files = [c for c, s in contract.columns.items() if s["dtype"] == "image" and c in df.columns and df[c].dtype == pl.String]
-    return df.with_columns([_image_files(df[c], Path(str(data).split("?")[0]).parent, data) for c in files]) if files else df
+    if not (files := _files(contract, t)): return df
+    df = df.with_columns([_image_files(df[c], Path(str(data).split("?")[0]).parent, data) for c in files])
+    return df.lazy() if lazy else df
+
+def _files(contract: Contract, schema) -> list[str]: return [c for c, s in contract.columns.items() if s["dtype"] == "image" and schema.get(c) == pl.String]
 
 def _image_files(paths: pl.Series, base: Path, data) -> pl.Series:
     "An image column of file paths (relative to the data file's folder) as the files' bytes: the snapshot versions the pixels."
@@ -377,10 +382,11 @@ def _image_files(paths: pl.Series, base: Path, data) -> pl.Series:
         except OSError as e: raise DataError(f"{data}: column {paths.name!r}: row {i}: cannot read image file {f} ({e.strerror})") from None
     return pl.Series(paths.name, out, dtype=pl.Binary)
 
-def check_file(data: Path | str, contract: Path | str) -> ValidationReport:
-    "Validate the data file `data` against the contract file `contract`; `DataError` when either cannot be read."
+def check_file(data: Path | str, contract: Path | str, stream: bool | None = None) -> ValidationReport:
+    "Validate the data file `data` against the contract file `contract` (streamed: see `mlkit.data.streams`); `DataError` when either cannot be read."
     c = Contract.load(contract)  # first: a typo in its path is found before a large file is read
-    return validate(read_as(c, data), c, source=str(data))
+    if not streams(data, stream): return validate(read_as(c, data), c, source=str(data))
+    with reading(data): return validate(read_as(c, data, lazy=True), c, source=str(data), engine="streaming")
 
 # %% ../nbs/11_contracts.ipynb #b1ecbb3a
 def encode_labels(df: pl.DataFrame, contract: Contract):

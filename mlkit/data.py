@@ -7,19 +7,44 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import sys
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from .config import brief
 from .core import moved
 
+def _cgroup_memory() -> tuple[int, int] | None:
+    "`(limit, usage less file pages)` in bytes of this process's memory cgroup (v2 `memory.max`, v1 `memory.limit_in_bytes`); None without a limit."
+    try: lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError: return None
+    for _, ctrl, path in (line.split(":", 2) for line in lines if line.count(":") >= 2):
+        if not ((v1 := "memory" in ctrl.split(",")) or ctrl == ""): continue
+        d = Path("/sys/fs/cgroup") / ("memory" if v1 else "") / path.lstrip("/")
+        limit, usage, cache = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache") if v1 else ("memory.max", "memory.current", "file")
+        try: cap, used = (d / limit).read_text().strip(), int((d / usage).read_text())
+        except (OSError, ValueError): continue
+        try: used -= next(int(v) for k, v in (ln.split() for ln in (d / "memory.stat").read_text().splitlines()) if k == cache)
+        except (OSError, ValueError, StopIteration): pass  # the file pages it holds (data read, mostly) are the kernel's to reclaim
+        if cap != "max" and int(cap) < 1 << 60: return int(cap), used
+    return None
+
+# polars' allocator (jemalloc) keeps what a thread frees in that thread's arena; under a tight cap (a container) one
+# arena for all threads reuses it instead: a streamed pass over all columns of a wide file, ~100 -> ~40 MB (measured).
+# Read once, when polars loads: it must not be loaded yet (the CLI loads it here first). A value already set is kept.
+if "polars" not in sys.modules and (_cg := _cgroup_memory()) and _cg[0] < 4 << 30 and "narenas" not in (_rj := os.environ.get("_RJEM_MALLOC_CONF", "")):
+    os.environ["_RJEM_MALLOC_CONF"] = ",".join(filter(None, [_rj, "narenas:1"]))  # added to what a parent that loaded polars passed down
+import polars as pl  # noqa: E402
+
 # %% auto #0
-__all__ = ['ENGINE', 'READERS', 'DIABETES_COLUMNS', 'SYNTHETIC_REGIONS', 'SYNTHETIC_PLANS', 'DataError', 'read_data',
-           'penguins_path', 'load_penguins', 'diabetes_files', 'load_diabetes', 'digits_file', 'load_digits',
-           'synthetic', 'split_frame']
+__all__ = ['ENGINE', 'READERS', 'DIABETES_COLUMNS', 'SYNTHETIC_REGIONS', 'SYNTHETIC_PLANS', 'STREAM_SHARE', 'PREFETCH',
+           'ENGINE_MEMORY', 'PASS_COLUMNS', 'DataError', 'read_data', 'penguins_path', 'load_penguins',
+           'diabetes_files', 'load_diabetes', 'digits_file', 'load_digits', 'synthetic', 'split_frame',
+           'memory_available', 'streams', 'scan_data', 'reading', 'budget', 'aggregate', 'duplicated_rows',
+           'value_counts', 'order_statistics']
 
 # %% ../nbs/10_data.ipynb #7cf572dc
 class DataError(ValueError):
@@ -55,11 +80,8 @@ def _ndjson_diagnosis(path: Path) -> str | None:
             if not isinstance(obj, dict): return f"line {i}: a JSON {type(obj).__name__}, not an object"
     return None
 
-def read_data(
-    source: str | Path,  # a CSV, Parquet or NDJSON path or URI
-    schema_overrides: dict | None = None,  # polars dtypes for some CSV/NDJSON columns
-) -> pl.DataFrame:
-    "Read a data file into a polars frame; errors name the file and, where possible, the line."
+def _source(source: str | Path) -> tuple[str, str]:
+    "`(source as text, reader kind)`; `DataError` for an unknown type, or a local file that is missing or empty."
     src = str(source)
     kind = READERS.get(Path(src.split("?")[0]).suffix.lower())
     if kind is None: raise DataError(f"{src}: unknown file type (expected one of {', '.join(READERS)})")
@@ -67,20 +89,40 @@ def read_data(
     if local is not None:
         if not local.is_file(): raise DataError(f"{src}: no such file")
         if local.stat().st_size == 0: raise DataError(f"{src}: empty file")
+    return src, kind
+
+def read_data(
+    source: str | Path,  # a CSV, Parquet or NDJSON path or URI
+    schema_overrides: dict | None = None,  # polars dtypes for some CSV/NDJSON columns
+) -> pl.DataFrame:
+    "Read a data file into a polars frame; errors name the file and, where possible, the line."
+    src, kind = _source(source)
     try:
         if kind == "csv": df = pl.read_csv(src, null_values=["NA", ""], schema_overrides=schema_overrides, infer_schema_length=10_000)
         elif kind == "parquet": df = pl.read_parquet(src)
         else: df = pl.read_ndjson(src, schema_overrides=schema_overrides)
-    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as e:
-        diagnosis = {"csv": _csv_diagnosis, "ndjson": _ndjson_diagnosis}.get(kind)
-        where = diagnosis(local) if diagnosis and local is not None else None
-        msg = brief((str(e).strip() or type(e).__name__).splitlines()[0], 300)  # polars quotes a bad field whole
-        if kind == "parquet" and local is not None: msg = f"not a readable Parquet file (truncated, corrupt, or of a type polars cannot read: {msg})"
-        raise DataError(f"{src}: {where or msg}") from None
-    if df.width == 0: raise DataError(f"{src}: no columns")
-    if long := next((c for c in df.columns if len(c) > 1000), None):  # a first line that is data, not a header
+    except _READ_ERRORS as e: raise _read_error(src, e) from None
+    return _named(src, df.columns, df)
+
+
+# %% ../nbs/10_data.ipynb #s20cd006
+_READ_ERRORS = (pl.exceptions.PolarsError, OSError, UnicodeDecodeError)
+
+def _read_error(src: str, e: Exception) -> DataError:
+    "The `DataError` for a failed read of `src`: the line where a local CSV or NDJSON file breaks, else polars' message cut short."
+    kind, local = READERS.get(Path(src.split("?")[0]).suffix.lower()), Path(src) if "://" not in src else None
+    diagnosis = {"csv": _csv_diagnosis, "ndjson": _ndjson_diagnosis}.get(kind)
+    where = diagnosis(local) if diagnosis and local is not None and local.is_file() else None
+    msg = brief((str(e).strip() or type(e).__name__).splitlines()[0], 300)  # polars quotes a bad field whole
+    if kind == "parquet" and local is not None: msg = f"not a readable Parquet file (truncated, corrupt, or of a type polars cannot read: {msg})"
+    return DataError(f"{src}: {where or msg}")
+
+def _named(src: str, columns: list[str], out):
+    "`out`, once the file's `columns` are a header (some, none too long): else `DataError`."
+    if not columns: raise DataError(f"{src}: no columns")
+    if long := next((c for c in columns if len(c) > 1000), None):  # a first line that is data, not a header
         raise DataError(f"{src}: a column name of {len(long):,} characters ({brief(long, 40)}): is line 1 a header?")
-    return df
+    return out
 
 # %% ../nbs/10_data.ipynb #967d0b81
 def penguins_path() -> Path:
@@ -183,6 +225,123 @@ def split_frame(
     is_test = pl.col("_rank") < (pl.col("_n") * test_size).round().cast(pl.Int64)
     drop = ["_row", "_rank", "_n"]
     return idx.filter(~is_test).sort("_row").drop(drop), idx.filter(is_test).sort("_row").drop(drop)
+
+# %% ../nbs/10_data.ipynb #s20cd001
+STREAM_SHARE = 0.25  # a local file larger than this share of the memory available streams (`streams`)
+
+def _cgroup_room() -> int | None:
+    "Bytes this process's cgroup still allows, None when it has no limit (or none is known)."
+    return None if (m := _cgroup_memory()) is None else max(m[0] - m[1], 0)
+
+def memory_available() -> int:
+    "Bytes this process may still allocate: the machine's available memory, or its cgroup's room when that is less."
+    import psutil
+    room = _cgroup_room()
+    return min(psutil.virtual_memory().available, room if room is not None else 1 << 62)
+
+def streams(source: str | Path, stream: bool | None = None) -> bool:
+    "Whether `source` is read a batch at a time: `stream` when given, else a local file above `STREAM_SHARE` of `memory_available()`."
+    if stream is not None: return stream
+    src = str(source)
+    if "://" in src or not Path(src).is_file(): return False
+    return Path(src).stat().st_size > STREAM_SHARE * memory_available()
+
+def scan_data(
+    source: str | Path,  # a CSV, Parquet or NDJSON path or URI
+    schema_overrides: dict | None = None,  # polars dtypes for some CSV/NDJSON columns
+) -> pl.LazyFrame:
+    "`read_data` planned, not run: a `LazyFrame` of the same columns and types, errors naming the file (see `reading`)."
+    src, kind = _source(source)
+    with reading(src):
+        if kind == "csv": lf = pl.scan_csv(src, null_values=["NA", ""], schema_overrides=schema_overrides, infer_schema_length=10_000)
+        elif kind == "parquet": lf = pl.scan_parquet(src)
+        else: lf = pl.scan_ndjson(src, schema_overrides=schema_overrides, infer_schema_length=10_000)
+        return _named(src, lf.collect_schema().names(), lf)
+
+PREFETCH = {"POLARS_ROW_GROUP_PREFETCH_SIZE": "1"}  # streamed Parquet: one row group read ahead, not one per thread and more
+
+class reading:
+    """Context for streamed work on `src`: a polars or OS error inside becomes the `DataError` `read_data` would raise;
+    polars reads ahead as `PREFETCH` says (unless the environment says otherwise): a row group holds every column read."""
+    def __init__(self, src: str | Path): self.src = str(src)
+    def __enter__(self):
+        self._set = [k for k in PREFETCH if k not in os.environ]
+        os.environ.update({k: PREFETCH[k] for k in self._set})
+        return self
+    def __exit__(self, kind, e, tb):
+        for k in self._set: os.environ.pop(k, None)
+        if e is not None and isinstance(e, _READ_ERRORS) and not isinstance(e, DataError): raise _read_error(self.src, e) from None
+
+# %% ../nbs/10_data.ipynb #s20cd003
+ENGINE_MEMORY = 40 << 20  # what a streamed polars query holds whatever its work (buffers, thread pools): ~40 MB measured
+PASS_COLUMNS = 3  # columns one streamed aggregation reads: each adds a row group's worth of buffers (~7 MB here, measured)
+
+def budget() -> int:
+    "Bytes one out-of-core step may hold in memory: a quarter of `memory_available()` less `ENGINE_MEMORY`, at least 4 MiB."
+    return max((memory_available() - ENGINE_MEMORY) // 4, 4 << 20)
+
+def aggregate(lf: pl.LazyFrame, exprs: list[pl.Expr], engine: str = ENGINE) -> dict:
+    "The one row of the aggregations `exprs` on `lf`, by name; streamed, a pass per `PASS_COLUMNS` columns read (in memory: one)."
+    if engine != "streaming": return lf.select(exprs).collect(engine=engine).row(0, named=True)
+    by, passes, cols, out = {}, [[]], set(), {}
+    for e in exprs: by.setdefault(frozenset(e.meta.root_names()), []).append(e)
+    for roots, es in by.items():
+        if passes[-1] and len(cols | roots) > PASS_COLUMNS: passes, cols = [*passes, []], set()
+        passes[-1] += es; cols |= roots
+    for es in passes: out.update(lf.select(es).collect(engine=engine).row(0, named=True))
+    return out
+
+def _parts(rows: int, bytes_per: int = 64) -> int:
+    "How many hash parts keep `rows` values of `bytes_per` bytes each (with their hash table) within `budget()`."
+    return max(1, -(-int(rows) * bytes_per // budget()))
+
+def _part(c: str, i: int, parts: int) -> pl.Expr:
+    return pl.lit(True) if parts == 1 else pl.col(c).hash(seed=20) % parts == i
+
+def duplicated_rows(lf: pl.LazyFrame, c: str, rows: int, n_examples: int = 5, parts: int | None = None) -> tuple[int, pl.DataFrame]:
+    "`(rows whose non-null value of c repeats, the first n_examples of them as __row, c)`, a hash part of the values at a time."
+    failing, ex, parts = 0, [], parts or _parts(rows)
+    for i in range(parts):
+        part = lf.with_row_index("__row").select("__row", c).filter(pl.col(c).is_not_null() & _part(c, i, parts)).collect(engine="streaming")
+        dup = part.filter(pl.col(c).is_duplicated())
+        failing, ex = failing + dup.height, ex + [dup.sort("__row").head(n_examples)]
+    return failing, pl.concat(ex).sort("__row").head(n_examples)
+
+def value_counts(lf: pl.LazyFrame, c: str, distinct: int, top: int, parts: int | None = None) -> tuple[pl.DataFrame, int]:
+    "`(the top values of c by count, as c and __n, most frequent first; how many distinct non-null values)`, a hash part at a time."
+    parts, tops, n = parts or _parts(distinct, 128), [], 0
+    for i in range(parts):
+        g = lf.select(c).filter(pl.col(c).is_not_null() & _part(c, i, parts)).group_by(c).len("__n").collect(engine="streaming")
+        n, tops = n + g.height, tops + [g.sort("__n", descending=True).head(top)]
+    return pl.concat(tops).sort("__n", descending=True).head(top), n
+
+
+# %% ../nbs/10_data.ipynb #s20cd005
+def order_statistics(lf: pl.LazyFrame, x: pl.Expr, ranks: list[int], lo, hi, n: int, buckets: int = 4096, max_values: int | None = None) -> dict:
+    """`{rank: value}`: the values of `x` (no nulls) at 0-based `ranks` of its sorted order, given its min `lo`, max `hi`
+    and count `n`; at most `max_values` values (default: what `budget()` holds) are sorted in memory at once."""
+    out, todo, cap = {}, [(lo, hi, 0, n, sorted(set(ranks)))], max_values or max(budget() // 16, 1024)
+    while todo:
+        win, todo = todo, []
+        for a, *_, rs in (w for w in win if w[0] == w[1]): out.update(dict.fromkeys(rs, a))  # one value only
+        if small := [w for w in win if w[3] <= cap and w[0] != w[1]]:  # few enough values left: sort them in memory
+            inside = pl.any_horizontal([(pl.col("__x") >= a) & (pl.col("__x") <= b) for a, b, *_ in small])
+            vals = lf.select(x.alias("__x")).filter(inside).collect(engine="streaming").to_series().sort()  # (a sort in the query: the whole column)
+            for a, b, base, _, rs in small:
+                v = vals.filter((vals >= a) & (vals <= b))
+                out.update({r: v[r - base] for r in rs})
+        for a, b, base, m, rs in (w for w in win if w[3] > cap and w[0] != w[1]):  # count values per bucket, narrow each rank to one
+            span = float(b) - float(a)
+            scale = buckets / span if span < float("inf") else buckets / 2 / (float(b) / 2 - float(a) / 2)
+            v = pl.col("__x")
+            g = (lf.select(x.alias("__x")).filter((v >= a) & (v <= b))
+                 .group_by(((v.cast(pl.Float64) - float(a)) * scale).floor().clip(0, buckets - 1).cast(pl.Int64).alias("__b"))
+                 .agg(pl.len().alias("__n"), v.min().alias("__lo"), v.max().alias("__hi")).collect(engine="streaming").sort("__b"))
+            if g.height == 1: cap = max(cap, m); todo.append((a, b, base, m, rs)); continue  # (rounding) no split: sort them
+            ends, got = (g["__n"].cum_sum() + base).to_list(), {}
+            for r in rs: got.setdefault(next(j for j, e in enumerate(ends) if r < e), []).append(r)
+            todo += [(g["__lo"][j], g["__hi"][j], ends[j] - g["__n"][j], g["__n"][j], r) for j, r in got.items()]
+    return out
 
 # %% ../nbs/10_data.ipynb #5a6290b8
 _MOVED = {**dict.fromkeys(["DTYPES", "Contract", "infer_contract", "synthetic_contract", "Check", "ValidationReport", "validate",

@@ -5,13 +5,14 @@
 # %% ../nbs/13_profiles.ipynb #df774c57
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .data import ENGINE, aggregate, order_statistics, read_data, reading, scan_data, streams, value_counts  # before polars: sets its allocator under a memory cap (`mlkit.data`)
 import polars as pl
 
 from .contracts import Contract, read_as
-from .data import ENGINE, read_data
 
 if TYPE_CHECKING:  # named in annotations only: profiles load without torch
     from mlkit.tensors import TensorSpec
@@ -23,34 +24,38 @@ __all__ = ['PROFILE_QUANTILES', 'MAX_CATEGORY_CHARS', 'profile_frame', 'profile_
 PROFILE_QUANTILES = [i / 10 for i in range(11)]
 MAX_CATEGORY_CHARS = 200  # a longer value is not listed among a column's category frequencies (it counts in `other_share`)
 
-def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100, pii: list | tuple = ()) -> dict:
-    """Reference statistics of every column (JSON-able), in two passes over the data.
-    `pii` columns (`Contract.pii`) get their null rate only: no value of theirs (category, quantile) enters a profile."""
-    lf = data.lazy()
+def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100, pii: list | tuple = (), engine: str = ENGINE) -> dict:
+    """Reference statistics of every column (JSON-able), in two passes over the data (`engine="streaming"`: a batch at a
+    time, deciles and category counts out of core, see `mlkit.data`). `pii` columns (`Contract.pii`) get their null
+    rate only: no value of theirs (category, quantile) enters a profile."""
+    lf, ooc = data.lazy(), engine == "streaming"
     schema = lf.collect_schema()
     nums = [c for c, t in schema.items() if t.is_numeric() and c not in pii]
     cats = [c for c in schema.names() if c not in nums and c not in pii]
     exprs = [pl.len().alias("__rows")] + [pl.col(c).null_count().alias(f"{c}__nulls") for c in schema.names()]
     for c in nums:
         x = _finite(c, schema[c])
-        exprs += [x.mean().alias(f"{c}__mean"), x.std().alias(f"{c}__std"), x.quantile(PROFILE_QUANTILES, "linear").alias(f"{c}__q")]
+        exprs += [x.mean().alias(f"{c}__mean"), x.std().alias(f"{c}__std")]
+        exprs += [x.count().alias(f"{c}__n"), x.min().alias(f"{c}__lo"), x.max().alias(f"{c}__hi")] if ooc else [x.quantile(PROFILE_QUANTILES, "linear").alias(f"{c}__q")]
+    exprs += [pl.col(c).approx_n_unique().alias(f"{c}__d") for c in cats] if ooc else []
     # category counts by group_by on the native dtype: several times faster than value_counts on cast strings
-    first, *groups = pl.collect_all([lf.select(exprs), *(lf.group_by(c).len("__n").sort("__n", descending=True) for c in cats)],
-                                    engine=ENGINE)
-    stats = first.row(0, named=True)
+    first, *groups = pl.collect_all([lf.select(exprs if not ooc else pl.len()), *(lf.group_by(c).len("__n").sort("__n", descending=True) for c in cats if not ooc)],
+                                    engine=engine)
+    stats = first.row(0, named=True) if not ooc else aggregate(lf, exprs, engine)
+    if ooc: stats.update({f"{c}__q": _deciles(lf, _finite(c, schema[c]), *(stats[f"{c}__{k}"] for k in ("n", "lo", "hi"))) for c in nums})
     n = stats["__rows"]
     cols = {}
     for c in nums:
         cols[c] = {"dtype": str(schema[c]), "null_rate": stats[f"{c}__nulls"] / n if n else 0.0, "kind": "number",
                    "mean": stats[f"{c}__mean"], "std": stats[f"{c}__std"],
                    "quantiles": dict(zip(map(str, PROFILE_QUANTILES), stats[f"{c}__q"] or [None] * len(PROFILE_QUANTILES)))}
-    for c, g in zip(cats, groups):
-        g = g.filter(pl.col(c).is_not_null())
-        total = max(int(g["__n"].sum()), 1)
+    for c, g in zip(cats, groups if not ooc else (value_counts(lf, c, stats[f"{c}__d"], max_categories) for c in cats)):
+        g, k = (g.filter(pl.col(c).is_not_null()), None) if not ooc else g
+        total = max(n - stats[f"{c}__nulls"] if ooc else int(g["__n"].sum()), 1)
         top = zip(map(str, g[c].head(max_categories).to_list()), g["__n"].head(max_categories).to_list())
         freqs = {k: v / total for k, v in top if len(k) <= MAX_CATEGORY_CHARS}
         cols[c] = {"dtype": str(schema[c]), "null_rate": stats[f"{c}__nulls"] / n if n else 0.0, "kind": "category",
-                   "frequencies": freqs, "n_categories": len(g), "other_share": max(0.0, 1 - sum(freqs.values()))}
+                   "frequencies": freqs, "n_categories": len(g) if k is None else k, "other_share": max(0.0, 1 - sum(freqs.values()))}
     for c in pii:
         if c in schema: cols[c] = {"dtype": str(schema[c]), "null_rate": stats[f"{c}__nulls"] / n if n else 0.0, "kind": "pii"}
     if nums:  # share of values in each reference bin, for PSI later: a second pass of counts `x <= edge`, edges from the first
@@ -59,23 +64,31 @@ def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100, 
         for c, e in edges.items():
             x = _finite(c, schema[c])
             sums += [x.count().alias(f"{c}__n")] + [(x <= v).sum().alias(f"{c}__le{i}") for i, v in enumerate(e)]
-        row = lf.select(sums).collect(engine=ENGINE).row(0, named=True)
+        row = aggregate(lf, sums, engine)
         for c, e in edges.items():
             cum = [row[f"{c}__le{i}"] for i in range(len(e))] + [row[f"{c}__n"]]
             k = [b - a for a, b in zip([0, *cum[:-1]], cum)]
             cols[c]["bins"] = {"edges": e, "shares": [v / max(cum[-1], 1) for v in k]}
     return {"format": 1, "rows": n, "columns": {c: cols[c] for c in schema.names()}}
 
+def _deciles(lf: pl.LazyFrame, x: pl.Expr, n: int, lo, hi) -> list | None:
+    "`PROFILE_QUANTILES` of `x` as polars' linear quantile computes them, from its order statistics (`order_statistics`): out of core."
+    if not n: return None
+    idx = [((n - 1) * q, int((n - 1) * q), math.ceil((n - 1) * q)) for q in PROFILE_QUANTILES]
+    v = order_statistics(lf, x, [r for _, a, b in idx for r in (a, b)], lo, hi, n)
+    return [float(v[a]) if v[a] == v[b] else (f - a) * (float(v[b]) - float(v[a])) + float(v[a]) for f, a, b in idx]
+
 def _finite(c: str, dtype: pl.DataType) -> pl.Expr:
     "Column `c` without missing or non-finite values (integers as they are: cheaper quantiles)."
     return pl.col(c).cast(pl.Float64).filter(pl.col(c).is_finite()) if dtype.is_float() else pl.col(c).drop_nulls()
 
 # %% ../nbs/13_profiles.ipynb #2c7e8d83
-def profile_file(data: Path | str, contract: Path | str | None = None) -> dict:
-    "The profile of the data file `data` (the `pii` columns of the contract file `contract`, when given, keep only their null rate)."
-    if contract is None: return profile_frame(read_data(data))
-    c = Contract.load(contract)
-    return profile_frame(read_as(c, data), pii=c.pii)
+def profile_file(data: Path | str, contract: Path | str | None = None, stream: bool | None = None) -> dict:
+    """The profile of the data file `data` (the `pii` columns of the contract file `contract`, when given, keep only their
+    null rate), streamed when the file is larger than memory allows (`mlkit.data.streams`)."""
+    c, lazy = Contract.load(contract) if contract else None, streams(data, stream)
+    frame = (scan_data(data) if lazy else read_data(data)) if c is None else read_as(c, data, lazy=lazy)
+    with reading(data): return profile_frame(frame, pii=c.pii if c else (), engine="streaming" if lazy else ENGINE)
 
 # %% ../nbs/13_profiles.ipynb #d2cf738a
 def tensor_profile(

@@ -7,20 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from .data import DataError, read_data, reading, scan_data, streams  # before polars: sets its allocator under a memory cap (`mlkit.data`)
 import polars as pl
 
 from .config import Settings, current_settings
 from .core import atomic_write
-from .data import DataError, read_data
 
 # %% auto #0
-__all__ = ['FORMAT', 'content_hash', 'Snapshot', 'snapshot', 'snapshot_record', 'load_snapshot', 'snapshot_file']
+__all__ = ['FORMAT', 'CHUNK', 'content_hash', 'Snapshot', 'snapshot', 'snapshot_record', 'load_snapshot', 'snapshot_file']
 
 # %% ../nbs/12_snapshots.ipynb #5af79947
 FORMAT = 2  # the content id's format (see above); a snapshot's `.json` records the one its id was made with
@@ -33,15 +35,29 @@ def content_hash(df: pl.DataFrame, format: int = FORMAT) -> str:
 
 def _content_hashes(df: pl.DataFrame, formats: tuple = (FORMAT,)) -> dict[int, str]:
     "`{format: content id}` of `df` for each of `formats`, the CSV text written once for all."
+    return _chunk_hashes(df.schema, df.rechunk().iter_slices(CHUNK), formats)
+
+
+# %% ../nbs/12_snapshots.ipynb #s20cd007
+CHUNK = 250_000  # rows hashed at a time: null marks and nested cells are per chunk, so the id depends on it: never change it
+
+def _slices(path: str | Path | pl.LazyFrame):
+    "The rows of the Parquet file (or lazy frame) `path` as `CHUNK`-row frames, each read on its own (no batches read ahead pile up)."
+    lf = path if isinstance(path, pl.LazyFrame) else pl.scan_parquet(path)
+    return (lf.slice(o, CHUNK).collect() for o in range(0, lf.select(pl.len()).collect().item(), CHUNK))
+
+def _chunk_hashes(schema, chunks, formats: tuple = (FORMAT,)) -> dict[int, str]:
+    "`_content_hashes` of the frame made of `chunks` (`CHUNK` rows each, the last shorter), a chunk in memory at a time."
     if bad := [f for f in formats if f not in (1, 2)]: raise ValueError(f"content id format {bad[0]}: this mlkit knows formats 1 and 2")
-    hs = {f: hashlib.sha256(_schema_repr(df.schema).encode()) for f in formats}
-    nested = [c for c, t in df.schema.items() if isinstance(t, _NOT_CSV) or t == pl.Binary]
-    text = [c for c, t in df.schema.items() if t == pl.String or isinstance(t, (pl.Categorical, pl.Enum))]
-    for chunk in df.rechunk().iter_slices(250_000):
+    hs = {f: hashlib.sha256(_schema_repr(schema).encode()) for f in formats}
+    nested = [c for c, t in schema.items() if isinstance(t, _NOT_CSV) or t == pl.Binary]
+    text = [c for c, t in schema.items() if t == pl.String or isinstance(t, (pl.Categorical, pl.Enum))]
+    for chunk in chunks:
         flat = chunk.drop(nested)
-        csv = flat.write_csv(include_header=False, null_value="\\N", quote_style="always", line_terminator="\n").encode() if flat.width else b""
+        for part in flat.iter_slices(5_000) if flat.width else ():  # CSV rows stand alone: its text a little at a time (25,000 rows: +15 MB)
+            csv = part.write_csv(include_header=False, null_value="\\N", quote_style="always", line_terminator="\n").encode()
+            for h in hs.values(): h.update(csv)
         for f, h in hs.items():
-            h.update(csv)
             if f > 1: h.update(_null_marks(chunk, text))
             for c in nested: h.update(_cell_bytes(chunk[c], f))  # CSV cannot hold them: their values' bytes, column by column
     return {f: "sha256:" + h.hexdigest() for f, h in hs.items()}
@@ -141,6 +157,63 @@ def load_snapshot(id_or_path: str, folder: Path | str | None = None, verify: boo
     return df
 
 # %% ../nbs/12_snapshots.ipynb #e42a8ea2
-def snapshot_file(data: Path | str, settings: Settings | None = None) -> Snapshot:
-    "Store the data file `data` as a snapshot in the project's snapshot folder; returns its `Snapshot`."
-    return snapshot(read_data(data), (settings or current_settings()).snapshots_dir, source=str(data))
+def snapshot_file(data: Path | str, settings: Settings | None = None, stream: bool | None = None) -> Snapshot:
+    "Store the data file `data` as a snapshot in the project's snapshot folder (streamed: `mlkit.data.streams`); returns its `Snapshot`."
+    folder = (settings or current_settings()).snapshots_dir
+    if not streams(data, stream): return snapshot(read_data(data), folder, source=str(data))
+    with reading(data): return _snapshot_stream(scan_data(data), Path(folder), str(data))
+
+def _snapshot_stream(lf: pl.LazyFrame, folder: Path, source: str) -> Snapshot:
+    "`snapshot` of a lazy frame, a `CHUNK`-row slice in memory at a time: each hashed and written as one row group; the same id."
+    import pyarrow as pa
+    import pyarrow.parquet as papq  # not polars' `sink_parquet`: it peaks ~200 MB on any 8 columns, whatever its settings
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".snapshot.", suffix=".parquet", dir=folder); os.close(fd)
+    schema, out, rows = lf.collect_schema(), _Unpiled(tmp), []
+    text = [c for c, t in schema.items() if t == pl.String or isinstance(t, (pl.Categorical, pl.Enum))]  # dictionaries of numbers: +70 MB a row group
+    try:  # polars' arrow schema carries its dtypes (Enum, Categorical, time zones) into the file: read back as they were
+        with papq.ParquetWriter(out, pl.DataFrame(schema=schema).to_arrow().schema, compression="zstd", use_dictionary=text,
+                               memory_pool=pa.system_memory_pool()) as w:  # malloc: large freed buffers go back at once
+            ids = _chunk_hashes(schema, _written(_slices(lf), w, rows), (FORMAT, 1))
+        out.close()
+        vid, old = ids[FORMAT], ids[1]
+        snap = _stored(folder, vid)
+        if snap is None and old != vid and (snap := _stored(folder, old)) and not (snap.format == 1 and _file_id(snap.path) == vid): snap = None
+        if snap is not None: return snap  # (stored before format 2, the same values: the data version keeps its id)
+        pq, meta = folder / f"{vid.split(':')[1]}.parquet", folder / f"{vid.split(':')[1]}.json"
+        os.chmod(tmp, 0o400); os.replace(tmp, pq)  # read-only, and the owner's only: it may hold pii
+    finally: out.close(); Path(tmp).unlink(missing_ok=True)
+    snap = Snapshot(vid, str(pq), sum(rows), len(schema), "sha256:" + hashlib.sha256(_schema_repr(schema).encode()).hexdigest(),
+                    source, datetime.now(timezone.utc).isoformat(timespec="seconds"), FORMAT)
+    atomic_write(meta, lambda p: p.write_text(json.dumps(asdict(snap), indent=1)))
+    return snap
+
+def _written(chunks, writer, rows: list):
+    "`chunks`, each written by the Parquet `writer` as one row group as it passes (its row count appended to `rows`)."
+    for chunk in chunks:
+        writer.write_table(chunk.to_arrow(), row_group_size=max(len(chunk), 1)); rows.append(len(chunk))
+        yield chunk
+
+def _file_id(path) -> str:
+    "The format-2 content id of a Parquet file, hashed a chunk at a time."
+    return _chunk_hashes(pl.scan_parquet(path).collect_schema(), _slices(path))[FORMAT]
+
+class _Unpiled:
+    """A file written in order whose pages go to disk and out of memory every `every` bytes: a cgroup charges a file's
+    unwritten pages to its writer, and a large write under a memory cap must not pile them up (a Parquet writer writes to it)."""
+    def __init__(self, path, every: int = 16 << 20): self.f, self.every, self.n, self.done = open(path, "wb"), every, 0, 0
+    def write(self, b) -> int:
+        self.n += (k := self.f.write(b))
+        if self.n - self.done >= self.every: self.sync()
+        return k
+    def sync(self):
+        self.f.flush(); os.fsync(self.f.fileno()); self.done = self.n
+        if hasattr(os, "posix_fadvise"): os.posix_fadvise(self.f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    def flush(self): self.f.flush()
+    def close(self):
+        if not self.f.closed: self.sync(); self.f.close()
+    def tell(self) -> int: return self.n
+    @property
+    def closed(self) -> bool: return self.f.closed
+    def writable(self) -> bool: return True
+    def seekable(self) -> bool: return False

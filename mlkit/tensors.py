@@ -10,9 +10,11 @@ import binascii
 import hashlib
 import io
 import json
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+if TYPE_CHECKING: import torch  # imported where a batch is made: reading and checking data need no torch (~165 MB)
 
 # %% auto #0
 __all__ = ['TENSOR_DTYPES', 'FIELD_KEYS', 'ELEMENTS', 'IMAGE_FORMATS', 'MODES', 'MAX_PIXELS', 'HIST_BINS', 'GEOMETRIC',
@@ -234,7 +236,7 @@ def check_steps(f: FieldSpec) -> None:
 
 def _geometric(self: FieldSpec, a: np.ndarray, row: int = 0) -> torch.Tensor:
     "One value through the resize and crop steps, as a float32 tensor."
-    x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    import torch; x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     for s in self.steps:
         h, w = s.get("size", (0, 0))
         if s["op"] == "resize" and tuple(x.shape[-2:]) != (h, w):
@@ -248,6 +250,7 @@ def _geometric(self: FieldSpec, a: np.ndarray, row: int = 0) -> torch.Tensor:
 
 def _elementwise(self: FieldSpec, x: torch.Tensor) -> torch.Tensor:
     "A stacked batch `(n, ...)` through the scale and normalize steps (per channel: dimension 1)."
+    import torch
     for s in self.steps:
         if s["op"] == "scale": x = x * s["factor"]
         elif s["op"] == "normalize":
@@ -258,7 +261,7 @@ def _elementwise(self: FieldSpec, x: torch.Tensor) -> torch.Tensor:
 
 def _batch(self: FieldSpec, values: list, rows: list[int] | None = None) -> torch.Tensor:
     "Raw or decoded values of this field -> the model's float32 batch `(n, ...)`: decoded, resized, cropped, stacked, scaled, normalized."
-    rows = rows or range(len(values))
+    import torch; rows = rows or range(len(values))
     xs = [self._geometric(self.decode(v, i), i) for v, i in zip(values, rows)]
     shapes = {tuple(x.shape) for x in xs}
     if len(shapes) > 1: raise _bad(self.name, 0, f"values of different shapes {sorted(shapes)} cannot form one batch: declare a resize")
@@ -378,7 +381,7 @@ def jsonable(value):
     "A value of a training frame as JSON can carry it: bytes as base64 text, arrays as nested lists."
     if isinstance(value, (bytes, bytearray, memoryview)): return base64.b64encode(bytes(value)).decode()
     if isinstance(value, np.ndarray): return value.tolist()
-    if isinstance(value, torch.Tensor): return value.tolist()
+    if (t := sys.modules.get("torch")) and isinstance(value, t.Tensor): return value.tolist()  # a tensor means torch is loaded
     return value
 
 # %% ../nbs/05_tensors.ipynb #d6048475
