@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.mlkit-installed
 LAB_PORT ?= 8888
 
-.PHONY: install demo test soak lab bench nbdev-check clean-state
+.PHONY: install demo test soak lab bench team nbdev-check clean-state
 
 install: $(STAMP)
 
@@ -25,11 +25,17 @@ demo: $(STAMP)  ## train -> register -> promote -> build -> serve -> predict, on
 test: $(STAMP)  ## nbdev discipline, nbdev-test, ruff, pytest (installs Debian's chromium when missing: the HTML render test)
 	bash .ci/test
 
-soak: $(STAMP)  ## the concurrency and crash tests, repeated: 20 rounds of 4 concurrent promotions (make test runs 3)
+soak: $(STAMP)  ## the concurrency and crash tests, repeated: 20 rounds of 4 concurrent promotions, 10 of two team users (make test runs 3 each)
 	MLKIT_SOAK_ROUNDS=$${MLKIT_SOAK_ROUNDS:-20} $(BIN)/python -m pytest -q tests/test_ledger.py -k "concurrent or crash"
+	MLKIT_SOAK_ROUNDS=$${MLKIT_TEAM_SOAK_ROUNDS:-10} $(BIN)/python -m pytest -q tests/test_team.py -k "two_users"
 
 lab: $(STAMP)  ## JupyterLab in the same environment, on 127.0.0.1 (root, as in containers and CI, needs --allow-root)
 	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --notebook-dir . $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+team: $(STAMP)  ## a team stack on 127.0.0.1 until Ctrl-C: PostgreSQL, S3 (moto), MLflow with basic-auth; prints the export lines
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql >/dev/null; } \
+	  || { echo "make team needs PostgreSQL's server (apt-get install postgresql)"; exit 2; }
+	$(BIN)/python scripts/team_stack.py $(TEAM_ARGS)
 
 # Evidently, the monitoring benchmark's peer, from the `bench` extra into a venv of its own (it needs pandas < 3).
 BENCH_VENV ?= .venv-bench

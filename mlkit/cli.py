@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         try: return args.fn(args)
         except Exception as e:
             if os.environ.get("MLKIT_DEBUG") or not isinstance(e, _user_errors()): raise
-            msg = brief(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 500)
+            from mlkit.tracking import explain_mlflow_error  # a team server's 403, 401 or silence, said in its own words
+            msg = explain_mlflow_error(e) or brief(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 500)
             print(f"mlkit {' '.join(filter(None, (args.command, getattr(args, 'data_command', None))))}: {msg}", file=sys.stderr)
             return 2
     except BrokenPipeError:  # standard output closed early (`| head`): stop quietly, as `cat` does

@@ -49,7 +49,8 @@ def register(
         intent = led.intent("register", name, alias, led.state.get((name, alias)), None, f"run {run_id}", run_id=run_id)
         mv = None
         try:
-            mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
+            mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags,  # a server checks a logged model's source by its id
+                                             model_id=model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None)
             fault("register")
             client.set_registered_model_alias(name, alias, mv.version)
         except BaseException as e:  # nothing half-registered: the version goes, the ledger says why

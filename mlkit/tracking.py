@@ -24,10 +24,11 @@ from .contracts import classes_of, targets_of, task_of
 from .core import check_port, git_state, run_foreground, tool_command
 
 # %% auto #0
-__all__ = ['SOURCE_COMMIT_ENV', 'mlflow', 'check_model_name', 'experiment_id', 'source_tags', 'start_run', 'lineage_record',
-           'end_run', 'owner_tags', 'process_gone', 'abandoned', 'reap', 'scratch', 'clean_scratch', 'log_dataset',
-           'installed_packages', 'log_capsule', 'epoch_logger', 'log_learning_curves', 'log_confusion_matrix',
-           'log_slice_metrics', 'log_split', 'pyfunc_code', 'contract_signature', 'log_bundle', 'ui_command', 'ui']
+__all__ = ['SOURCE_COMMIT_ENV', 'mlflow', 'check_model_name', 'experiment_id', 'explain_mlflow_error', 'source_tags', 'start_run',
+           'lineage_record', 'end_run', 'owner_tags', 'process_gone', 'abandoned', 'reap', 'scratch', 'clean_scratch',
+           'log_dataset', 'installed_packages', 'log_capsule', 'epoch_logger', 'log_learning_curves',
+           'log_confusion_matrix', 'log_slice_metrics', 'log_split', 'pyfunc_code', 'contract_signature', 'log_bundle',
+           'ui_command', 'ui']
 
 # %% ../nbs/50_tracking.ipynb #5b478c33
 _REAPED: set = set()  # the stores this process has reaped (`reap`): once each
@@ -35,6 +36,8 @@ _REAPED: set = set()  # the stores this process has reaped (`reap`): once each
 def mlflow(settings: Settings | None = None):
     "The `mlflow` module, its tracking and registry URIs set from mlkit's settings (and, once a process, abandoned runs reaped)."
     settings = settings or current_settings()
+    # a server makes MLflow print "View run ... at: URL" on stdout at each run's end: it broke `--json` output (mlkit names runs itself)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow as _mlflow
     _mlflow.set_tracking_uri(settings.tracking_uri)
     _mlflow.set_registry_uri(settings.registry_uri)
@@ -62,7 +65,36 @@ def experiment_id(name: str, settings: Settings | None = None) -> str:
     exp = client.get_experiment_by_name(check_model_name(name))
     if exp is not None: return exp.experiment_id
     location = (settings.artifacts_dir / name).as_uri() if settings.embedded_tracking else None
-    return client.create_experiment(name, artifact_location=location)
+    try: return client.create_experiment(name, artifact_location=location)
+    except Exception as e:  # another process made it between the look and the create (two teammates' first runs at once)
+        if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS": raise
+        return client.get_experiment_by_name(name).experiment_id
+
+# %% ../nbs/50_tracking.ipynb #7e4a1b02
+_REFUSED = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}  # MLflow's error codes for the HTTP statuses
+
+def explain_mlflow_error(
+    e: BaseException,  # what an MLflow call raised (MlflowException, RestException, a connection error)
+    settings: Settings | None = None,  # names the server (default: the current settings)
+) -> str | None:
+    "One line for a tracking server that refused (401, 403) or could not be reached, naming it, the user and the fix; else None."
+    text = str(e)
+    status = _REFUSED.get(getattr(e, "error_code", "")) or next((s for s in (401, 403) if f"error code {s} " in text), None)
+    try: uri = (settings or current_settings()).tracking_uri
+    except Exception: uri = os.environ.get("MLFLOW_TRACKING_URI", "the tracking server")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    endpoint = re.search(r"endpoint (/\S+)", text)
+    on = f" on {endpoint.group(1)}" if endpoint else ""
+    if status == 403:
+        return (f"the MLflow server {uri} refused user {user or '(none: MLFLOW_TRACKING_USERNAME is unset)'}: 403 permission "
+                f"denied{on}; MLflow's auth gives them no right to this (ask an admin for EDIT on the model or experiment)")
+    if status == 401:
+        return (f"the MLflow server {uri} did not accept the credentials of {user or 'nobody (MLFLOW_TRACKING_USERNAME is unset)'}: "
+                "401 unauthenticated; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if isinstance(e, ConnectionError) or re.search(r"Max retries exceeded|Failed to establish a new connection|Connection refused", text):
+        why = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+        return f"cannot reach the MLflow server {uri} ([tracking] uri): {why.group(1).strip() if why else 'no answer'}"
+    return None
 
 # %% ../nbs/50_tracking.ipynb #fa9762e3
 SOURCE_COMMIT_ENV = "MLKIT_SOURCE_COMMIT"  # set when running code exported from a commit
