@@ -108,7 +108,7 @@ def cmd_deploy(args) -> int:
         r = k8s_manifests(args.name, args.k8s, registry=args.image_prefix, replicas=args.replicas, max_replicas=args.max_replicas,
                           canary=False if args.no_canary else None, gpu=args.gpu)
         _out(f"wrote {r['path']}: {', '.join(r['objects'])}")
-        for image in r["images"]: _out(f"image {image}")
+        for track, image in r["images"].items(): _out(f"{track}: {image} (version {r['versions'][track]})")
         return 0
     if args.stop:
         rec = undeploy(args.name)

@@ -21,9 +21,9 @@ import yaml
 from .bento import bento_models
 from .config import Settings, current_settings, tool_env
 from .core import Unavailable, atomic_write, tool_command
-from .deploy import bento_of, check_bento
+from .deploy import check_bento
 from .guard import API_KEYS_ENV
-from .registry import alias_version
+from .registry import alias_version, download_bundle, get_version
 
 # %% auto #0
 __all__ = ['ENGINES', 'PORT', 'STATE', 'UID', 'API_KEYS_SECRET', 'NoContainerEngine', 'container_engine', 'image_name',
@@ -155,6 +155,21 @@ def _packed_contract(bento: str, settings: Settings) -> dict:
     model = bento_models(bento.split(":")[0], home / "bentos" / bento.replace(":", "/") / "src", home)["champion"]
     return json.loads((home / "models" / model.replace(":", "/") / "bundle" / "contract.json").read_text())
 
+def _recorded_bento(name: str, alias: str):
+    "The Bento the registry records for `name`'s `alias` (what `mlkit build` made and pushed): a teammate's manifests name the same image."
+    mv = get_version(name, alias=alias)
+    if not (bento := mv.tags.get("mlkit.bento")):
+        raise ValueError(f"model {name!r} {alias} (version {mv.version}) has no Bento recorded: build and push its image first "
+                         f"(`mlkit build {name} --alias {alias} --containerize --registry ...`)")
+    return bento, mv
+
+def _contract(bento: str, mv, settings: Settings) -> dict:
+    "The contract the Bento packs: from the local store, else from the registered bundle (a teammate without the Bento)."
+    try: return _packed_contract(bento, settings)
+    except (OSError, KeyError, ValueError):
+        path, _ = download_bundle(mv.name, version=mv.version)
+        return json.loads((Path(path) / "contract.json").read_text())
+
 def k8s_manifests(name: str, out_dir: Path | str, settings: Settings | None = None, registry: str | None = None,
                   replicas: int = 2, max_replicas: int = 10, canary: bool | None = None, canary_replicas: int = 1,
                   cpu: str | None = None, memory: str = "2Gi", gpu: bool | None = None, cpu_target: int = 70,
@@ -165,20 +180,20 @@ def k8s_manifests(name: str, out_dir: Path | str, settings: Settings | None = No
     if not 1 <= replicas <= max_replicas: raise ValueError(f"replicas = {replicas}: must be at least 1 and at most max_replicas ({max_replicas})")
     if canary_replicas < 1: raise ValueError(f"canary_replicas = {canary_replicas}: must be at least 1")
     app, serve = dns_name(name), s.serve
-    bento, mv = bento_of(name, "champion", settings=s)
+    bento, mv = _recorded_bento(name, "champion")
     challenger = alias_version(name, "challenger")
     if canary and challenger in (None, str(mv.version)):
         raise ValueError(f"model {name!r}: no challenger other than the champion (version {mv.version}) to run as the canary")
     tracks = [("stable", bento, str(mv.version), replicas)]
     if canary is not False and challenger not in (None, str(mv.version)):
-        c_bento, c_mv = bento_of(name, "challenger", settings=s)
+        c_bento, c_mv = _recorded_bento(name, "challenger")
         tracks.append(("canary", c_bento, str(c_mv.version), canary_replicas))
     config = serve_env(s)
     sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     docs, images = around(app, replicas, max_replicas, cpu_target, config), {}
-    for track, b, version, n in tracks:
+    for (track, b, version, n), m in zip(tracks, [mv, c_mv] if len(tracks) > 1 else [mv]):
         images[track] = image_name(b, registry)
-        use_gpu = wants_gpu(serve.device, _packed_contract(b, s)) if gpu is None else gpu
+        use_gpu = wants_gpu(serve.device, _contract(b, m, s)) if gpu is None else gpu
         docs.append(deployment(app, track, images[track], b, version, n, sha, secret=api_keys_secret and api_keys_secret.format(app=app),
                                cpu=cpu or str(serve.workers), memory=memory, gpu=use_gpu, ready_timeout=serve.ready_timeout))
     path = Path(out_dir) / f"{app}.yaml"

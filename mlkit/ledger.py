@@ -101,8 +101,8 @@ def load(settings: Settings) -> tuple[list[dict], list[str], bytes]:
     return (*_check(_registry_items(settings)), b"")  # a tag is written whole: nothing is ever torn
 
 def exists(settings: Settings) -> bool:
-    "Whether anything was ever recorded (a local file answers without asking the registry)."
-    return bool(_registry_items(settings)) if settings.shared else settings.ledger_path.exists()
+    "Whether a reader must verify the ledger: a local file that exists; a shared one always (a deleted ledger model still has anchors to answer to)."
+    return True if settings.shared else settings.ledger_path.exists()
 
 # %% ../nbs/51_ledger.ipynb #c1a2000e
 def anchors(settings: Settings) -> dict[str, dict | None]:
@@ -157,6 +157,8 @@ def _hold_tags(settings: Settings, token: str) -> dict:
             "mlkit.lock.pid": str(os.getpid()), "mlkit.lock.started": repr(psutil.Process().create_time()),
             "mlkit.lock.expires": repr(time.time() + settings.ledger.lock_lease)}
 
+
+# %% ../nbs/51_ledger.ipynb #c1a20010
 @contextmanager
 def registry_lock(settings: Settings):
     "Hold the project's ledger lock (a registered model that exists while held); yields `{'token', 'broken'}`."
@@ -179,9 +181,11 @@ def registry_lock(settings: Settings):
             if (client.get_registered_model(LOCK_MODEL).tags or {}).get("mlkit.lock.owner") == tags.get("mlkit.lock.owner"):
                 try: client.delete_registered_model(LOCK_MODEL)
                 except Exception as e:
-                    if _denied(e): raise LedgerError(f"the ledger lock left by {tags.get('mlkit.lock.who')} on {tags.get('mlkit.lock.host')} "
-                                                     f"has expired, and the registry refuses {_who()!r} its removal (HTTP 403): an admin "
-                                                     f"deletes the registered model {LOCK_MODEL}") from None
+                    if _denied(e):
+                        held_by = (f"held by {tags.get('mlkit.lock.who')} on {tags.get('mlkit.lock.host')} (as its tags claim)" if tags
+                                   else "held with no tags (not made by mlkit)")
+                        raise LedgerError(f"the ledger lock {LOCK_MODEL}, {held_by}, is past its lease or its holder is gone, and the "
+                                          f"registry refuses {_who()!r} its removal (HTTP 403): an admin deletes it") from None
                 broken.append({k.split(".")[-1]: v for k, v in tags.items() if k.startswith("mlkit.lock.") and k != "mlkit.lock.owner"})
             continue
         if time.monotonic() > deadline:
