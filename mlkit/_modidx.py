@@ -176,6 +176,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'mlkit.data._source': ('data.html#_source', 'mlkit/data.py'),
                             'mlkit.data.aggregate': ('data.html#aggregate', 'mlkit/data.py'),
                             'mlkit.data.budget': ('data.html#budget', 'mlkit/data.py'),
+                            'mlkit.data.decoded_bytes': ('data.html#decoded_bytes', 'mlkit/data.py'),
                             'mlkit.data.diabetes_files': ('data.html#diabetes_files', 'mlkit/data.py'),
                             'mlkit.data.digits_file': ('data.html#digits_file', 'mlkit/data.py'),
                             'mlkit.data.duplicated_rows': ('data.html#duplicated_rows', 'mlkit/data.py'),

@@ -43,8 +43,8 @@ import polars as pl  # noqa: E402
 __all__ = ['ENGINE', 'READERS', 'DIABETES_COLUMNS', 'SYNTHETIC_REGIONS', 'SYNTHETIC_PLANS', 'STREAM_SHARE', 'PREFETCH',
            'ENGINE_MEMORY', 'PASS_COLUMNS', 'DataError', 'read_data', 'penguins_path', 'load_penguins',
            'diabetes_files', 'load_diabetes', 'digits_file', 'load_digits', 'synthetic', 'split_frame',
-           'memory_available', 'streams', 'scan_data', 'reading', 'budget', 'aggregate', 'duplicated_rows',
-           'value_counts', 'order_statistics']
+           'memory_available', 'streams', 'decoded_bytes', 'scan_data', 'reading', 'budget', 'aggregate',
+           'duplicated_rows', 'value_counts', 'order_statistics']
 
 # %% ../nbs/10_data.ipynb #7cf572dc
 class DataError(ValueError):
@@ -244,7 +244,16 @@ def streams(source: str | Path, stream: bool | None = None) -> bool:
     if stream is not None: return stream
     src = str(source)
     if "://" in src or not Path(src).is_file(): return False
-    return Path(src).stat().st_size > STREAM_SHARE * memory_available()
+    return decoded_bytes(src) > STREAM_SHARE * memory_available()
+
+def decoded_bytes(path: str | Path) -> int:
+    "A floor on what a file takes in memory: its size, or for Parquet (compressed, dictionary-encoded) 16 bytes a cell."
+    size = Path(path).stat().st_size
+    if _source(path)[1] != "parquet": return size  # text: a value takes about its characters
+    import pyarrow.parquet as pq
+    try: meta = pq.read_metadata(path)
+    except Exception: return size  # not readable as Parquet: the reader says why
+    return max(size, meta.num_rows * meta.num_columns * 16)  # a string view or a number and its validity, at the least
 
 def scan_data(
     source: str | Path,  # a CSV, Parquet or NDJSON path or URI

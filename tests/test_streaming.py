@@ -132,3 +132,12 @@ def test_beyond_memory(big, tmp_path):
     in_memory = "import sys, mlkit.profiles; mlkit.profiles.profile_file(sys.argv[1], stream=False)"
     rc, *_ = _run(env, [sys.executable, "-c", in_memory, f], CAP, "inmem", tmp_path)  # the cap binds: in memory, killed
     assert rc != 0
+
+
+def test_a_compressed_parquet_file_is_judged_by_what_it_decodes_to(tmp_path):
+    "1M rows of two repeated strings compress to a few KB on disk; in memory they take MBs: streaming is decided on that."
+    from mlkit.data import decoded_bytes
+    p = tmp_path / "small_on_disk.parquet"
+    pl.DataFrame({"tier": ["gold", "silver"] * 500_000, "n": [1] * 1_000_000}).write_parquet(p)
+    assert p.stat().st_size < 100_000 and decoded_bytes(p) >= 32_000_000
+    assert decoded_bytes(p) >= pl.read_parquet(p).estimated_size()  # a floor on what it really takes
