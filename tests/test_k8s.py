@@ -25,6 +25,7 @@ def project(tmp_path_factory):
     mlkit("train", "penguins", "-f", params, env=env, check=True)
     bento = champion_bento(env)  # version 1 promoted and built
     mlkit("train", "penguins", "-f", params, "-p", "seed=1", env=env, check=True)  # version 2: challenger
+    mlkit("build", "penguins", "--alias", "challenger", env=env, check=True)  # its image: what the canary runs
     return {"root": root, "ini": ini, "env": env, "bento": bento}
 
 
@@ -178,3 +179,28 @@ def test_cli_build_containerize_and_deploy_k8s(project, tmp_path):
     docs = docs_of(tmp_path / "k8s" / "penguins.yaml")
     validate_all(docs)
     assert docs["Deployment/penguins"]["spec"]["template"]["spec"]["containers"][0]["image"].startswith("registry.example.com/team/penguins:")
+
+
+def test_manifests_name_the_recorded_images_and_refuse_an_unbuilt_version(project, tmp_path):
+    "A teammate without the Bentos gets the images the registry records (never a new build); a version never built is refused."
+    from mlkit.k8s import k8s_manifests
+    from mlkit.registry import get_version
+    with configured(project) as s:
+        recorded = {a: get_version("penguins", a).tags["mlkit.bento"] for a in ("champion", "challenger")}
+        home = s.bentoml_home
+        away = home.with_name("bentoml-away")
+        home.rename(away)  # the teammate's BentoML store: empty
+        try: r = k8s_manifests("penguins", tmp_path / "k8s", s)
+        finally:
+            if home.exists(): shutil.rmtree(home)
+            away.rename(home)
+        assert r["bentos"] == {"stable": recorded["champion"], "canary": recorded["challenger"]}, r
+        assert {a: get_version("penguins", a).tags["mlkit.bento"] for a in ("champion", "challenger")} == recorded  # nothing rebuilt
+        mv = get_version("penguins", "challenger")
+        from mlkit.tracking import mlflow
+        client = mlflow(s).MlflowClient()
+        client.delete_model_version_tag("penguins", mv.version, "mlkit.bento")
+        try:
+            with pytest.raises(ValueError, match="has no Bento recorded: build and push its image first"):
+                k8s_manifests("penguins", tmp_path / "k8s2", s)
+        finally: client.set_model_version_tag("penguins", mv.version, "mlkit.bento", recorded["challenger"])
