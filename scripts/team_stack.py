@@ -288,6 +288,8 @@ def main(argv=None) -> int:
               f"bucket {BUCKET}); started in {stack.timings['total']:.1f} s. Users: {', '.join(stack.users)} "
               "(carol only reads; pick one with --user). Paste into a shell, then run mlkit:", flush=True)
         print(stack.exports(args.user), flush=True)
+        others = [u for u in stack.users if u != args.user]  # a teammate's shell: the same lines with their user and password
+        print("# the other users (for a teammate's shell): " + ", ".join(f"{u} / {stack.users[u]}" for u in others), flush=True)
         print("# Ctrl-C stops the stack", file=sys.stderr, flush=True)
         while all(p.poll() is None for p in stack.procs.values()): time.sleep(0.5)
         dead = [n for n, p in stack.procs.items() if p.poll() is not None]
