@@ -30,6 +30,13 @@ _UMASK = os.umask(0o022); os.umask(_UMASK)  # the process's umask, read once (it
 def atomic_write(path: Path, write, mode: int | None = None) -> None:
     """Write through a temp file in the same folder, then rename into place. The file gets `mode`, by default what
     `open()` would give it (0666 less the umask; `mkstemp`'s temp files are owner-only)."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/null, a FIFO, a terminal: written through, never replaced
+        with tempfile.TemporaryDirectory() as d:
+            write(Path(d) / "out")
+            with open(Path(d) / "out", "rb") as src, open(path, "wb") as dst:
+                while chunk := src.read(1 << 20): dst.write(chunk)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
