@@ -321,8 +321,8 @@ def value_counts(lf: pl.LazyFrame, c: str, distinct: int, top: int, parts: int |
     parts, tops, n = parts or _parts(distinct, 128), [], 0
     for i in range(parts):
         g = lf.select(c).filter(pl.col(c).is_not_null() & _part(c, i, parts)).group_by(c).len("__n").collect(engine="streaming")
-        n, tops = n + g.height, tops + [g.sort("__n", pl.col(c).cast(pl.String), descending=[True, False]).head(top)]
-    return pl.concat(tops).sort("__n", pl.col(c).cast(pl.String), descending=[True, False]).head(top), n
+        n, tops = n + g.height, tops + [g.sort("__n", descending=True).head(top)]
+    return pl.concat(tops).sort("__n", descending=True).head(top), n
 
 
 # %% ../nbs/10_data.ipynb #s20cd005

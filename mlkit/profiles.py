@@ -39,7 +39,7 @@ def profile_frame(data: pl.DataFrame | pl.LazyFrame, max_categories: int = 100, 
         exprs += [x.count().alias(f"{c}__n"), x.min().alias(f"{c}__lo"), x.max().alias(f"{c}__hi")] if ooc else [x.quantile(PROFILE_QUANTILES, "linear").alias(f"{c}__q")]
     exprs += [pl.col(c).approx_n_unique().alias(f"{c}__d") for c in cats] if ooc else []
     # category counts by group_by on the native dtype: several times faster than value_counts on cast strings
-    first, *groups = pl.collect_all([lf.select(exprs if not ooc else pl.len()), *(lf.group_by(c).len("__n").sort("__n", pl.col(c).cast(pl.String), descending=[True, False]) for c in cats if not ooc)],
+    first, *groups = pl.collect_all([lf.select(exprs if not ooc else pl.len()), *(lf.group_by(c).len("__n").sort("__n", descending=True) for c in cats if not ooc)],
                                     engine=engine)
     stats = first.row(0, named=True) if not ooc else aggregate(lf, exprs, engine)
     if ooc: stats.update({f"{c}__q": _deciles(lf, _finite(c, schema[c]), *(stats[f"{c}__{k}"] for k in ("n", "lo", "hi"))) for c in nums})
