@@ -184,20 +184,20 @@ def k8s_manifests(name: str, out_dir: Path | str, settings: Settings | None = No
     challenger = alias_version(name, "challenger")
     if canary and challenger in (None, str(mv.version)):
         raise ValueError(f"model {name!r}: no challenger other than the champion (version {mv.version}) to run as the canary")
-    tracks = [("stable", bento, str(mv.version), replicas)]
+    tracks = [("stable", bento, mv, replicas)]
     if canary is not False and challenger not in (None, str(mv.version)):
         c_bento, c_mv = _recorded_bento(name, "challenger")
-        tracks.append(("canary", c_bento, str(c_mv.version), canary_replicas))
+        tracks.append(("canary", c_bento, c_mv, canary_replicas))
     config = serve_env(s)
     sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     docs, images = around(app, replicas, max_replicas, cpu_target, config), {}
-    for (track, b, version, n), m in zip(tracks, [mv, c_mv] if len(tracks) > 1 else [mv]):
+    for track, b, m, n in tracks:
         images[track] = image_name(b, registry)
         use_gpu = wants_gpu(serve.device, _contract(b, m, s)) if gpu is None else gpu
-        docs.append(deployment(app, track, images[track], b, version, n, sha, secret=api_keys_secret and api_keys_secret.format(app=app),
+        docs.append(deployment(app, track, images[track], b, str(m.version), n, sha, secret=api_keys_secret and api_keys_secret.format(app=app),
                                cpu=cpu or str(serve.workers), memory=memory, gpu=use_gpu, ready_timeout=serve.ready_timeout))
     path = Path(out_dir) / f"{app}.yaml"
     text = f"# mlkit k8s manifests of model {name}: `kubectl apply -f {path.name}`\n" + yaml.safe_dump_all(docs, sort_keys=False)
     atomic_write(path, lambda p: p.write_text(text))
     return {"path": str(path), "objects": [f"{d['kind']}/{d['metadata']['name']}" for d in docs], "images": images,
-            "versions": {t: v for t, _, v, _ in tracks}, "bentos": {t: b for t, b, _, _ in tracks}}
+            "versions": {t: str(m.version) for t, _, m, _ in tracks}, "bentos": {t: b for t, b, _, _ in tracks}}
