@@ -48,10 +48,26 @@ $(BENCH_STAMP): pyproject.toml
 	$(BENCH_VENV)/bin/python -m pip install --quiet -r $(BENCH_VENV)/requirements.txt
 	@touch $@
 
-bench: $(STAMP) $(BENCH_STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
+# LitServe, the serving benchmarks' other peer, in a venv of its own: torch first (pinned, CPU), then LitServe and mlkit
+# itself (the peer services load the same bundle with mlkit's loader).
+LITSERVE_VENV ?= .venv-litserve
+LITSERVE_STAMP := $(LITSERVE_VENV)/.mlkit-litserve-installed
+
+$(LITSERVE_STAMP): pyproject.toml
+	@test -x $(LITSERVE_VENV)/bin/python || $(PYTHON) -m venv $(LITSERVE_VENV)
+	$(LITSERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LITSERVE_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(LITSERVE_VENV)/bin/python -m pip install --quiet "litserve==0.2.19" -e .
+	@touch $@
+
+# AREA=serving (or images, data, monitoring, train_loop, pyfunc, papermill, gpu; several with spaces) runs those only;
+# only a full run rewrites the README's table.
+AREA ?=
+bench: $(STAMP) $(BENCH_STAMP) $(LITSERVE_STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } \
 	  || { echo "make bench needs wrk (apt-get install wrk)"; exit 2; }
-	DO_NOT_TRACK=1 MLKIT_BENCH_EVIDENTLY_PYTHON=$(BENCH_VENV)/bin/python $(BIN)/python bench/run.py
+	DO_NOT_TRACK=1 MLKIT_BENCH_EVIDENTLY_PYTHON=$(BENCH_VENV)/bin/python MLKIT_BENCH_LITSERVE_PYTHON=$(LITSERVE_VENV)/bin/python \
+	  $(BIN)/python bench/run.py $(AREA)
 
 clean-state:  ## remove the embedded state folder (.mlkit/)
 	rm -rf .mlkit

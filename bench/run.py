@@ -37,8 +37,25 @@ def machine() -> dict:
     for p in ["mlkit", "torch", "polars", "mlflow", "bentoml", "papermill", "nbdev"]:
         try: vers[p] = version(p)
         except PackageNotFoundError: vers[p] = None
+    for env, pkgs in (("MLKIT_BENCH_LITSERVE_PYTHON", ["litserve"]), ("MLKIT_BENCH_EVIDENTLY_PYTHON", ["evidently", "pandas"])):
+        vers.update(peer_versions(os.environ.get(env), pkgs))
     return {"cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)), "memory_mib": mem, "gpu": gpu,
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "versions": vers}
+            "cpu": cpu_model() or platform.machine(), "python": platform.python_version(), "versions": vers}
+
+
+def cpu_model() -> str | None:
+    "The CPU's model name (platform.processor() is empty on Linux)."
+    info = Path("/proc/cpuinfo")
+    return next((line.split(":", 1)[1].strip() for line in info.read_text().splitlines() if line.startswith("model name")), None) \
+        if info.exists() else None
+
+
+def peer_versions(python: str | None, pkgs: list[str]) -> dict:
+    "The versions of a peer's packages in its own venv (`{pkg}_peer`), or nothing when that venv is not given."
+    if not python or not Path(python).exists(): return {}
+    code = "import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in %r}))" % (pkgs,)
+    r = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    return {f"{k} (peer venv)": v for k, v in json.loads(r.stdout).items()} if r.returncode == 0 else {}
 
 
 def check(fig: dict) -> dict:
@@ -87,7 +104,26 @@ def markdown(report: dict) -> str:
         ratio = f"{f['ratio']:.2f}x" if f.get("ratio") is not None else "-"
         lines.append(f"| {f['name']} | {value} | {base} | {ratio} | {tgt} | "
                      f"{'yes' if f['ok'] else '**MISSED**'} |")
+    secs = {}
+    for f in report["figures"]: secs.setdefault(f.get("bench", "?"), f.get("seconds"))
+    lines += ["", "Each area's wall time: " + ", ".join(f"{k.removeprefix('bench_')} {v / 60:.1f} min" for k, v in secs.items() if v) + "."]
+    rounds = [(f["name"], r) for f in report["figures"] if (r := every_round(f))]
+    if rounds:
+        lines += ["", "Every round (the figure above is the median round; value / peer per round):", ""]
+        lines += [f"- {name}: {r}" for name, r in rounds]
     return "\n".join(lines) + "\n"
+
+
+def every_round(f: dict) -> str | None:
+    "A figure's rounds in words, when its detail carries them (`detail.mlkit.rounds` / `detail.peer.rounds`)."
+    d, key = f.get("detail") or {}, {"req/s": "rps", "rows/s": "rows_per_s", "images/s": "rows_per_s"}.get(f.get("unit"), "rps")
+    mine, theirs = (d.get(k) or {} for k in ("mlkit", "peer"))
+    if not isinstance(mine, dict) or not mine.get("rounds"): return None
+    pick = lambda r: r.get(key, r.get("rps"))
+    ours = [pick(r) for r in mine["rounds"]]
+    peer = [pick(r) for r in theirs.get("rounds", [])] if isinstance(theirs, dict) else []
+    show = lambda xs: "/".join(fmt(x) for x in xs if x is not None)
+    return f"{show(ours)}" + (f" vs {show(peer)}" if peer else "")
 
 
 README = HERE.parent / "README.md"
