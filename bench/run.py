@@ -1,6 +1,6 @@
 """mlkit benchmark harness: each bench_*.py runs in its own subprocess and reports figures with a same-run baseline.
 
-    python bench/run.py [NAME ...]      # default: every bench/bench_*.py
+    python bench/run.py [NAME ...]      # default: every bench/bench_*.py; NAMEs replace only their areas in the report
 
 A benchmark prints nothing required; it writes a JSON list of figures to the path given by --out:
     {"name", "unit", "value", "baseline", "baseline_label", "target": {"of": "value"|"ratio", "op": "<="|">=", "limit"}}
@@ -104,9 +104,12 @@ def markdown(report: dict) -> str:
         ratio = f"{f['ratio']:.2f}x" if f.get("ratio") is not None else "-"
         lines.append(f"| {f['name']} | {value} | {base} | {ratio} | {tgt} | "
                      f"{'yes' if f['ok'] else '**MISSED**'} |")
-    secs = {}
-    for f in report["figures"]: secs.setdefault(f.get("bench", "?"), f.get("seconds"))
-    lines += ["", "Each area's wall time: " + ", ".join(f"{k.removeprefix('bench_')} {v / 60:.1f} min" for k, v in secs.items() if v) + "."]
+    areas = report.get("areas") or {}
+    if areas:
+        total = sum(a["seconds"] or 0 for a in areas.values())
+        lines += ["", "Areas (each ran as one subprocess; its ratios come from that run): "
+                  + ", ".join(f"{k.removeprefix('bench_')} {(a['seconds'] or 0) / 60:.1f} min at {a['when']}" for k, a in areas.items())
+                  + f"; {total / 60:.1f} min in all."]
     rounds = [(f["name"], r) for f in report["figures"] if (r := every_round(f))]
     if rounds:
         lines += ["", "Every round (the figure above is the median round; value / peer per round):", ""]
@@ -142,22 +145,39 @@ def update_readme(md: str):
     tmp.replace(README)
 
 
+def merged(previous: dict | None, report: dict, names: list[str]) -> dict:
+    """`make bench AREA=...` replaces those areas' figures in the last report and keeps the others (each area says when
+    it ran, on which machine); a run of every area replaces the whole report."""
+    if not previous or previous.get("machine", {}).get("cpu") != report["machine"]["cpu"]: return report
+    ran = {f"bench_{n}" for n in names}
+    kept = [f for f in previous.get("figures", []) if f.get("bench") not in ran]
+    areas = {k: v for k, v in previous.get("areas", {}).items() if k not in ran}
+    return {**report, "figures": kept + report["figures"], "areas": {**areas, **report["areas"]}}
+
+
 def main(argv: list[str]) -> int:
-    names = argv or sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
-    figures = []
+    every = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+    names = argv or every
+    figures, areas = [], {}
     for n in names:
         path = HERE / f"bench_{n}.py"
         print(f"bench {n} ...", flush=True)
-        figures += run_one(path, timeout=float(os.environ.get("MLKIT_BENCH_TIMEOUT", 3000)))
-    report = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(), "figures": figures}
+        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        got = run_one(path, timeout=float(os.environ.get("MLKIT_BENCH_TIMEOUT", 3000)))
+        areas[path.stem] = {"when": when, "seconds": got[0].get("seconds") if got else None}
+        figures += got
+    report = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+              "figures": figures, "areas": areas}
     REPORTS.mkdir(exist_ok=True)
+    last = REPORTS / "latest.json"
+    report = merged(json.loads(last.read_text()) if argv and last.exists() else None, report, names)
     md = markdown(report)
     for suffix, text in (("json", json.dumps(report, indent=1)), ("md", md)):
         tmp = REPORTS / f".latest.{suffix}.tmp"
         tmp.write_text(text)
         tmp.replace(REPORTS / f"latest.{suffix}")
     print(md)
-    if not argv: update_readme(md)  # a full run: the README shows its table
+    if {f"bench_{n}" for n in every} <= set(report["areas"]): update_readme(md)  # every area in the report: the README shows it
     missed = [f["name"] for f in figures if not f["ok"]]
     if missed: print(f"targets missed or benchmarks failed: {missed}", file=sys.stderr)
     return 1 if missed else 0
