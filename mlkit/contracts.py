@@ -298,9 +298,11 @@ def _shown(v):
     "A value as a report shows it: numbers and short values as they are, a long one cut (`brief`) so a report stays readable."
     return v if v is None or isinstance(v, (bool, int, float)) or len(s := v if isinstance(v, str) else repr(v)) <= 200 else brief(s, 200)
 
-def _count(name: str, bad: pl.Expr, c: str) -> pl.Expr:
-    "Aggregation counting offending rows; for `unique`, a cheap lower bound (0 exactly when there are no duplicates)."
+def _count(name: str, bad: pl.Expr, c: str, spec: dict | None = None, dtype: pl.DataType | None = None) -> pl.Expr:
+    "Aggregation counting offending rows; for `unique`, a cheap lower bound (0 exactly when there are no duplicates); text outside a few categories: its values less those equal to each (string views compared: ~2x the Enum cast's speed)."
     if name == "unique": return pl.col(c).drop_nulls().len() - pl.col(c).drop_nulls().n_unique()
+    if name == "categories" and (cats := (spec or {}).get("categories") or []) and dtype == pl.String and len(cats) <= 16 and all(isinstance(v, str) for v in cats) and len(set(cats)) == len(cats):
+        return pl.col(c).count() - pl.sum_horizontal([(pl.col(c) == v).sum() for v in cats])
     return bad.sum()
 
 # %% ../nbs/11_contracts.ipynb #0b326604
@@ -332,7 +334,7 @@ def validate(
         if spec["dtype"] in TENSOR_DTYPES: decoded.append(c)
         for name, bad, detail in _column_checks(c, spec, kind):
             key = f"__{len(pending)}"
-            if not (parted and name == "unique"): exprs.append(_count(name, bad, c).alias(key))
+            if not (parted and name == "unique"): exprs.append(_count(name, bad, c, spec, schema[c]).alias(key))
             pending.append((c, name, bad, detail, key))
     counts = aggregate(lf, exprs, engine)
     n = counts["__rows"]

@@ -58,3 +58,59 @@ def test_the_monitoring_bench_log_is_a_prediction_log(tmp_path):
     assert written.schema == logged.schema
     assert len(written) == 1000 and len(list((tmp_path / "log_warm").glob("part-*.parquet"))) == 1
     assert mon.mlkit_monitor(tmp_path / "log_warm", tmp_path)["alert"] is False
+
+
+def test_the_data_bench_does_equal_work(tmp_path):
+    "The pandas baseline computes what mlkit computes: the same matrix, deciles, bin shares, frequencies and check counts."
+    import numpy as np
+    import pandas as pd
+    import polars as pl
+
+    from mlkit.contracts import synthetic_contract, validate
+    from mlkit.data import synthetic
+    from mlkit.features import FeatureSpec
+    from mlkit.profiles import profile_frame
+    spec = importlib.util.spec_from_file_location("bench_data", REPO / "bench" / "bench_data.py")
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    synthetic(70_000, seed=3, new_category=0.01).with_columns(id=pl.col("id") % 69_990).write_parquet(tmp_path / "d.parquet")
+    df, pdf = pl.read_parquet(tmp_path / "d.parquet"), pd.read_parquet(tmp_path / "d.parquet")
+    X = FeatureSpec.from_contract(synthetic_contract(), bd.NUMS + bd.CATS).fit(df).transform(df)
+    np.testing.assert_array_equal(X, bd._pd_transform(pdf, bd._pd_fit(pdf)))
+    prof = profile_frame(df)["columns"]
+    for c in ["id", *bd.NUMS]:
+        got = bd._pd_number(pdf, c)
+        assert got["quantiles"] == list(prof[c]["quantiles"].values()) and list(got["shares"]) == prof[c]["bins"]["shares"]
+        assert abs(got["mean"] - prof[c]["mean"]) <= 1e-9 * abs(prof[c]["mean"]) and got["null_rate"] == prof[c]["null_rate"]
+    for c in [*bd.CATS, "churned"]:
+        assert {str(k): v for k, v in bd._pd_category(pdf, c)["frequencies"].items()} == prof[c]["frequencies"]
+    failing = {(f.column, f.check): f.failing for f in validate(df, synthetic_contract()).failures}
+    assert bd._pd_checks()["id"](pdf)[2] == 10 and failing[("id", "unique")] == 20  # (failing, mlkit then counts the rows involved)
+    assert failing[("region", "categories")] == bd._pd_checks()["region"](pdf)[2] > 0
+
+
+def test_an_area_run_replaces_only_its_areas():
+    "`make bench AREA=x` keeps the other areas' figures of the last report (same machine) and says when each area ran."
+    m = bench.machine()
+    old = {"machine": m, "figures": [{"bench": "bench_a", "name": "a1"}, {"bench": "bench_b", "name": "b1"}],
+           "areas": {"bench_a": {"when": "t0", "seconds": 60.0}, "bench_b": {"when": "t0", "seconds": 120.0}}}
+    new = {"machine": m, "figures": [{"bench": "bench_b", "name": "b2"}], "areas": {"bench_b": {"when": "t1", "seconds": 30.0}}}
+    got = bench.merged(old, new, ["b"])
+    assert [f["name"] for f in got["figures"]] == ["a1", "b2"]
+    assert got["areas"] == {"bench_a": {"when": "t0", "seconds": 60.0}, "bench_b": {"when": "t1", "seconds": 30.0}}
+    other = bench.merged({**old, "machine": {**m, "cpu": "another CPU"}}, new, ["b"])  # another machine: nothing kept
+    assert [f["name"] for f in other["figures"]] == ["b2"]
+
+
+def test_info_rounds_and_area_times_in_the_report():
+    "A figure without a target reads `info`, not `yes`; every round is listed; each area's time and the total are shown."
+    info = bench.check({"bench": "bench_s", "seconds": 90.0, "name": "caught by Evidently only", "unit": "", "value": 0.0, "baseline": None})
+    tput = bench.check({"bench": "bench_s", "seconds": 90.0, "name": "tput", "unit": "req/s", "value": 200.0, "baseline": 100.0,
+                        "target": {"of": "ratio", "op": ">=", "limit": 1.5},
+                        "detail": {"mlkit": {"rounds": [{"rps": 190.0}, {"rps": 200.0}, {"rps": 210.0}]},
+                                   "peer": {"rounds": [{"rps": 90.0}, {"rps": 100.0}, {"rps": 110.0}]}}})
+    md = bench.markdown({"when": "now", "machine": bench.machine(), "figures": [info, tput],
+                         "areas": {"bench_s": {"when": "now", "seconds": 90.0}}})
+    assert "| caught by Evidently only | 0 | - | - | - | info |" in md
+    assert "- tput: 190/200/210 vs 90/100/110" in md
+    assert "s 1.5 min at now; 1.5 min in all." in md
