@@ -1,48 +1,110 @@
-"""Serving images: the digits CNN (8x8 grey images, `mlkit.models.SmallCNN`, trained here with its CI parameters) served
-by its Bento batched and unbatched, against the same CNN in a plain Starlette app on uvicorn (the same per-request work:
-the image decoded and checked, the forward pass, the same JSON encoder; no BentoML, no prediction log, no batching), all
-in interleaved rounds in one run, driven by `wrk` as `bench_serving` drives the tabular services (server on CPU 0, client
-on CPU 1). Images are sent as pixel arrays, 1 and 32 per request, at 32 connections; figures are images/s with p50/p99
-in the detail, each the median of its rounds."""
+"""Serving images: the digits CNN (8x8 grey images, `mlkit.models.SmallCNN`, trained here with its CI parameters,
+registered and built) served by its Bento batched (and unbatched, info), against its peers serving the SAME registered
+bundle (downloaded with `mlkit.registry.download_bundle`, loaded with mlkit's `Predictor.from_bundle`), each written as
+its docs recommend and runnable alone from bench/peers/ (their docstrings name the docs):
+  - an idiomatic BentoML service (`digits_bentoml/service.py`: `@bentoml.api(batchable=True)` with mlkit's
+    max_batch_size and max_latency_ms), batched and unbatched, on the project's BentoML;
+  - LitServe (`digits_litserve.py`: a LitAPI, `max_batch_size` as mlkit's, `batch_timeout` MLKIT_BENCH_LITSERVE_BATCH_TIMEOUT),
+    batched and unbatched, in its own venv (MLKIT_BENCH_LITSERVE_PYTHON, default .venv-litserve/bin/python);
+  - the ceiling (info): the same per-request work as mlkit's (`guard.parse_body`, `Predictor.validate`, the forward pass,
+    `format_json`) in a plain Starlette app on uvicorn (`digits_ceiling.py`): no BentoML, no prediction log, no batching.
+Each peer has 1 worker and 1 torch thread, as mlkit's `[serve]` defaults. All run in MLKIT_BENCH_IMAGES_ROUNDS interleaved
+rounds (default 2), driven by `wrk` as `bench_serving` drives the tabular services (server on CPU 0, client on CPU 1),
+the same body to all (`{"rows": [{"image": pixel arrays}]}`, JSON as each peer's docs have it), 1 and 32 images per
+request at 32 connections; figures are images/s with p50/p99 in the detail, each the median of its rounds (of two: the
+better one, for every server alike; every round in the detail). The target: mlkit batched >= 2x the better peer (of
+BentoML and LitServe, batched or not) at each size. Then, as information, where a 1- and a 32-image request's time goes
+in mlkit (`breakdown`: the functions its service calls, timed in-process on the server's core)."""
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serving import BIN, REPO, ROUNDS, SERVER_LOG, bench_project, fig, measure, median_round  # noqa: E402
 
 CASES = [(32, 1), (32, 32)]  # (connections, images per request)
+PEERS = REPO / "bench" / "peers"
+IMAGES_ROUNDS = int(os.environ.get("MLKIT_BENCH_IMAGES_ROUNDS", min(ROUNDS, 2)))  # seven servers a round: ~6 minutes in all (3: ~8.5)
+LITSERVE = Path(os.environ.get("MLKIT_BENCH_LITSERVE_PYTHON", REPO / ".venv-litserve" / "bin" / "python"))
+LITSERVE_WINDOW = os.environ.get("MLKIT_BENCH_LITSERVE_BATCH_TIMEOUT", "0.005")  # seconds a LitServe batch waits to fill
 
-RAW = '''
-import json, os
-import torch
-from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route
-from mlkit.predictor import Predictor
 
-torch.set_num_threads(1)  # as the service's [serve] threads
-predictor = Predictor.from_bundle(os.environ["RAW_BUNDLE"], "digits", "1")
+def servers(bento: str, root: Path, bundle: Path, env: dict) -> dict:
+    "Every server of a round (in `bench_serving.measure`'s form): its command (given a port), environment, folder, probe, route, cases."
+    bentoml = lambda target: lambda p: [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(p)]
+    litserve = lambda *a: lambda p: [str(LITSERVE), str(PEERS / "digits_litserve.py"), "--port", str(p), *a]
+    uvicorn = lambda p: [str(BIN / "uvicorn"), "--app-dir", str(PEERS), "digits_ceiling:app", "--host", "127.0.0.1", "--port", str(p),
+                         "--workers", "1", "--log-level", "warning", "--no-access-log"]
+    S = lambda cmd, extra, cwd=root, ready="/readyz": dict(cmd=cmd, env={**env, "DIGITS_BUNDLE": str(bundle), **extra}, cwd=cwd,
+                                                           ready=ready, route="/predict", cases=CASES)
+    return {
+        "digits batched": S(bentoml(bento), {"MLKIT_SERVE__BATCHING": "true"}),
+        "digits unbatched": S(bentoml(bento), {"MLKIT_SERVE__BATCHING": "false"}),
+        "BentoML batched": S(bentoml("service:Digits"), {"DIGITS_BATCHING": "true"}, PEERS / "digits_bentoml"),
+        "BentoML unbatched": S(bentoml("service:Digits"), {"DIGITS_BATCHING": "false"}, PEERS / "digits_bentoml"),
+        "LitServe batched": S(litserve("--batched", "--batch-timeout", LITSERVE_WINDOW), {}, ready="/health"),
+        "LitServe unbatched": S(litserve(), {}, ready="/health"),
+        "CNN ceiling (Starlette)": S(uvicorn, {}),
+    }
 
-async def predict(request):
-    rows = predictor.validate(json.loads(await request.body())["rows"])
-    out = predictor.predict_proba(rows)
-    return Response('{"model": "digits", "version": "1", "predictions": ' + predictor.format_json(out) + "}", media_type="application/json")
 
-async def readyz(request):
-    return PlainTextResponse("ok")
+def _steps(p, s, body: bytes, reps: int) -> dict:
+    "Microseconds (median of `reps`) of each step of one `/predict` of `body` (see `breakdown`)."
+    from mlkit.features import record_inputs
+    from mlkit.guard import parse_body
+    from mlkit.predlog import prediction_log
+    head = json.dumps({"model": p.name, "version": p.version, "answered_by": "champion"})[:-1] + ', "predictions": '
+    steps = {}
+    def timed(name, f):
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter(); r = f(); ts.append(time.perf_counter() - t)
+        steps[name] = round(1e6 * statistics.median(ts), 1)
+        return r
+    rows, _ = timed("parse", lambda: parse_body(body, s.serve.max_json_depth))
+    rows = timed("validate", lambda: p.validate(rows, s.serve.max_rows))
+    X = timed("transform", lambda: record_inputs(p.spec, p.tensors, rows))
+    proba = timed("forward", lambda: p.scores(X))
+    top = proba.argmax(1).tolist()
+    timed("encode", lambda: (head + p.format_json(proba, top) + "}").encode())
+    log, labels = prediction_log(p, s), p.labels(proba, top)
+    c0, w0 = time.process_time(), time.perf_counter()
+    timed("log", lambda: log.log(rows, {"model": p.name, "version": p.version}, "bench", "champion", proba, labels))
+    queued = time.perf_counter() - w0
+    log.close()  # the writer's CPU: what the process spent beyond the queueing, per request
+    steps["log writer (CPU, off the request path)"] = round(1e6 * max(0.0, time.process_time() - c0 - queued) / reps, 1)
+    return steps
 
-app = Starlette(routes=[Route("/predict", predict, methods=["POST"]), Route("/readyz", readyz)])
-'''
+
+def breakdown(bundle: str, reps: int = 300) -> dict:
+    """Microseconds (median of `reps`) that each function mlkit's service calls for one `/predict` of 1 and of 32 images
+    takes, in-process on one core: parse (`guard.parse_body`), validate (`Predictor.validate`: the pixel arrays checked and
+    decoded), transform (`features.record_inputs`: the image batch), forward (`Predictor.scores`: the pass and the
+    softmax), encode (`Predictor.format_json` and the answer's bytes), log (`PredictionLog.log`: queueing the rows), and the
+    log's writer (CPU per request off the request path, on the same core)."""
+    import torch
+    from mlkit.config import current_settings
+    from mlkit.data import load_digits
+    from mlkit.predictor import Predictor
+    s = current_settings()
+    torch.set_num_threads(s.serve.threads)
+    p = Predictor.from_bundle(bundle, "digits", "1")
+    images = load_digits()["image"].to_numpy()
+    bodies = {n: json.dumps({"rows": [{"image": images[i].tolist()} for i in range(n)]}).encode() for n in (1, 32)}
+    return {n: {"body_bytes": len(b), "us": _steps(p, s, b, reps)} for n, b in bodies.items()}
 
 
 def main(out: Path):
     from mlkit.config import load_settings, tool_env
     from mlkit.data import load_digits
     from mlkit.deploy import free_port
+    if not LITSERVE.exists(): raise SystemExit(f"{LITSERVE} is missing: LitServe runs in a venv of its own (MLKIT_BENCH_LITSERVE_PYTHON)")
     SERVER_LOG.parent.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -57,37 +119,55 @@ def main(out: Path):
             p = root / f"images_{n}.json"
             p.write_text(json.dumps({"rows": [{"image": images[i].tolist()} for i in range(n)]}))
             bodies[n] = p
-        (root / "raw_cnn.py").write_text(RAW)
         bundle = root / "bundle"
         subprocess.run([sys.executable, "-c", f"import mlkit.config as c; c.configure(); from mlkit.registry import download_bundle; "
                         f"download_bundle('digits', alias='champion', dst={str(bundle)!r})"], env=env, check=True)
-        serve = lambda p: [str(BIN / "bentoml"), "serve", bento, "--host", "127.0.0.1", "--port", str(p)]
-        servers = [
-            ("digits batched", serve, {"MLKIT_SERVE__BATCHING": "true"}),
-            ("digits unbatched", serve, {"MLKIT_SERVE__BATCHING": "false"}),
-            ("CNN in raw Starlette", lambda p: [str(BIN / "uvicorn"), "raw_cnn:app", "--host", "127.0.0.1", "--port", str(p),
-                                                "--workers", "1", "--log-level", "warning", "--no-access-log"], {"RAW_BUNDLE": str(bundle)}),
-        ]
+        srv = servers(bento, root, bundle, env)
         rounds = {}
-        for label, cmd, extra in [s for _ in range(ROUNDS) for s in servers]:
-            port = free_port()
-            res, _ = measure(label, cmd(port), {**env, **extra}, root, port, "/readyz", bodies, SERVER_LOG, cases=CASES)
+        for label, sv in [kv for _ in range(IMAGES_ROUNDS) for kv in srv.items()]:
+            res, _ = measure(label, sv, free_port(), bodies)
             rounds.setdefault(label, []).append(res)
         results = {label: median_round(r) for label, r in rounds.items()}
+        bd_env = {**env, "MLKIT_PROJECT__STATE_DIR": str(root / "breakdown-state")}
+        bd = json.loads(subprocess.run(["taskset", "-c", "0", sys.executable, __file__, "--breakdown", str(bundle)], env=bd_env, check=True,
+                                       capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        print(f"breakdown (us): {bd}", flush=True)
     for r in results.values():
         for (_c, n), v in r.items(): v["images_per_s"] = v["rps"] * n
-    bt, ub, raw = (results[k] for k in ("digits batched", "digits unbatched", "CNN in raw Starlette"))
+    bt, ub, ceil = (results[k] for k in ("digits batched", "digits unbatched", "CNN ceiling (Starlette)"))
+    peers = [k for k in results if k.startswith(("BentoML", "LitServe"))]
     figs = []
     for c, n in CASES:
         tag = f"{n} image{'s' * (n > 1)} per request, {c} clients"
-        figs.append(fig(f"digits batched images/s vs unbatched, {tag}", "images/s", bt, ub, (c, n), "images_per_s", 1.2 if n == 1 else None, "digits unbatched"))
-        figs.append(fig(f"digits batched images/s vs the same CNN in raw Starlette, {tag}", "images/s", bt, raw, (c, n), "images_per_s",
-                        1.0 if n == 1 else None, "CNN in raw Starlette"))
-        figs.append(fig(f"digits unbatched images/s vs the same CNN in raw Starlette, {tag}", "images/s", ub, raw, (c, n), "images_per_s", None, "CNN in raw Starlette"))
+        best = max(peers, key=lambda k: results[k][(c, n)]["images_per_s"])
+        f = fig(f"digits batched images/s vs the better peer (BentoML or LitServe, batched or not), {tag}", "images/s", bt, results[best],
+                (c, n), "images_per_s", 2.0, best)
+        f["detail"]["peers"] = {k: results[k][(c, n)] for k in peers}
+        figs.append(f)
+        for name in ("BentoML", "LitServe"):  # each peer's better configuration, info
+            mine = max((k for k in peers if k.startswith(name)), key=lambda k: results[k][(c, n)]["images_per_s"])
+            figs.append(fig(f"digits batched images/s vs {name} (its better of batched and unbatched), {tag}", "images/s", bt, results[mine],
+                            (c, n), "images_per_s", None, mine))
+        figs.append(fig(f"digits batched images/s vs unbatched, {tag}", "images/s", bt, ub, (c, n), "images_per_s", None, "digits unbatched"))
+        figs.append(fig(f"digits batched images/s vs the same CNN in a plain Starlette app (ceiling), {tag}", "images/s", bt, ceil, (c, n),
+                        "images_per_s", None, "CNN ceiling (Starlette)"))
+        figs.append(fig(f"digits unbatched images/s vs the ceiling, {tag}", "images/s", ub, ceil, (c, n), "images_per_s", None, "CNN ceiling (Starlette)"))
+    for n, b in bd.items():  # where a request's time goes in mlkit (info)
+        us = b["us"]
+        parts = ["parse", "validate", "transform", "forward", "encode", "log"]
+        total = sum(us[k] for k in parts)
+        figs.append({"name": f"a {n}-image request in mlkit, in-process on one core (parse, validate, transform, forward, encode, log)",
+                     "unit": "us", "value": total, "baseline": None,
+                     "text": f"{total:.0f} us: " + ", ".join(f"{k} {us[k]:.0f} ({100 * us[k] / total:.0f}%)" for k in parts)
+                             + f"; log writer {us['log writer (CPU, off the request path)']:.0f} off the path",
+                     "detail": {**b, "served_us_per_request": {k: 1e6 / results[k][(32, int(n))]["rps"] for k in results}}})
     out.write_text(json.dumps(figs))
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, required=True)
-    main(ap.parse_args().out)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--breakdown", help="a bundle folder: print the in-process breakdown of a 1- and a 32-image request as JSON, and exit")
+    a = ap.parse_args()
+    if a.breakdown: print(json.dumps(breakdown(a.breakdown)))
+    else: main(a.out)

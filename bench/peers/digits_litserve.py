@@ -1,0 +1,66 @@
+"""The digits CNN (a registered mlkit bundle) served by LitServe, batched or not: what a LitServe user would write instead of mlkit.
+
+Written from LitServe's docs: the "LitAPI" reference (https://lightning.ai/docs/litserve/api-reference/litapi: `setup`
+loads the model once, `decode_request` -> `predict` -> `encode_response`, `LitServer(api, accelerator=...,
+workers_per_device=...)`, `server.run(port=...)`) and "Batching" (https://lightning.ai/docs/litserve/features/batching:
+`LitAPI(max_batch_size=..., batch_timeout=...)`, with `batch` / `unbatch` for inputs that are not tensors: here each
+request holds its own number of images). LitServe 0.2.19 (the version checked) takes the batch limits on `LitAPI`.
+It loads the SAME bundle mlkit serves with mlkit's `Predictor`: the pixel arrays checked and decoded per request in
+`decode_request`, one forward pass per batch in `predict`, `{label, probabilities}` per image in `encode_response`;
+`[serve] threads` torch threads, one inference worker on the CPU and one API server process, access log off.
+
+Batching: `max_batch_size` is mlkit's `[serve] max_batch_size` (LitServe counts requests, mlkit images); `batch_timeout`
+is a fill window in LitServe (a batch waits for it unless full; 0 makes the worker spin on its queue), where mlkit's
+`max_latency_ms` is a deadline, so the window is its own setting (--batch-timeout, seconds).
+Run it alone (the body is mlkit's, `{"rows": [{"image": [[8 rows of 8 pixels]]}, ...]}`):
+    DIGITS_BUNDLE=/path/to/bundle taskset -c 0 .venv-litserve/bin/python bench/peers/digits_litserve.py --port 3003 [--batched]
+    curl -s -XPOST localhost:3003/predict -H 'content-type: application/json' -d '{"rows": [{"image": [[0,0,5,13,9,1,0,0], ...]]}]}'
+"""
+import argparse
+import os
+
+import litserve as ls
+import numpy as np
+import torch
+from fastapi import HTTPException
+
+from mlkit.config import current_settings
+from mlkit.inputs import InvalidInput
+from mlkit.predictor import Predictor
+
+S = current_settings().serve
+
+
+class DigitsAPI(ls.LitAPI):
+    def setup(self, device):
+        torch.set_num_threads(S.threads)  # as mlkit's service sets them
+        self.predictor = Predictor.from_bundle(os.environ["DIGITS_BUNDLE"], "digits", os.environ.get("DIGITS_VERSION", "1"))
+
+    def decode_request(self, request):
+        try: return self.predictor.validate(request["rows"], S.max_rows)
+        except (InvalidInput, KeyError, TypeError) as e: raise HTTPException(422, str(e)) from e
+
+    def batch(self, inputs):  # a list of requests' image lists, kept apart: `predict` scores them in one pass
+        return inputs
+
+    def predict(self, x):
+        if self.max_batch_size == 1: return self.predictor.predict_proba(x)
+        out = self.predictor.predict_proba([r for rows in x for r in rows])
+        return np.split(out, np.cumsum([len(rows) for rows in x])[:-1])
+
+    def unbatch(self, output):
+        return output
+
+    def encode_response(self, output):
+        return {"predictions": self.predictor.format(output)}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--batched", action="store_true")
+    ap.add_argument("--batch-timeout", type=float, default=0.005)
+    a = ap.parse_args()
+    api = DigitsAPI(max_batch_size=S.max_batch_size, batch_timeout=a.batch_timeout) if a.batched else DigitsAPI()
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30)
+    server.run(host="127.0.0.1", port=a.port, num_api_servers=1, generate_client_file=False, log_level="warning")

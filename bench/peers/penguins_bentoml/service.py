@@ -1,0 +1,37 @@
+"""The idiomatic BentoML service of the registered penguins model: what a BentoML user would write instead of mlkit.
+
+Written from BentoML's docs: "Create online API Services" (https://docs.bentoml.com/en/latest/build-with-bentoml/services.html:
+a `@bentoml.service` class that loads its model once in `__init__`, one `@bentoml.api` method) and "Adaptive batching"
+(https://docs.bentoml.com/en/latest/guides/adaptive-batching.html: `@bentoml.api(batchable=True, batch_dim=0,
+max_batch_size=..., max_latency_ms=...)`, the method taking and returning a list that BentoML merges across requests
+and splits back). It loads the SAME bundle mlkit serves (a folder from `mlkit.registry.download_bundle`) with mlkit's
+`Predictor` (record check, transform, forward pass, answers as dicts), with mlkit's `[serve]` limits (max_batch_size,
+max_latency_ms, threads), 1 worker, access log off (mlkit's default); BentoML's JSON IO and metrics as they come.
+
+Run it alone (the body is the same as mlkit's: `{"rows": [...]}`; it answers a list of `{label, probabilities}`):
+
+    PENGUINS_BUNDLE=/path/to/bundle taskset -c 0 .venv/bin/bentoml serve bench/peers/penguins_bentoml --host 127.0.0.1 --port 3002
+    curl -s -XPOST localhost:3002/predict -H 'content-type: application/json' -d '{"rows": [{"island": "Biscoe",
+        "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215, "body_mass_g": 5000, "sex": "female"}]}'
+"""
+import os
+from typing import Any
+
+import bentoml
+import torch
+
+from mlkit.config import current_settings
+from mlkit.predictor import Predictor
+
+S = current_settings().serve
+
+
+@bentoml.service(workers=1, http={"host": "127.0.0.1"}, traffic={"timeout": 30}, logging={"access": {"enabled": False}})
+class Penguins:
+    def __init__(self):
+        torch.set_num_threads(S.threads)  # as mlkit's service sets them
+        self.predictor = Predictor.from_bundle(os.environ["PENGUINS_BUNDLE"], "penguins", os.environ.get("PENGUINS_VERSION", "1"))
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
+    def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.predictor.predict(rows, S.max_rows)
