@@ -260,7 +260,7 @@ def fit(
         history.append(m)
         if me == 0:
             if bar is not None: bar.update(1); bar.set_postfix({k: round(v, 4) for k, v in m.items() if k != "epoch"})
-            if on_epoch: on_epoch(epoch, m)
+            if on_epoch is not None: on_epoch(epoch, m)
         if stopper is not None and stopper.update(model, m): break
     if bar is not None: bar.close()
     if stopper is not None: stopper.restore(model)
