@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .contracts import targets_of
-from .tensors import TENSOR_DTYPES, FieldSpec, InvalidInput
+from .tensors import ELEMENTS, TENSOR_DTYPES, Decoded, FieldSpec, InvalidInput
 
 # %% auto #0
 __all__ = ['NUMBER_LIMIT', 'MAX_STRING_CHARS', 'VALUE_KINDS', 'DEFAULT_BODY_BYTES', 'MAX_DERIVED_BODY_BYTES', 'clip',
-           'check_value', 'validate_records', 'body_limit']
+           'check_value', 'decode_column', 'validate_records', 'body_limit']
 
 # %% ../nbs/14_inputs.ipynb #1b6be061
 NUMBER_LIMIT = 1e300  # |numbers| above are refused: a round decimal, so JSON Schema's decimal `maximum` means the same
@@ -67,6 +69,35 @@ def _check_record(cols: dict, r, i: int):
         if kind == "number" and not _finite_number(v):
             raise InvalidInput(f"rows[{i}].{name}: must be finite and within +-1e300, got {str(v)[:24]}", name, i)
 
+# %% ../nbs/14_inputs.ipynb #b21dc0a2
+def _first_scalar(v):
+    while type(v) is list and v: v = v[0]
+    return v
+
+def decode_column(f: FieldSpec, values: list) -> Decoded | None:
+    "Nested-list values of field `f` (one per row) decoded and checked at once: a float32 stack `(rows, ...)` as `decode` gives each row, or None."
+    # a row of only true/false is refused row by row, but a stack with numbers turns it into numbers: leave such rows to that path
+    if not all(type(v) is list for v in values) or any(type(_first_scalar(v)) is bool for v in values): return None
+    try: a = np.asarray(values)
+    except (ValueError, TypeError, OverflowError, RecursionError): return None
+    if a.dtype.kind not in "iuf" or a.ndim < 2 or not a.size: return None
+    a = a.astype(np.float64, copy=False)
+    lo, hi = a.min(), a.max()
+    if not np.isfinite(lo + hi): return None  # (NaN and infinities reach the extremes or their sum)
+    if f.kind == "image":
+        a = a[..., None] if a.ndim == 3 else a
+        if a.ndim != 4 or lo < 0 or hi > 255 or a.shape[3] != f.channels: return None
+        h, w = a.shape[1:3]
+        if h < f.lo[0] or w < f.lo[1] or (f.hi and (h > f.hi[0] or w > f.hi[1])) or h * w > f.max_pixels: return None
+        a = a.transpose(0, 3, 1, 2)
+    else:
+        c, shape, el = f.column, f.column["shape"], np.dtype(ELEMENTS[f.column.get("element", "float32")])
+        if a.ndim != len(shape) + 1 or any(d is not None and d != n for d, n in zip(shape, a.shape[1:])): return None
+        if el.kind in "iu" and ((a != np.round(a)).any() or lo < np.iinfo(el).min or hi > np.iinfo(el).max): return None
+        if el == np.float32 and max(-lo, hi) > np.finfo(np.float32).max: return None
+        if "min" in c and lo < c["min"] or "max" in c and hi > c["max"]: return None
+    return np.ascontiguousarray(a, dtype=np.float32).view(Decoded)
+
 # %% ../nbs/14_inputs.ipynb #0e3b2336
 def validate_records(contract: dict, rows: list, max_rows: int | None = None, fields: dict | None = None) -> list[dict]:
     """Check raw records against the contract; return them (tensor and image values decoded) or raise `InvalidInput`.
@@ -95,6 +126,11 @@ def validate_records(contract: dict, rows: list, max_rows: int | None = None, fi
     tensors = [n for n, c in cols.items() if c["dtype"] in TENSOR_DTYPES]
     if not tensors: return rows
     fields = fields or {n: FieldSpec(n, cols[n], steps=[]) for n in tensors}  # decoding needs no preprocessing
+    stacks = {}
+    for n in tensors:  # every row's value at once where they allow; else row by row, whose first error is the one raised
+        if (s := decode_column(fields[n], [r.get(n) for r in rows])) is None: break
+        stacks[n] = s
+    else: return [{**r, **{n: s[i] for n, s in stacks.items()}} for i, r in enumerate(rows)]
     return [{**r, **{n: fields[n].decode(r[n], i) for n in tensors if r.get(n) is not None}} for i, r in enumerate(rows)]
 
 # %% ../nbs/14_inputs.ipynb #0f93dac6

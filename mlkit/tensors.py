@@ -234,18 +234,17 @@ def check_steps(f: FieldSpec) -> None:
         if s["op"] in GEOMETRIC and any(t["op"] in ELEMENTWISE for t in f.steps[:i]):
             raise ValueError(f"{where}: resize and crop come before scale and normalize")
 
-def _geometric(self: FieldSpec, a: np.ndarray, row: int = 0) -> torch.Tensor:
-    "One value through the resize and crop steps, as a float32 tensor."
+def _geometric(self: FieldSpec, a: np.ndarray, row: int = 0, many: bool = False) -> torch.Tensor:
+    "One value (`many`: a stack of values of one shape, `(n, c, h, w)`) through the resize and crop steps, as a float32 tensor."
     import torch; x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     for s in self.steps:
         h, w = s.get("size", (0, 0))
-        if s["op"] == "resize" and tuple(x.shape[-2:]) != (h, w):
-            x = torch.nn.functional.interpolate(x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+        if s["op"] == "resize" and tuple(x.shape[-2:]) != (h, w):  # (batched: the same kernel per value, so the same numbers)
+            y = torch.nn.functional.interpolate(x if many else x[None], size=(h, w), mode="bilinear", antialias=True, align_corners=False); x = y if many else y[0]
         elif s["op"] == "center_crop":
             H, W = x.shape[-2:]
             if H < h or W < w: raise _bad(self.name, row, f"{H}x{W} is smaller than the crop of {h}x{w}")
-            top, left = (H - h) // 2, (W - w) // 2
-            x = x[..., top:top + h, left:left + w]
+            top, left = (H - h) // 2, (W - w) // 2; x = x[..., top:top + h, left:left + w]
     return x
 
 def _elementwise(self: FieldSpec, x: torch.Tensor) -> torch.Tensor:
@@ -261,11 +260,12 @@ def _elementwise(self: FieldSpec, x: torch.Tensor) -> torch.Tensor:
 
 def _batch(self: FieldSpec, values: list, rows: list[int] | None = None) -> torch.Tensor:
     "Raw or decoded values of this field -> the model's float32 batch `(n, ...)`: decoded, resized, cropped, stacked, scaled, normalized."
-    import torch; rows = rows or range(len(values))
-    xs = [self._geometric(self.decode(v, i), i) for v, i in zip(values, rows)]
-    shapes = {tuple(x.shape) for x in xs}
-    if len(shapes) > 1: raise _bad(self.name, 0, f"values of different shapes {sorted(shapes)} cannot form one batch: declare a resize")
-    if not xs: return torch.zeros((0, *(self.out_shape or (0,))))
+    import torch; rows = rows or range(len(values)); vs = [self.decode(v, i) for v, i in zip(values, rows)]
+    if not vs: return torch.zeros((0, *(self.out_shape or (0,))))
+    if len({v.shape for v in vs}) == 1 and (vs[0].ndim == 3 or all(s["op"] not in GEOMETRIC for s in self.steps)):  # one stack, no torch call per value
+        return self._elementwise(self._geometric(np.stack(vs), rows[0], many=True))
+    xs = [self._geometric(v, i) for v, i in zip(vs, rows)]
+    if len(shapes := {tuple(x.shape) for x in xs}) > 1: raise _bad(self.name, 0, f"values of different shapes {sorted(shapes)} cannot form one batch: declare a resize")
     return self._elementwise(torch.stack(xs))
 
 FieldSpec._geometric, FieldSpec._elementwise, FieldSpec.batch = _geometric, _elementwise, _batch
@@ -306,8 +306,7 @@ FieldSpec.fit = _fit
 # %% ../nbs/05_tensors.ipynb #c36c8eda
 def summary_columns(self: FieldSpec) -> list[str]:
     "The summary's column names: `<field>.shape`, `.sha256`, `.mean.<c>`, `.std.<c>` per channel, `.hist`."
-    n = self.n_channels
-    return [f"{self.name}.shape", f"{self.name}.sha256", *(f"{self.name}.{s}.{c}" for s in ("mean", "std") for c in range(n)), f"{self.name}.hist"]
+    return [f"{self.name}.shape", f"{self.name}.sha256", *(f"{self.name}.{s}.{c}" for s in ("mean", "std") for c in range(self.n_channels)), f"{self.name}.hist"]
 
 def _n_channels(self: FieldSpec) -> int:
     if self.kind == "image": return self.channels
@@ -316,21 +315,22 @@ def _n_channels(self: FieldSpec) -> int:
 
 def summarize(self: FieldSpec, values: list) -> dict:
     "Summary columns (see `summary_columns`) of raw or decoded values: lists, one entry per value (None for a missing one)."
-    cols = {c: [None] * len(values) for c in self.summary_columns()}
+    cols, name = {c: [None] * len(values) for c in self.summary_columns()}, self.name
     n, (lo, hi) = self.n_channels, getattr(self, "range", None) or ((0.0, 255.0) if self.kind == "image" else (0.0, 1.0))
     groups = {}  # values of one shape are summarized together, vectorized: this runs beside serving
     for i, v in enumerate(values):
         if v is not None: a = self.decode(v, i); groups.setdefault(a.shape, []).append((i, a))
     for shape, items in groups.items():
-        k, text = len(items), _shape_text(shape)
-        A = np.stack([np.asarray(a) for _, a in items]).reshape(k, n, -1)  # (plain arrays: a subclass makes tolist slow)
-        m, s = A.mean(2, dtype=np.float64).tolist(), A.std(2, dtype=np.float64).tolist()
+        k, text, at = len(items), _shape_text(shape), [i for i, _ in items]
+        A = np.stack([np.asarray(a) for _, a in items]).reshape(k, n, -1)  # float32 (plain arrays: a subclass makes tolist slow)
+        M = A.sum(2, dtype=np.float64, keepdims=True) / A.shape[2]; D = A - M; D *= D  # np.mean's and np.std's own steps (the same numbers), one sum fewer
+        m, s = M[..., 0].T.tolist(), np.sqrt(D.sum(2) / A.shape[2]).T.tolist()
         b = np.clip(((A.reshape(k, -1) - lo) * (HIST_BINS / (hi - lo))).astype(np.int64), 0, HIST_BINS - 1) + np.arange(k)[:, None] * HIST_BINS
         h = (np.bincount(b.ravel(), minlength=k * HIST_BINS).reshape(k, HIST_BINS) / max(A[0].size, 1)).tolist()
-        for j, (i, a) in enumerate(items):
-            cols[f"{self.name}.shape"][i], cols[f"{self.name}.hist"][i] = text, h[j]
-            cols[f"{self.name}.sha256"][i] = hashlib.sha256(text.encode() + b"\0" + np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
-            for c in range(n): cols[f"{self.name}.mean.{c}"][i], cols[f"{self.name}.std.{c}"][i] = m[j][c], s[j][c]
+        head = hashlib.sha256(text.encode() + b"\0"); sha = [(c := head.copy(), c.update(r))[0].hexdigest() for r in A.reshape(k, -1)]  # each row's float32 bytes, hashed
+        for c, got in [(f"{name}.shape", [text] * k), (f"{name}.sha256", sha), (f"{name}.hist", h), *((f"{name}.{w}.{j}", x[j]) for w, x in (("mean", m), ("std", s)) for j in range(n))]:
+            if k == len(values): cols[c] = got  # every value of one shape: the column as it is
+            for i, g in zip(at if k < len(values) else (), got): cols[c][i] = g
     return cols
 
 FieldSpec.summary_columns, FieldSpec.n_channels, FieldSpec.summarize = summary_columns, property(_n_channels), summarize
