@@ -176,17 +176,17 @@ PredictionLog._part, PredictionLog._store, PredictionLog._run, PredictionLog.clo
 
 # %% ../nbs/72_predlog.ipynb #243e606e
 def _frame(self: PredictionLog, batch: list):
-    "One frame of queued requests, built column-wise (this runs beside serving: it must stay cheap per row)."
+    """One frame of queued requests, built column-wise (this runs beside serving, on its CPU: it must stay cheap per
+    row): a request's fields are gathered to its rows by index, each feature is one list made straight from the rows."""
     import polars as pl
-    n = [len(b[5]) for b in batch]
-    rep = lambda i: [x for b, k in zip(batch, n) for x in [b[i]] * k]
+    n = np.fromiter((len(b[5]) for b in batch), np.int64, len(batch))
+    at = pl.Series(np.repeat(np.arange(len(batch)), n))  # each row's request
+    per = lambda i, dtype=pl.String: pl.Series([b[i] for b in batch], dtype=dtype).gather(at)
     rows = [r for b in batch for r in b[5]]
-    plain = [{c: r.get(c) for c in self.features} for r in rows] if self.fields else rows  # polars reads every key of a row
-    feats = pl.DataFrame(plain, schema={c: self._dtypes[c] for c in self.features}, strict=False) if rows else None
-    cols = {"time": pl.from_epoch(pl.Series(rep(0)), time_unit="s"), "request_id": rep(1),
-            "row": [i for k in n for i in range(k)], "answered_by": rep(2), "model": rep(3), "version": rep(4)}
+    cols = {"time": pl.from_epoch(per(0, pl.Float64), time_unit="s"), "request_id": per(1),
+            "row": np.arange(len(rows)) - np.repeat(np.cumsum(n) - n, n), "answered_by": per(2), "model": per(3), "version": per(4)}
     for c in self.features:
-        vals = feats[c]
+        vals = pl.Series(c, [r.get(c) for r in rows], dtype=self._dtypes[c], strict=False)
         if c in self.pii: vals = [None if v is None else hmac.digest(self._pii_key, str(v).encode(), "sha256").hex() for v in vals.to_list()]
         cols[c] = vals
     for f in self.fields: cols.update(_summaries(f, [r.get(f.name) for r in rows]))  # a tensor's summary, never its values

@@ -31,8 +31,8 @@ from .predlog import prediction_log
 from .telemetry import JSONFormatter, observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
 # %% auto #0
-__all__ = ['OFFLOAD_VALUES', 'service_config', 'serve_device', 'row_values', 'place', 'Overloaded', 'ModelServer', 'model_server',
-           'start_models', 'guard_service', 'bento_record', 'served_hashes', 'bento_service']
+__all__ = ['OFFLOAD_VALUES', 'INLINE_ROWS', 'service_config', 'serve_device', 'row_values', 'place', 'Overloaded', 'ModelServer',
+           'model_server', 'start_models', 'guard_service', 'bento_record', 'served_hashes', 'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def service_config(settings: Settings | None = None) -> dict:
@@ -103,10 +103,10 @@ class ModelServer:
         # so its rows are counted as answered_by="shadow" and never batched with the canary requests it answers
         self._lanes = {**self.models, **({"shadow": challenger} if self.shadow else {})}
         self._series = {lane: self._labelled(lane) for lane in self._lanes}
-        # forward passes (a batch's, or one request's unbatched) run on one model thread: the event loop never runs model
-        # code, so probes, metrics and request parsing do not wait for a forward pass (a bigger model's or a GPU's)
+        # forward passes run on one model thread (`_forward`): the event loop runs no model code but a small inline pass
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="mlkit-model")
         self._batch = {lane: self._batcher(lane, s) for lane in self._lanes} if s.batching else {}
+        self._inline = {lane: p.tensors is None and p.device.type == "cpu" for lane, p in self._lanes.items()}  # `_scores`
         self._pending: set = set()
         self._rng = random.Random()
         self.request_log = s.request_log
@@ -160,8 +160,14 @@ def _batcher(self: ModelServer, lane: str, s):
     d = CorkDispatcher(s.max_latency_ms, s.max_batch_size, fallback=overloaded, get_batch_size=len, batch_dim=(0, 0))
     return d(infer)
 
+INLINE_ROWS = (32, 2048)  # a CPU tabular request of this many rows is scored at once, on the event loop (below)
+
 async def _scores(self: ModelServer, lane: str, rows: list) -> np.ndarray:
-    "The outputs (class probabilities, or values) for validated rows: batched with other requests' rows, or alone."
+    """The outputs (class probabilities, or values) for validated rows: batched with other requests' rows, or alone.
+    A request of `INLINE_ROWS` rows to a tabular model on the CPU is scored alone, inline: it amortises a pass by
+    itself (batching gains nothing), and the hop to the model thread and back, and the batch window, cost more than
+    its pass (well under a millisecond: probes do not wait)."""
+    if self._inline[lane] and INLINE_ROWS[0] <= len(rows) <= INLINE_ROWS[1]: return self._forward(lane, [rows])[0]
     if lane in self._batch: return await self._batch[lane](rows)
     return (await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, lane, [rows]))[0]
 

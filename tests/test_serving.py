@@ -365,3 +365,31 @@ def test_model_card_is_one_self_contained_page(service, trained, tmp_path):
     assert "<script" not in page and not re.findall(r'(?:src|href)="(?:https?:)?//', page)
     assert "epochs" in page and "sha256:" in page  # parameters, dataset version
     assert "Latest monitoring run" in page and "ALERT" in page  # the verdict `mlkit monitor --log` recorded
+
+
+def test_bulk_request_is_scored_alone_counted_and_logged(service, trained, in_project):
+    "A 100-row request (scored inline, in one pass of its own): the same answers as the Predictor, counted, every row logged."
+    import time
+    from mlkit.predictor import Predictor
+    from mlkit.predlog import read_prediction_log
+    from mlkit.registry import download_bundle
+    rid, rows = "bulk-check-100", [{**ROW, "body_mass_g": 3000 + 20 * i, "sex": None if i % 7 == 0 else "male"} for i in range(100)]
+    before = _metrics(service["url"])
+    status, body = _raw(service["url"], "/predict", json.dumps({"rows": rows}).encode(),
+                        {"Content-Type": "application/json", "x-request-id": rid, **AUTH})
+    assert status == 200, body
+    after = _metrics(service["url"])
+    served = json.loads(body)["predictions"]
+    local = Predictor.from_bundle(download_bundle("penguins", alias="champion")[0]).predict(rows)
+    assert [p["label"] for p in served] == [p["label"] for p in local]
+    assert max(abs(s["probabilities"][k] - v) for s, p in zip(served, local) for k, v in p["probabilities"].items()) < 1e-6
+    delta = lambda name: _sample(after, name, model="penguins", version="1") - _sample(before, name, model="penguins", version="1")
+    assert (delta("mlkit_batch_rows_count"), delta("mlkit_batch_rows_sum")) == (1, 100)
+    folder, deadline, logged = trained["state"] / "predictions" / "penguins", time.monotonic() + 30, None
+    while time.monotonic() < deadline and logged is None:
+        df = read_prediction_log(folder) if folder.exists() else None
+        if df is not None and len(df) and (df["request_id"] == rid).sum() == 100: logged = df.filter(df["request_id"] == rid).sort("row")
+        else: time.sleep(0.5)
+    assert logged is not None, "the request's 100 rows did not all reach the prediction log"
+    assert logged["row"].to_list() == list(range(100)) and logged["prediction"].to_list() == [p["label"] for p in served]
+    assert logged["body_mass_g"].to_list() == [float(r["body_mass_g"]) for r in rows] and logged["sex"].null_count() == 15
