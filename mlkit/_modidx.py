@@ -658,6 +658,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'mlkit.service.Overloaded': ('service.html#overloaded', 'mlkit/service.py'),
                                'mlkit.service._answer': ('service.html#_answer', 'mlkit/service.py'),
                                'mlkit.service._answer_request': ('service.html#_answer_request', 'mlkit/service.py'),
+                               'mlkit.service._arbiter': ('service.html#_arbiter', 'mlkit/service.py'),
                                'mlkit.service._batcher': ('service.html#_batcher', 'mlkit/service.py'),
                                'mlkit.service._class_name': ('service.html#_class_name', 'mlkit/service.py'),
                                'mlkit.service._forward': ('service.html#_forward', 'mlkit/service.py'),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import guard
-from ._compat import cork_dispatcher, lean_tracing, server_limits, share_port
+from ._compat import cork_dispatcher, fast_yaml, lean_tracing, server_limits, share_port
 from .bento import FORMAT_LABEL, bento_contract, bento_models, bento_refusal, predictor_from_bento
 from .config import Settings, SettingsError, current_settings
 from .contracts import task_of
@@ -35,12 +35,19 @@ __all__ = ['OFFLOAD_VALUES', 'INLINE_ROWS', 'service_config', 'serve_device', 'r
            'model_server', 'start_models', 'guard_service', 'bento_record', 'served_hashes', 'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
+def _arbiter() -> bool:
+    "This process is `bentoml serve`'s arbiter: it reads the service's config and starts the workers, which serve (not `--development`)."
+    main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    worker = main is not None and (main.name or "").startswith("_bentoml_impl.worker")
+    return "bentoml_cli.serve" in sys.modules and not worker and not {"--development", "--reload"} & set(sys.argv)
+
 def service_config(settings: Settings | None = None) -> dict:
     "`@bentoml.service(**service_config())`: loopback host, workers, request timeout, access log and tracing from `[serve]`."
     s = (settings or current_settings()).serve
     if s.share_port: share_port()
-    lean_tracing(s.tracing_io_spans)
-    server_limits(s)  # header size, read deadlines, connections: before BentoML builds each worker's uvicorn server
+    if not _arbiter():  # the arbiter serves nothing: its start is the service's cold start, the patches are the workers'
+        lean_tracing(s.tracing_io_spans)
+        server_limits(s)  # header size, read deadlines, connections: before BentoML builds each worker's uvicorn server
     cfg = {"http": {"host": s.host}, "workers": s.workers, "traffic": {"timeout": 30},
            "logging": {"access": {"enabled": s.access_log, "skip_paths": list(OPEN_PATHS)}}}
     if s.tracing_exporter:
@@ -271,7 +278,8 @@ def model_server(service, settings: Settings | None = None, record: dict | None 
     challenger, want = getattr(service, "challenger", None), served_hashes(record)
     server = ModelServer(predictor_from_bento(service.champion, want.get("champion")),
                          predictor_from_bento(challenger, want.get("challenger")) if challenger is not None else None, settings)
-    gc.collect(); gc.freeze()  # the loaded frameworks' objects leave the GC's generations: no long pauses under load
+    gc.freeze()  # the loaded frameworks' objects leave the GC's generations: no long pauses under load (no full collection
+    # first: it costs a cold start ~0.1 s to free the little garbage imports leave)
     guard.set_server(server)  # the worker's server: `ServiceGuard` answers `/predict` with it directly
     return server
 
@@ -345,9 +353,12 @@ def bento_service(
     settings: Settings | None = None,
 ):
     "The BentoML service of model `name`, for a `service.py` of one line: `svc = bento_service(\"NAME\")`."
+    import gc
     import inspect
     from typing import Any
     import bentoml
+    fast_yaml()  # BentoML's model.yaml reads below, its configuration's after: in every process that serves or starts it
+    gc.freeze()  # the frameworks just imported leave the GC's generations: a start's later collections skip them
     caller = inspect.currentframe().f_back.f_globals  # service.py's globals: its folder holds mlkit-models.json
     folder = Path(caller["__file__"]).parent if caller.get("__file__") else None
     models, record = bento_models(name, folder), bento_record(folder)
