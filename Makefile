@@ -61,7 +61,7 @@ $(LITSERVE_STAMP): pyproject.toml
 	@touch $@
 
 # AREA=serving (or images, data, monitoring, train_loop, pyfunc, papermill, gpu; several with spaces) runs those only;
-# only a full run rewrites the README's table.
+# a report that then holds every area rewrites the README's table.
 AREA ?=
 bench: $(STAMP) $(BENCH_STAMP) $(LITSERVE_STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } \

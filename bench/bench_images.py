@@ -30,7 +30,7 @@ from bench_serving import BIN, REPO, ROUNDS, SERVER_LOG, bench_project, fig, mea
 
 CASES = [(32, 1), (32, 32)]  # (connections, images per request)
 PEERS = REPO / "bench" / "peers"
-IMAGES_ROUNDS = int(os.environ.get("MLKIT_BENCH_IMAGES_ROUNDS", min(ROUNDS, 2)))  # seven servers a round: ~6 minutes in all (3: ~8.5)
+IMAGES_ROUNDS = int(os.environ.get("MLKIT_BENCH_IMAGES_ROUNDS", ROUNDS))  # seven servers a round; odd, so the median is a round
 LITSERVE = Path(os.environ.get("MLKIT_BENCH_LITSERVE_PYTHON", REPO / ".venv-litserve" / "bin" / "python"))
 LITSERVE_WINDOW = os.environ.get("MLKIT_BENCH_LITSERVE_BATCH_TIMEOUT", "0.005")  # seconds a LitServe batch waits to fill
 

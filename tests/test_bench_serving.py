@@ -69,6 +69,7 @@ def test_non_2xx_answers_are_errors(server):
     url, body = server
     r = openloop.main(["--url", url + "/fail", "--body", str(body), "--rate", "50", "--seconds", "1", "--warm", "2"])
     assert r["sent"] == 50 and r["completed"] == 0 and r["non_2xx"] == 50 and r["errors"] == 50
+    assert r["p99_ms"] is not None and r["p99_2xx_ms"] is None  # failures are in the percentiles, not left out
 
 
 def test_latency_counts_from_the_schedule_when_the_server_falls_behind(server):

@@ -8,7 +8,8 @@ workers_per_device=...)`, `server.run(port=...)`) and "Batching" (https://lightn
 `Predictor` (record check per request in `decode_request`, one transform and forward pass per batch in `predict`),
 `[serve] threads` torch threads, one inference worker on the CPU and one API server process.
 
-Batching: `max_batch_size` is mlkit's `[serve] max_batch_size`; `batch_timeout` is a fill window in LitServe (a batch
+Batching: LitServe's production setup from its docs (LitServer's docstring): `max_batch_size` 8 requests
+(--max-batch-size) and `fast_queue=True` (--no-fast-queue turns it off); `batch_timeout` is a fill window in LitServe (a batch
 waits for it unless full), where mlkit's `max_latency_ms` is a deadline, so the window is its own setting (--batch-timeout,
 seconds). Run it alone (the body is mlkit's: `{"rows": [...]}`; it answers `{"predictions": [{label, probabilities}]}`):
 
@@ -60,7 +61,11 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--batched", action="store_true")
     ap.add_argument("--batch-timeout", type=float, default=0.005)
+    # LitServe counts a batch in requests and waits `batch_timeout` for it to fill: its docs' production setup
+    # (LitServer's docstring) is max_batch_size=8 with fast_queue=True (ZeroMQ, "for >100 RPS")
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--no-fast-queue", action="store_true")
     a = ap.parse_args()
-    api = PenguinsAPI(max_batch_size=S.max_batch_size, batch_timeout=a.batch_timeout) if a.batched else PenguinsAPI()
-    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30)
+    api = PenguinsAPI(max_batch_size=a.max_batch_size, batch_timeout=a.batch_timeout) if a.batched else PenguinsAPI()
+    server = ls.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30, fast_queue=not a.no_fast_queue)
     server.run(host="127.0.0.1", port=a.port, num_api_servers=1, generate_client_file=False, log_level="warning")

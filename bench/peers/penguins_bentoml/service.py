@@ -10,7 +10,7 @@ max_latency_ms, threads), 1 worker, access log off (mlkit's default); BentoML's 
 
 Run it alone (the body is the same as mlkit's: `{"rows": [...]}`; it answers a list of `{label, probabilities}`):
 
-    PENGUINS_BUNDLE=/path/to/bundle taskset -c 0 .venv/bin/bentoml serve bench/peers/penguins_bentoml --host 127.0.0.1 --port 3002
+    cd bench/peers/penguins_bentoml && PENGUINS_BUNDLE=/path/to/bundle taskset -c 0 ../../../.venv/bin/bentoml serve . --host 127.0.0.1 --port 3002
     curl -s -XPOST localhost:3002/predict -H 'content-type: application/json' -d '{"rows": [{"island": "Biscoe",
         "bill_length_mm": 45.1, "bill_depth_mm": 14.5, "flipper_length_mm": 215, "body_mass_g": 5000, "sex": "female"}]}'
 """
@@ -21,6 +21,7 @@ import bentoml
 import torch
 
 from mlkit.config import current_settings
+from mlkit.inputs import InvalidInput
 from mlkit.predictor import Predictor
 
 S = current_settings().serve
@@ -34,4 +35,5 @@ class Penguins:
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=S.max_batch_size, max_latency_ms=S.max_latency_ms)
     def predict(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.predictor.predict(rows, S.max_rows)
+        try: return self.predictor.predict(rows, S.max_rows)
+        except InvalidInput as e: raise bentoml.exceptions.InvalidArgument(str(e)) from e  # a 400 (in a batch: every request of it)
