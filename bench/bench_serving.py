@@ -127,7 +127,8 @@ def load(url: str, body: Path, concurrency: int, seconds: int) -> dict:
     if not m: raise RuntimeError(f"wrk printed no summary: {out.stdout[-500:]} {out.stderr[-500:]}")
     r = json.loads(m.group(1))
     secs = r.pop("us") / 1e6
-    r.update(rps=(r["complete"] - r["non_2xx"]) / secs,  # answered requests only: a peer's fast errors are no throughput p50_ms=r.pop("p50_us") / 1000, p99_ms=r.pop("p99_us") / 1000,
+    # requests/s counts answered (2xx) requests only: a peer's fast errors are no throughput
+    r.update(rps=(r["complete"] - r["non_2xx"]) / secs, p50_ms=r.pop("p50_us") / 1000, p99_ms=r.pop("p99_us") / 1000,
              client_cpu=(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / secs)
     return r
 
