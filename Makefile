@@ -66,7 +66,7 @@ AREA ?=
 bench: $(STAMP) $(BENCH_STAMP) $(LITSERVE_STAMP)  ## benchmarks with same-run baselines -> bench/reports/latest.{md,json}
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q wrk >/dev/null; } \
 	  || { echo "make bench needs wrk (apt-get install wrk)"; exit 2; }
-	DO_NOT_TRACK=1 MLKIT_BENCH_EVIDENTLY_PYTHON=$(BENCH_VENV)/bin/python MLKIT_BENCH_LITSERVE_PYTHON=$(LITSERVE_VENV)/bin/python \
+	DO_NOT_TRACK=1 MLKIT_BENCH_EVIDENTLY_PYTHON=$(abspath $(BENCH_VENV))/bin/python MLKIT_BENCH_LITSERVE_PYTHON=$(abspath $(LITSERVE_VENV))/bin/python \
 	  $(BIN)/python bench/run.py $(AREA)
 
 clean-state:  ## remove the embedded state folder (.mlkit/)
