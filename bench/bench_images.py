@@ -133,7 +133,9 @@ def main(out: Path):
                                        capture_output=True, text=True).stdout.strip().splitlines()[-1])
         print(f"breakdown (us): {bd}", flush=True)
     for r in results.values():
-        for (_c, n), v in r.items(): v["images_per_s"] = v["rps"] * n
+        for (_c, n), v in r.items():
+            v["images_per_s"] = v["rps"] * n
+            for one in v.get("rounds", []): one["images_per_s"] = one["rps"] * n  # each round too: the paired ratios read them
     bt, ub, ceil = (results[k] for k in ("digits batched", "digits unbatched", "CNN ceiling (Starlette)"))
     peers = [k for k in results if k.startswith(("BentoML", "LitServe"))]
     figs = []
