@@ -18,15 +18,13 @@ in mlkit (`breakdown`: the functions its service calls, timed in-process on the 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serving import BIN, REPO, ROUNDS, SERVER_LOG, bench_project, fig, measure, median_round  # noqa: E402
+from bench_serving import BIN, REPO, ROUNDS, SERVER_LOG, bench_project, fig, measure, median_round, request_steps  # noqa: E402
 
 CASES = [(32, 1), (32, 32)]  # (connections, images per request)
 PEERS = REPO / "bench" / "peers"
@@ -54,34 +52,6 @@ def servers(bento: str, root: Path, bundle: Path, env: dict) -> dict:
     }
 
 
-def _steps(p, s, body: bytes, reps: int) -> dict:
-    "Microseconds (median of `reps`) of each step of one `/predict` of `body` (see `breakdown`)."
-    from mlkit.features import record_inputs
-    from mlkit.guard import parse_body
-    from mlkit.predlog import prediction_log
-    head = json.dumps({"model": p.name, "version": p.version, "answered_by": "champion"})[:-1] + ', "predictions": '
-    steps = {}
-    def timed(name, f):
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter(); r = f(); ts.append(time.perf_counter() - t)
-        steps[name] = round(1e6 * statistics.median(ts), 1)
-        return r
-    rows, _ = timed("parse", lambda: parse_body(body, s.serve.max_json_depth))
-    rows = timed("validate", lambda: p.validate(rows, s.serve.max_rows))
-    X = timed("transform", lambda: record_inputs(p.spec, p.tensors, rows))
-    proba = timed("forward", lambda: p.scores(X))
-    top = proba.argmax(1).tolist()
-    timed("encode", lambda: (head + p.format_json(proba, top) + "}").encode())
-    log, labels = prediction_log(p, s), p.labels(proba, top)
-    c0, w0 = time.process_time(), time.perf_counter()
-    timed("log", lambda: log.log(rows, {"model": p.name, "version": p.version}, "bench", "champion", proba, labels))
-    queued = time.perf_counter() - w0
-    log.close()  # the writer's CPU: what the process spent beyond the queueing, per request
-    steps["log writer (CPU, off the request path)"] = round(1e6 * max(0.0, time.process_time() - c0 - queued) / reps, 1)
-    return steps
-
-
 def breakdown(bundle: str, reps: int = 300) -> dict:
     """Microseconds (median of `reps`) that each function mlkit's service calls for one `/predict` of 1 and of 32 images
     takes, in-process on one core: parse (`guard.parse_body`), validate (`Predictor.validate`: the pixel arrays checked and
@@ -97,7 +67,7 @@ def breakdown(bundle: str, reps: int = 300) -> dict:
     p = Predictor.from_bundle(bundle, "digits", "1")
     images = load_digits()["image"].to_numpy()
     bodies = {n: json.dumps({"rows": [{"image": images[i].tolist()} for i in range(n)]}).encode() for n in (1, 32)}
-    return {n: {"body_bytes": len(b), "us": _steps(p, s, b, reps)} for n, b in bodies.items()}
+    return {n: {"body_bytes": len(b), "us": request_steps(p, s, b, reps)[0]} for n, b in bodies.items()}
 
 
 def main(out: Path):

@@ -221,23 +221,15 @@ def bench_project(root: Path):
     return ini, env, run
 
 
-def breakdown(bundle: str, reps: int = 400) -> dict:
-    """Microseconds (median of `reps`) that each function mlkit's service calls for one 100-row `/predict` takes, in-process:
+def request_steps(p, s, body: bytes, reps: int) -> tuple[dict, list]:
+    """Microseconds (median of `reps`) that each function mlkit's service calls for one `/predict` of `body` takes, in-process:
     parse (`guard.parse_body`), validate (`Predictor.validate`), transform (`features.record_inputs`), forward (`Predictor.scores`:
     the pass and its decoding), labels (argmax and class names), encode (`Predictor.format_json` and the answer's bytes), log
-    (`PredictionLog.log`: queueing the rows), and the log's writer (CPU per request off the request path, on the same core);
-    then `ModelServer.answer` whole (unbatched: validate, score on the model thread, count, log, encode)."""
-    import asyncio
-    import torch
-    from mlkit.config import current_settings
+    (`PredictionLog.log`: queueing the rows), and the log's writer (CPU per request off the request path, on the same core).
+    Returns the steps and the validated rows. Used by `breakdown` here and by bench_images."""
     from mlkit.features import record_inputs
     from mlkit.guard import parse_body
-    from mlkit.predictor import Predictor
     from mlkit.predlog import prediction_log
-    s = current_settings()
-    torch.set_num_threads(s.serve.threads)
-    p = Predictor.from_bundle(bundle, "penguins", "1")
-    body = json.dumps({"rows": [ROW] * 100}).encode()
     head = json.dumps({"model": p.name, "version": p.version, "answered_by": "champion"})[:-1] + ', "predictions": '
     steps = {}
     def timed(name, f):
@@ -256,15 +248,33 @@ def breakdown(bundle: str, reps: int = 400) -> dict:
     c0, w0 = time.process_time(), time.perf_counter()
     timed("log", lambda: log.log(rows, {"model": p.name, "version": p.version}, "bench", "champion", proba, labels))
     queued = time.perf_counter() - w0
-    log.close()
+    log.close()  # the writer's CPU: what the process spent beyond the queueing, per request
     steps["log writer (CPU, off the request path)"] = round(1e6 * max(0.0, time.process_time() - c0 - queued) / reps, 1)
+    return steps, rows
+
+
+def breakdown(bundle: str, reps: int = 400) -> dict:
+    """The in-process breakdown (`request_steps`) of one 100-row `/predict`, then `ModelServer.answer` whole (unbatched:
+    validate, score on the model thread, count, log, encode)."""
+    import asyncio
+    import torch
+    from mlkit.config import current_settings
+    from mlkit.predictor import Predictor
+    s = current_settings()
+    torch.set_num_threads(s.serve.threads)
+    p = Predictor.from_bundle(bundle, "penguins", "1")
+    steps, rows = request_steps(p, s, json.dumps({"rows": [ROW] * 100}).encode(), reps)
+    name = "ModelServer.answer whole (unbatched, no parse)"
     try:
         from mlkit.service import ModelServer
         server = ModelServer(p, settings=s)
         loop = asyncio.new_event_loop()
-        timed("ModelServer.answer whole (unbatched, no parse)", lambda: loop.run_until_complete(server.answer(rows, "bench")))
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter(); loop.run_until_complete(server.answer(rows, "bench")); ts.append(time.perf_counter() - t)
+        steps[name] = round(1e6 * statistics.median(ts), 1)
         loop.run_until_complete(server.aclose())
-    except Exception as e: steps["ModelServer.answer whole (unbatched, no parse)"] = f"failed: {type(e).__name__}: {e}"
+    except Exception as e: steps[name] = f"failed: {type(e).__name__}: {e}"
     return {"reps": reps, "rows": 100, "us": steps}
 
 

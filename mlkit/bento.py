@@ -18,13 +18,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import Settings, configure, current_settings, tool_env
 from .core import atomic_write, fault, git_state, running, tool_command
-from .models import bundle_sha256
-from .predictor import Predictor
 from .registry import check_aliases, fetched_bundle
 from .tracking import mlflow
+
+if TYPE_CHECKING: from mlkit.predictor import Predictor  # torch: imported where a model is loaded, never by `bentoml serve`'s arbiter
 
 # %% auto #0
 __all__ = ['COMPLETE_LABEL', 'FORMAT_LABEL', 'BENTO_FORMAT', 'BENTO_MODEL_ENV', 'MODELS_FILE', 'BUILDS_DIR', 'bentoml_models',
@@ -86,6 +87,7 @@ def bento_models(name: str, folder: Path | str | None = None, home: Path | str |
 
 def _stored_ok(bentoml, tag: str, sha: str, store: Path) -> bool:
     "Whether the store holds model `tag` whole: its labels, metadata and bundle bytes all have hash `sha`."
+    from mlkit.models import bundle_sha256
     try: m = bentoml.models.get(tag)
     except bentoml.exceptions.NotFound: return False
     except Exception: m = None  # no model.yaml, or one cut short: an import killed mid-copy
@@ -100,6 +102,7 @@ def import_bundle(bundle: Path | str, name: str, version: str | int, labels: dic
     "Copy a bundle into the BentoML model store as `<name>:v<version>-<hash8>` (reused if whole and unchanged); returns the tag."
     s = configure(settings or current_settings())
     import bentoml
+    from mlkit.models import bundle_sha256
     sha = bundle_sha256(bundle)
     tag = f"{name}:v{version}-{sha.split(':')[1][:8]}"
     if _stored_ok(bentoml, tag, sha, s.bentoml_home / "models"): return tag
@@ -115,6 +118,7 @@ def bento_contract(tag: str) -> dict:
 
 def predictor_from_bento(stored, expected: str | None = None) -> Predictor:
     "The Predictor for a stored BentoML model made by `import_bundle`, hash-checked: no recorded hash, or two that disagree (label, metadata, tag, `expected`: the Bento's record), is refused."
+    from mlkit.predictor import Predictor
     labels, meta = stored.info.labels, stored.info.metadata or {}
     sha = labels.get("mlkit_bundle_sha256") or ""
     if not sha or meta.get("mlkit.bundle_sha256", sha) != sha or not str(stored.tag.version).endswith(sha.split(":")[-1][:8]) \

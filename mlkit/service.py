@@ -14,9 +14,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import guard
 from ._compat import cork_dispatcher, fast_yaml, lean_tracing, server_limits, share_port
@@ -26,13 +26,17 @@ from .contracts import task_of
 from .guard import OPEN_PATHS, ServiceGuard, api_key_hashes, request_id
 from .inputs import InvalidInput, body_limit, clip
 from .openapi import docs_page, openapi_doc
-from .predictor import Predictor
-from .predlog import prediction_log
 from .telemetry import JSONFormatter, observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
+if TYPE_CHECKING:  # torch and the model code load in each worker's `ModelServer`, never in `bentoml serve`'s arbiter,
+    import torch  # which only reads the service's definition: a second of every cold start
+
+    from mlkit.predictor import Predictor
+
 # %% auto #0
-__all__ = ['OFFLOAD_VALUES', 'INLINE_ROWS', 'service_config', 'serve_device', 'row_values', 'place', 'Overloaded', 'ModelServer',
-           'model_server', 'start_models', 'guard_service', 'bento_record', 'served_hashes', 'bento_service']
+__all__ = ['OFFLOAD_VALUES', 'INLINE_ROWS', 'service_config', 'serve_device', 'gpu_present', 'row_values', 'place', 'Overloaded',
+           'ModelServer', 'model_server', 'start_models', 'guard_service', 'bento_record', 'served_hashes',
+           'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def _arbiter() -> bool:
@@ -61,9 +65,17 @@ def service_config(settings: Settings | None = None) -> dict:
 # %% ../nbs/78_service.ipynb #62cfda00
 def serve_device(setting: str, predictor: Predictor, cuda: bool | None = None) -> torch.device:
     "Where a served model runs: `[serve] device`; auto is CUDA when present for a model of tensor or image inputs, else the CPU."
+    import torch
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if setting == "cuda" and not cuda: raise SettingsError("[serve] device = cuda, but CUDA is not available on this machine")
     return torch.device("cuda" if setting == "cuda" or (setting == "auto" and cuda and predictor.tensors is not None) else "cpu")
+
+def gpu_present() -> bool:
+    "Whether torch sees a GPU; on Linux without NVIDIA, AMD or WSL GPU device nodes, False without importing torch."
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and \
+            not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")): return False
+    import torch
+    return torch.cuda.is_available()
 
 OFFLOAD_VALUES = 262_144  # a request that may hold more tensor values (about one 512x512 image) is decoded on a worker thread
 
@@ -86,6 +98,9 @@ class ModelServer:
     "Champion (and challenger) predictors with canary/shadow routing, adaptive batching, metrics and the prediction log."
     def __init__(self, champion: Predictor, challenger: Predictor | None = None, settings: Settings | None = None,
                  log: bool = True):
+        import torch
+
+        from mlkit.predlog import prediction_log
         s = (settings or current_settings()).serve
         if challenger is not None and (challenger.kind, challenger.targets, challenger.classes) != (champion.kind, champion.targets, champion.classes):
             raise ValueError(f"the challenger ({challenger.kind} of {challenger.targets}) does not answer the champion's question "
@@ -129,10 +144,6 @@ class ModelServer:
                 "latency": m["latency"].labels(*lab), "classes": [m["classes"].labels(*lab, str(c)) for c in p.classes],
                 "values": [m["values"].labels(*lab, t) for t in p.targets] if p.kind == "regression" else [],
                 "batch": m["batch"].labels(p.name, p.version)}
-
-    def route(self) -> str:
-        "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
-        return "challenger" if self.canary and self._rng.random() < self.canary else "champion"
 
     async def aclose(self):
         "Finish shadow scoring still in flight, then write everything the prediction log holds."
@@ -178,7 +189,11 @@ async def _scores(self: ModelServer, lane: str, rows: list) -> np.ndarray:
     if lane in self._batch: return await self._batch[lane](rows)
     return (await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, lane, [rows]))[0]
 
-ModelServer._forward, ModelServer._batcher, ModelServer._scores = _forward, _batcher, _scores
+def _route(self: ModelServer) -> str:
+    "Which model answers the next request: the challenger for a `canary_share` of requests, else the champion."
+    return "challenger" if self.canary and self._rng.random() < self.canary else "champion"
+
+ModelServer._forward, ModelServer._batcher, ModelServer._scores, ModelServer.route = _forward, _batcher, _scores, _route
 
 # %% ../nbs/78_service.ipynb #8d2e028f
 async def _answer(self: ModelServer, rows: list, request_id: str) -> tuple[str, Predictor, np.ndarray, list[int] | None]:
@@ -378,7 +393,7 @@ def bento_service(
     if "challenger" in models: attrs["challenger"] = bentoml.models.BentoModel(models["challenger"])  # canary and shadow
     cfg, device = service_config(settings), (settings or current_settings()).serve.device
     tensors = task is not None and any(c["dtype"] in ("tensor", "image") for c in bento_contract(models["champion"])["columns"].values())
-    if device == "cuda" or (device == "auto" and tensors and torch.cuda.is_available()): cfg["resources"] = {"gpu": 1}
+    if device == "cuda" or (device == "auto" and tensors and gpu_present()): cfg["resources"] = {"gpu": 1}
     svc = bentoml.service(name=name, **cfg)(type(_class_name(name), (), attrs))
     svc._caller_module = attrs["__module__"]  # BentoML looks for the service in its caller's module: service.py, not this one
     return guard_service(svc, settings, models, purpose=doc)
