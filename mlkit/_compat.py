@@ -5,6 +5,7 @@
 # %% ../nbs/76_compat.ipynb #7209a184
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.metadata
 import inspect
@@ -13,7 +14,7 @@ import socket
 # %% auto #0
 __all__ = ['CHECKED', 'PROMETHEUS_DIR_ENV', 'CompatError', 'require', 'share_port', 'tracking_store', 'deleted_runs',
            'deleted_logged_models', 'cork_dispatcher', 'fast_yaml', 'lean_tracing', 'limited_httptools',
-           'server_limits', 'bentoml_serve', 'check_targets']
+           'server_limits', 'bentoml_serve', 'timely_timeouts', 'check_targets']
 
 # %% ../nbs/76_compat.ipynb #71c8b3bd
 CHECKED = {  # distribution -> (lowest version checked, first version not checked)
@@ -220,6 +221,32 @@ def bentoml_serve(argv: list[str] | None = None):
     if folder := os.environ.get(PROMETHEUS_DIR_ENV): BentoMLContainer.prometheus_multiproc_dir.set(folder)
     return cli.main(args=sys.argv[1:] if argv is None else argv, prog_name="bentoml")
 
+# %% ../nbs/76_compat.ipynb #3637a0cd
+def timely_timeouts():
+    "BentoML's `TimeoutMiddleware` with each request's timer cancelled when the answer starts or the request ends."
+    require("bentoml")
+    from bentoml._internal.server.http import traffic
+    mw = traffic.TimeoutMiddleware
+    if getattr(mw, "_mlkit", False): return
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"): return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+        async def _send(message):
+            if not waiter.done(): waiter.set_result(None)
+            await send(message)
+        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+        try:
+            try: await waiter
+            finally: timer.cancel()
+        except asyncio.TimeoutError:  # as BentoML answers it
+            if fut.cancel():
+                from starlette.responses import JSONResponse
+                await JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504)(scope, receive, send)
+        else: await fut
+    mw.__call__, mw._mlkit = __call__, True
+
 # %% ../nbs/76_compat.ipynb #e16cc105
 def _params(f) -> set[str]: return set(inspect.signature(f).parameters)
 
@@ -254,6 +281,8 @@ def check_targets() -> list[str]:
     need(callable(getattr(getattr(BentoMLContainer, "prometheus_multiproc_dir", None), "set", None)),
          "BentoMLContainer.prometheus_multiproc_dir cannot be set")
     need("directory" in _params(ensure_prometheus_dir), "bentoml.serving.ensure_prometheus_dir(directory=) changed")
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware as T
+    need(callable(getattr(T, "_set_timer_out", None)) and {"app", "timeout"} <= _params(T.__init__), "BentoML's TimeoutMiddleware changed")
     from uvicorn.protocols.http import httptools_impl as h
     need({"connection_made", "data_received", "on_message_begin", "on_headers_complete", "on_message_complete", "on_response_complete",
           "send_400_response"} <= set(vars(h.HttpToolsProtocol)) and isinstance(getattr(h, "STATUS_LINE", None), dict),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import guard
-from ._compat import cork_dispatcher, fast_yaml, lean_tracing, server_limits, share_port
+from ._compat import cork_dispatcher, fast_yaml, lean_tracing, server_limits, share_port, timely_timeouts
 from .bento import FORMAT_LABEL, bento_contract, bento_models, bento_refusal, predictor_from_bento
 from .config import Settings, SettingsError, current_settings
 from .contracts import task_of
@@ -52,6 +52,7 @@ def service_config(settings: Settings | None = None) -> dict:
     if not _arbiter():  # the arbiter serves nothing: its start is the service's cold start, the patches are the workers'
         lean_tracing(s.tracing_io_spans)
         server_limits(s)  # header size, read deadlines, connections: before BentoML builds each worker's uvicorn server
+        timely_timeouts()  # BentoML's request timers end with the request (its own outlive it: the GC's long passes)
     cfg = {"http": {"host": s.host}, "workers": s.workers, "traffic": {"timeout": 30},
            "logging": {"access": {"enabled": s.access_log, "skip_paths": list(OPEN_PATHS)}}}
     if s.tracing_exporter:
