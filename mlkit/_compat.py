@@ -223,7 +223,7 @@ def bentoml_serve(argv: list[str] | None = None):
 
 # %% ../nbs/76_compat.ipynb #3637a0cd
 def timely_timeouts():
-    "BentoML's `TimeoutMiddleware` with each request's timer cancelled when the answer starts or the request ends."
+    "BentoML's `TimeoutMiddleware` with each request's timer cancelled once the answer starts (or the request is cancelled)."
     require("bentoml")
     from bentoml._internal.server.http import traffic
     mw = traffic.TimeoutMiddleware

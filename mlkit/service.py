@@ -28,15 +28,14 @@ from .inputs import InvalidInput, body_limit, clip
 from .openapi import docs_page, openapi_doc
 from .telemetry import JSONFormatter, observe_many, prometheus_metrics, request_logger, value_buckets, value_histogram
 
-if TYPE_CHECKING:  # torch and the model code load in each worker's `ModelServer`, never in `bentoml serve`'s arbiter,
-    import torch  # which only reads the service's definition: a second of every cold start
-
+if TYPE_CHECKING:  # torch and the model code load in each worker's `ModelServer`, never in `bentoml serve`'s arbiter
+    import torch  # (which only reads the service's definition): a second of every cold start
     from mlkit.predictor import Predictor
 
 # %% auto #0
-__all__ = ['OFFLOAD_VALUES', 'INLINE_ROWS', 'service_config', 'serve_device', 'gpu_present', 'row_values', 'place', 'Overloaded',
-           'ModelServer', 'model_server', 'start_models', 'guard_service', 'bento_record', 'served_hashes',
-           'bento_service']
+__all__ = ['OFFLOAD_VALUES', 'INLINE_ROWS', 'INLINE_SECONDS', 'service_config', 'serve_device', 'gpu_present', 'row_values',
+           'place', 'Overloaded', 'ModelServer', 'model_server', 'start_models', 'guard_service', 'bento_record',
+           'served_hashes', 'bento_service']
 
 # %% ../nbs/78_service.ipynb #954e1c2f
 def _arbiter() -> bool:
@@ -73,10 +72,9 @@ def serve_device(setting: str, predictor: Predictor, cuda: bool | None = None) -
 
 def gpu_present() -> bool:
     "Whether torch sees a GPU; on Linux without NVIDIA, AMD or WSL GPU device nodes, False without importing torch."
-    if "torch" not in sys.modules and sys.platform.startswith("linux") and \
-            not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")): return False
-    import torch
-    return torch.cuda.is_available()
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")):
+        return False
+    return __import__("torch").cuda.is_available()
 
 OFFLOAD_VALUES = 262_144  # a request that may hold more tensor values (about one 512x512 image) is decoded on a worker thread
 
@@ -100,7 +98,6 @@ class ModelServer:
     def __init__(self, champion: Predictor, challenger: Predictor | None = None, settings: Settings | None = None,
                  log: bool = True):
         import torch
-
         from mlkit.predlog import prediction_log
         s = (settings or current_settings()).serve
         if challenger is not None and (challenger.kind, challenger.targets, challenger.classes) != (champion.kind, champion.targets, champion.classes):
@@ -129,7 +126,7 @@ class ModelServer:
         # forward passes run on one model thread (`_forward`): the event loop runs no model code but a small inline pass
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="mlkit-model")
         self._batch = {lane: self._batcher(lane, s) for lane in self._lanes} if s.batching else {}
-        self._inline = {lane: p.tensors is None and p.device.type == "cpu" for lane, p in self._lanes.items()}  # `_scores`
+        self._inline = {lane: float("inf") if p.tensors is None and p.device.type == "cpu" else None for lane, p in self._lanes.items()}  # s/row: `_scores`
         self._pending: set = set()
         self._rng = random.Random()
         self.request_log = s.request_log
@@ -161,7 +158,10 @@ def _forward(self: ModelServer, lane: str, parts: list[list]) -> list[np.ndarray
     outputs."""
     p, m = self._lanes[lane], self._series[lane]
     rows = [r for part in parts for r in part] if len(parts) > 1 else parts[0]
+    t = time.perf_counter()
     P = p.predict_proba(rows)
+    if len(rows) >= INLINE_ROWS and (c := self._inline[lane]) is not None:  # the pass's cost per row, a moving average
+        c1 = (time.perf_counter() - t) / len(rows); self._inline[lane] = c1 if c == float("inf") else 0.8 * c + 0.2 * c1
     m["ok"].inc(len(parts)); m["rows"].inc(len(rows)); m["batch"].observe(len(rows))
     if p.kind == "regression":
         for j, h in enumerate(m["values"]): observe_many(h, P[:, j])
@@ -179,14 +179,14 @@ def _batcher(self: ModelServer, lane: str, s):
     d = CorkDispatcher(s.max_latency_ms, s.max_batch_size, fallback=overloaded, get_batch_size=len, batch_dim=(0, 0))
     return d(infer)
 
-INLINE_ROWS = (32, 2048)  # a CPU tabular request of this many rows is scored at once, on the event loop (below)
+INLINE_ROWS, INLINE_SECONDS = 32, 0.001  # a CPU tabular request of 32+ rows whose pass takes <= 1 ms is scored inline (below)
 
 async def _scores(self: ModelServer, lane: str, rows: list) -> np.ndarray:
     """The outputs (class probabilities, or values) for validated rows: batched with other requests' rows, or alone.
-    A request of `INLINE_ROWS` rows to a tabular model on the CPU is scored alone, inline: it amortises a pass by
-    itself (batching gains nothing), and the hop to the model thread and back, and the batch window, cost more than
-    its pass (well under a millisecond: probes do not wait)."""
-    if self._inline[lane] and INLINE_ROWS[0] <= len(rows) <= INLINE_ROWS[1]: return self._forward(lane, [rows])[0]
+    A request of `INLINE_ROWS` rows or more to a tabular model on the CPU, whose pass the measured cost per row puts
+    within `INLINE_SECONDS`, is scored alone, inline: it amortises a pass by itself (batching gains nothing), and the
+    hop to the model thread and back, and the batch window, cost more than its pass (probes wait at most that long)."""
+    if len(rows) >= INLINE_ROWS and (c := self._inline[lane]) is not None and c * len(rows) <= INLINE_SECONDS: return self._forward(lane, [rows])[0]
     if lane in self._batch: return await self._batch[lane](rows)
     return (await asyncio.get_running_loop().run_in_executor(self._model_thread, self._forward, lane, [rows]))[0]
 
