@@ -221,7 +221,11 @@ def log_dataset(
     mlf = mlflow()
     target = contract.targets[0] if len(contract.targets) == 1 else None  # MLflow's dataset names one target column
     ds = mlf.data.from_polars(df, source=snap.path, targets=target, name=f"{contract.name}@{snap.short}", digest=snap.short)
-    mlf.log_input(ds, context=context)
+    for attempt in range(4):  # two runs logging one new dataset at once race on MLflow's check-then-insert (a unique key):
+        try: mlf.log_input(ds, context=context); break  # the loser's transaction is rolled back whole; again, it links the winner's
+        except Exception as e:
+            if attempt == 3 or not any(k in str(e) for k in ("already exists", "UNIQUE constraint", "UniqueViolation", "IntegrityError")): raise
+            import time; time.sleep(0.1 * (attempt + 1))
     mlf.log_dict(contract.to_dict(), "data/contract.json")
     mlf.log_dict(report.to_dict(), "data/contract_report.json")
     mlf.log_dict(profile, "data/profile.json")

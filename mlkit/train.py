@@ -54,6 +54,8 @@ def init_distributed() -> bool:
     if not is_distributed(): return False
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        import atexit  # left at exit, the group's threads abort the process (SIGABRT) once in a while: leave it first
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     return True
 
 # %% ../nbs/40_train.ipynb #e7a04275
