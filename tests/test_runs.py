@@ -36,6 +36,12 @@ def test_cell_timeout_fails_the_run(tmp_path):
     assert _registered(env) == 0
 
 
+def _cmdline(p) -> list[str]:
+    "A process's command line; none for one that exited (or became a zombie) while the children were listed."
+    try: return p.cmdline()
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied): return []
+
+
 def test_killed_kernel_fails_the_run(tmp_path):
     env = project_env(write_project(tmp_path))
     proc = subprocess.Popen([MLKIT, "train", "penguins", "-p", "epochs=100000"], env=env, cwd=REPO,
@@ -44,7 +50,7 @@ def test_killed_kernel_fails_the_run(tmp_path):
         kernel, deadline = None, time.monotonic() + 120
         while kernel is None and time.monotonic() < deadline:
             kids = psutil.Process(proc.pid).children(recursive=True)
-            kernel = next((k for k in kids if "ipykernel_launcher" in " ".join(k.cmdline())), None)
+            kernel = next((k for k in kids if "ipykernel_launcher" in " ".join(_cmdline(k))), None)
             time.sleep(0.2)
         assert kernel is not None, "no kernel started"
         time.sleep(8)  # let it reach the training cell
