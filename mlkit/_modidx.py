@@ -826,6 +826,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'mlkit.train._each': ('train.html#_each', 'mlkit/train.py'),
                              'mlkit.train._epoch': ('train.html#_epoch', 'mlkit/train.py'),
                              'mlkit.train._inputs': ('train.html#_inputs', 'mlkit/train.py'),
+                             'mlkit.train._leave_group': ('train.html#_leave_group', 'mlkit/train.py'),
                              'mlkit.train._part': ('train.html#_part', 'mlkit/train.py'),
                              'mlkit.train._share': ('train.html#_share', 'mlkit/train.py'),
                              'mlkit.train._target_dtype': ('train.html#_target_dtype', 'mlkit/train.py'),

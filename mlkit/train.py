@@ -49,13 +49,19 @@ def local_rank() -> int: return int(os.environ.get("LOCAL_RANK", "0"))
 def rank() -> int: return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 def is_main_process() -> bool: return rank() == 0
 
+def _leave_group():
+    "At exit: let the group's threads release their finished work (they need the GIL: a pause hands it over), then leave it."
+    import time
+    time.sleep(0.05)
+    if dist.is_initialized(): dist.destroy_process_group()
+
 def init_distributed() -> bool:
     "Join the torchrun process group if launched by torchrun; returns whether training is distributed."
     if not is_distributed(): return False
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        import atexit  # left at exit, the group's threads abort the process (SIGABRT) once in a while: leave it first
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        import atexit  # gloo's threads free finished work on their own, which needs the GIL: at exit, give it to them first
+        atexit.register(_leave_group)  # (else one that gets it while Python finalizes aborts the rank: SIGABRT)
     return True
 
 # %% ../nbs/40_train.ipynb #e7a04275
@@ -140,8 +146,10 @@ def predict_classes(model: nn.Module, X, batch_size: int = 65536) -> np.ndarray:
 # %% ../nbs/40_train.ipynb #a16407d1
 def _share(total, model):
     "The epoch's loss summed over the ranks, and rank 0's buffers on every rank (each rank's last step moved its own BatchNorm statistics)."
-    dist.all_reduce(total)
-    for b in model.buffers(): dist.broadcast(b, 0)
+    # each call's Work is held here until it is waited on and dropped on this thread: left to gloo's own thread, the last
+    # ones were released there while Python was exiting (it needs the GIL for their tensors) and aborted the rank
+    works = [dist.all_reduce(total, async_op=True), *(dist.broadcast(b, 0, async_op=True) for b in model.buffers())]
+    for w in works: w.wait()
 
 def _epoch(net: nn.Module, model: nn.Module, opt, sched, Xt, yt, order, batch_size: int, on_device: bool,
            dev: torch.device, loss_fn: Callable, grad_clip: float | None, autocast) -> torch.Tensor:
@@ -237,9 +245,10 @@ def fit(
     gen = seed_everything(seed)
     dev = pick_device(device)
     model.to(dev).train()
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) if distributed else model
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False) if distributed else model
     Xt, yt, on_device = _tensors(X, y, dev, max_device_bytes)
     world, me = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    # buffers (BatchNorm statistics) are rank 0's at each epoch's end (`_share`), not re-sent before every forward pass
     # equal shares: a rank with one row more would take a step the others never join (a hang)
     steps_per_epoch = math.ceil((used := len(yt) // world * world) // world / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
