@@ -41,7 +41,10 @@ def register(
     mlf = mlflow(settings)
     client = mlf.MlflowClient()
     try: client.get_registered_model(check_model_name(name))
-    except mlf.exceptions.MlflowException: client.create_registered_model(name)
+    except mlf.exceptions.MlflowException:
+        try: client.create_registered_model(name)
+        except mlf.exceptions.MlflowException as e:  # a teammate registering the same new model made it first: use it
+            if e.error_code != "RESOURCE_ALREADY_EXISTS": raise
     run_tags = client.get_run(run_id).data.tags
     tags = {"mlkit.bundle_sha256": bundle_sha256, "mlkit.run_id": run_id,
             **{k: v for k, v in run_tags.items() if k in ("mlkit.dataset_version", "mlkit.feature_spec", "mlflow.source.git.commit", "mlkit.loadback")}}
