@@ -146,8 +146,8 @@ def predict_classes(model: nn.Module, X, batch_size: int = 65536) -> np.ndarray:
 # %% ../nbs/40_train.ipynb #a16407d1
 def _share(total, model):
     "The epoch's loss summed over the ranks, and rank 0's buffers on every rank (each rank's last step moved its own BatchNorm statistics)."
-    # each call's Work is held here until it is waited on and dropped on this thread: left to gloo's own thread, the last
-    # ones were released there while Python was exiting (it needs the GIL for their tensors) and aborted the rank
+    # each call's Work is waited on and dropped here, on this thread; what gloo's own thread still frees after the last
+    # collective (it takes the GIL to) is let finish by `_leave_group`'s pause at exit, which is what stopped the aborts
     works = [dist.all_reduce(total, async_op=True), *(dist.broadcast(b, 0, async_op=True) for b in model.buffers())]
     for w in works: w.wait()
 
