@@ -44,7 +44,8 @@ def _configured(env: dict):
 
 def _logged_traffic(tmp: Path):
     "Version 1 scores the penguins, then the same birds with 15 mm longer bills, through the service's `PredictionLog`;"
-    "the log is spread over four hours so that the report has windows. Returns (log frame, labels frame)."
+    "the log is spread over four hours two days ago (before any other test's traffic) so that the report has windows."
+    "Returns (log frame, labels frame)."
     import polars as pl
 
     from mlkit.data import load_penguins
@@ -61,7 +62,7 @@ def _logged_traffic(tmp: Path):
     log.close()
     frame = read_prediction_log(tmp / "log").sort(pl.col("request_id") == "render-longer", "row")
     assert frame.height == 2 * len(rows)
-    start = dt.datetime.now() - dt.timedelta(hours=4)
+    start = dt.datetime.now() - dt.timedelta(days=2)
     frame = frame.with_columns((pl.lit(start) + pl.duration(seconds=pl.int_range(pl.len()) * 20)).cast(frame["time"].dtype).alias("time"))
     truth = data.get_column(predictor.contract["label"]).to_list()
     labels = pl.DataFrame({"request_id": ["render-usual"] * len(rows) + ["render-longer"] * len(rows),
@@ -87,8 +88,9 @@ def pages(trained, tmp_path_factory):
     part.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(part)
     try:  # --log: the card shows this verdict
+        since, until = (t.isoformat(timespec="seconds") for t in (frame["time"].min(), frame["time"].max() + dt.timedelta(seconds=1)))
         r = mlkit("monitor", "penguins", "--version", "1", "--labels", out / "labels.csv", "--html", out / "report.html",
-                  "--log", env=env)
+                  "--since", since, "--until", until, "--log", env=env)  # this traffic alone: not what other tests served
     finally: part.unlink()  # the session's other tests see only their own traffic
     assert r.returncode == 1 and "bill_length_mm" in r.stdout, r.stdout + r.stderr
     mlkit("models", "card", "penguins@champion", "-o", out / "card.html", env=env, check=True)

@@ -198,7 +198,8 @@ def test_oversized_chunked_body_is_413(service):
     u = urlparse(service["url"])
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     chunks = (b"x" * 65536 for _ in range(20))
-    conn.request("POST", "/predict", body=chunks, headers={"Content-Type": "application/json", **AUTH}, encode_chunked=True)
+    try: conn.request("POST", "/predict", body=chunks, headers={"Content-Type": "application/json", **AUTH}, encode_chunked=True)
+    except (BrokenPipeError, ConnectionResetError): pass  # it answered and closed before the last chunk went: read its answer
     r = conn.getresponse()
     assert r.status == 413 and json.loads(r.read())["error"] == "payload_too_large"
 

@@ -61,7 +61,7 @@ def test_registered_challenger_carries_bundle_hash(trained, in_project):
     assert lineage["mlflow_run_id"] == trained["run_id"] and lineage["dataset_version"].startswith("sha256:")
 
 
-def test_mlflow_pyfunc_and_mlkit_predict_the_same(trained, in_project):
+def test_mlflow_pyfunc_and_mlkit_predict_the_same(trained, in_project, tmp_path):
     import pandas as pd
     from mlkit.data import load_penguins
     from mlkit.registry import download_bundle
@@ -77,7 +77,9 @@ def test_mlflow_pyfunc_and_mlkit_predict_the_same(trained, in_project):
     np.testing.assert_allclose(via_mlflow[[f"p_{c}" for c in ["Adelie", "Chinstrap", "Gentoo"]]].to_numpy(), via_mlkit, atol=1e-6)
     assert list(via_mlflow["label"]) == [["Adelie", "Chinstrap", "Gentoo"][i] for i in via_mlkit.argmax(1)]
     # the logged model holds no pickle: the python model is source code
-    local = mlflow().artifacts.download_artifacts(f"models:/penguins/{mv.version}")
+    # a copy: from a local store MLflow returns the store's own folder when no destination is given (changing it would
+    # change the registered version every later test of this project serves)
+    local = mlflow().artifacts.download_artifacts(f"models:/penguins/{mv.version}", dst_path=str(tmp_path))
     from pathlib import Path
     files = [p.name for p in Path(local).rglob("*") if p.is_file()]
     assert "pyfunc_model.py" in files and not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))]
@@ -218,7 +220,7 @@ def test_no_pii_value_reaches_what_a_run_logs(tmp_path, clean_environ):
     done = pipeline.finish(p, module, config, history)
     mlf = mlflow()
     where = [Path(mlf.artifacts.download_artifacts(run_id=done.run_id, dst_path=str(tmp_path / "run"))),
-             Path(mlf.artifacts.download_artifacts(done.model_uri, dst_path=str(tmp_path / "model"))), done.bundle]
+             Path(mlf.artifacts.download_artifacts(done.model_uri, dst_path=str(tmp_path))), done.bundle]
     files = [f for w in where for f in w.rglob("*") if f.is_file()]
     assert any(f.name == "input_example.json" for f in files) and any(f.name == "features.json" for f in files)
     leaks = {str(f): e for f in files for e in PII_EMAILS if e.encode() in f.read_bytes()}
