@@ -97,12 +97,16 @@ def bento_served(bento: str, ini: Path, env: dict, log: Path, extra_env: dict | 
     "A real `bentoml serve` of `bento` for the project of `ini` (its environment `env`) on 127.0.0.1: yields (url, port), stops it after."
     from mlkit.config import load_settings
     from mlkit.deploy import free_port, start_service, stop_service, wait_ready
-    port, old = free_port(), dict(os.environ)
-    os.environ.update(env)
-    try: proc = start_service(bento, port=port, settings=load_settings(ini, env={}), log=log, extra_env=extra_env)
-    finally: os.environ.clear(); os.environ.update(old)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=180)
-        yield f"http://127.0.0.1:{port}", port
-    finally:
-        stop_service(proc)
+    for attempt in range(2):  # BentoML reserves circus' two control ports and frees them before circus binds them: rarely
+        port, old = free_port(), dict(os.environ)  # one is the port chosen here; that start fails, and another port is tried
+        os.environ.update(env)
+        try: proc = start_service(bento, port=port, settings=load_settings(ini, env={}), log=log, extra_env=extra_env)
+        finally: os.environ.clear(); os.environ.update(old)
+        try: wait_ready(f"http://127.0.0.1:{port}", proc, timeout=180)
+        except RuntimeError:
+            stop_service(proc)
+            if attempt or "Address already in use" not in log.read_text(errors="replace"): raise
+            continue
+        break
+    try: yield f"http://127.0.0.1:{port}", port
+    finally: stop_service(proc)

@@ -140,7 +140,8 @@ def _raw(port: int, method: str, path: str, body: bytes = b"", headers: dict | N
     try:
         c.putrequest(method, path, skip_accept_encoding=True)
         for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **(headers or {})}.items(): c.putheader(k, v)
-        c.endheaders(body)
+        try: c.endheaders(body)
+        except (BrokenPipeError, ConnectionResetError): pass  # it answered and closed before the body went: read its answer
         r = c.getresponse()
         return r.status, r.read()
     finally: c.close()

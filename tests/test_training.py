@@ -219,8 +219,9 @@ def test_no_pii_value_reaches_what_a_run_logs(tmp_path, clean_environ):
     history = train.fit(module, p.X_train, p.y_train, p.X_val, p.y_val, epochs=2, loss_fn=p.task.loss, device="cpu", progress=False)
     done = pipeline.finish(p, module, config, history)
     mlf = mlflow()
+    (tmp_path / "run").mkdir(); (tmp_path / "model").mkdir()  # each its own folder: tmp_path holds the raw CSV
     where = [Path(mlf.artifacts.download_artifacts(run_id=done.run_id, dst_path=str(tmp_path / "run"))),
-             Path(mlf.artifacts.download_artifacts(done.model_uri, dst_path=str(tmp_path))), done.bundle]
+             Path(mlf.artifacts.download_artifacts(done.model_uri, dst_path=str(tmp_path / "model"))), done.bundle]
     files = [f for w in where for f in w.rglob("*") if f.is_file()]
     assert any(f.name == "input_example.json" for f in files) and any(f.name == "features.json" for f in files)
     leaks = {str(f): e for f in files for e in PII_EMAILS if e.encode() in f.read_bytes()}
