@@ -169,7 +169,7 @@ def test_two_users_register_and_promote_at_once(team_stack, tmp_path, rep):
                                   "3", name, u], env=p["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for u, p in users.items()}
     outs = {u: p.communicate(timeout=900) for u, p in procs.items()}
-    assert {u: p.returncode for u, p in procs.items()} == {"alice": 0, "bob": 0}, {u: o[1][o[1].rfind("Traceback"):][-3000:] for u, o in outs.items()}
+    assert {u: p.returncode for u, p in procs.items()} == {"alice": 0, "bob": 0}, {u: o[1][max(o[1].rfind("Traceback"), 0):][-3000:] for u, o in outs.items()}
     made = {u: [ln for ln in o[0].split() if ln.isdigit()] for u, o in outs.items()}  # MLflow prints "View run" lines too
     assert sorted(made["alice"] + made["bob"], key=int) == [str(i) for i in range(1, 7)], made  # unique versions, none lost
     env = users["alice"]["env"]
